@@ -1,0 +1,64 @@
+"""The native extension (``clear_kernels._C``, built from ``csrc/``): the ``cpu`` and ``cuda`` backends.
+
+Both backends are the one op pair ``clear_kernels::native_{fwd,bwd}``, whose schemas are defined in C++ with
+``TORCH_LIBRARY``; the dispatcher sends CPU tensors to the C++ CPU kernel and CUDA tensors to the CUDA kernel.
+Importing the package works without the extension: it warns once and these two backends report why they are
+unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Optional
+
+import torch
+
+from . import dispatch, ops
+
+EXTENSION_ERROR: Optional[str] = None
+try:
+    importlib.import_module(f"{__package__}._C")  # loading the library registers the ops
+except ModuleNotFoundError:
+    EXTENSION_ERROR = "the native extension clear_kernels._C is not built"
+except ImportError as exc:  # built against another torch, or a missing shared library
+    EXTENSION_ERROR = f"the native extension clear_kernels._C failed to load ({exc})"
+
+HEAD_DIM_RANGE = (16, 256)
+_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def has_kernel(device_key: str) -> bool:
+    """Whether the extension registered a native kernel for a dispatch key ("CPU" or "CUDA")."""
+    name = f"{ops.NAMESPACE}::native_fwd"
+    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(name, device_key)
+
+
+def _refuser(device_type: str):
+    def refuse(q: torch.Tensor) -> Optional[str]:
+        if not has_kernel(device_type.upper()):
+            return f"the native extension was built without a {device_type.upper()} kernel"
+        if q.dtype not in _DTYPES[device_type]:
+            return f"dtype {q.dtype} is not supported (supported: {', '.join(map(str, _DTYPES[device_type]))})"
+        lo, hi = HEAD_DIM_RANGE
+        if not lo <= q.shape[-1] <= hi:
+            return f"head dim {q.shape[-1]} is outside [{lo}, {hi}]"
+        return None
+    return refuse
+
+
+if EXTENSION_ERROR is None:
+    ops.register_pair("native")
+    for _device in ("cpu", "cuda"):
+        dispatch.register(dispatch.Backend(_device, "native", (_device,), _refuser(_device)))
+else:
+    dispatch.mark_unavailable("cpu", EXTENSION_ERROR)
+    dispatch.mark_unavailable("cuda", EXTENSION_ERROR)
+    warnings.warn(
+        f"clear_kernels: {EXTENSION_ERROR}; the 'cpu' and 'cuda' backends are disabled and CPU tensors use the "
+        "dense reference. Reinstall with `pip install --no-build-isolation .` to build it.",
+        RuntimeWarning, stacklevel=2,
+    )

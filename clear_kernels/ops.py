@@ -1,0 +1,75 @@
+"""The op contract every kernel backend implements, and the autograd/fake glue they share.
+
+Each backend is a pair of ops in the ``clear_kernels`` namespace with the schemas below:
+
+* ``<prefix>_fwd(q, k, v, <layout tensors>, scale) -> (out, lse)``: ``out`` has the dtype of ``q``; ``lse`` is
+  float32 ``[B, H, L]``, the natural-log sum of exp of the scaled scores of each row, and exactly 0 for padding
+  rows (whose output is exactly 0 too).
+* ``<prefix>_bwd(grad_out, q, k, v, out, lse, <layout tensors>, scale) -> (grad_q, grad_k, grad_v)``.
+
+The layout tensors are :meth:`SegmentLayout.kernel_args`, in that order. Schemas are written out here once; the
+native extension defines the same text in C++ (``csrc/ops.cpp``), and ``opcheck`` in the tests keeps them equal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "clear_kernels"
+
+LAYOUT_PARAMS = (
+    "Tensor segment, Tensor group, Tensor seg_start, Tensor seg_end, "
+    "Tensor group_index, Tensor group_offsets, Tensor summary_index, Tensor summary_offsets"
+)
+FWD_SCHEMA = f"(Tensor q, Tensor k, Tensor v, {LAYOUT_PARAMS}, float scale) -> (Tensor, Tensor)"
+BWD_SCHEMA = (
+    f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {LAYOUT_PARAMS}, float scale)"
+    " -> (Tensor, Tensor, Tensor)"
+)
+NUM_LAYOUT_TENSORS = 8
+
+_library = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def define_pair(prefix: str) -> tuple[str, str]:
+    """Define the schemas of a backend's op pair from Python (native ops define theirs in C++)."""
+    fwd, bwd = f"{prefix}_fwd", f"{prefix}_bwd"
+    _library.define(fwd + FWD_SCHEMA)
+    _library.define(bwd + BWD_SCHEMA)
+    return f"{NAMESPACE}::{fwd}", f"{NAMESPACE}::{bwd}"
+
+
+def _fake_fwd(q, k, v, *rest):
+    batch, heads, length, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads, length), dtype=torch.float32)
+
+
+def _fake_bwd(grad_out, q, k, v, out, lse, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def register_pair(prefix: str) -> None:
+    """Fake implementations and autograd for an op pair whose schemas exist (Python- or C++-defined)."""
+    fwd_name, bwd_name = f"{NAMESPACE}::{prefix}_fwd", f"{NAMESPACE}::{prefix}_bwd"
+    bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_bwd").default
+    torch.library.register_fake(fwd_name, _fake_fwd, lib=_library)
+    torch.library.register_fake(bwd_name, _fake_bwd, lib=_library)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *layout, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, *layout)
+        ctx.scale = scale
+
+    def backward(ctx, grad_out, grad_lse):
+        # lse is an auxiliary output for the backward pass; nothing differentiable depends on it.
+        q, k, v, out, lse, *layout = ctx.saved_tensors
+        grad_q, grad_k, grad_v = bwd_op(grad_out.contiguous(), q, k, v, out, lse, *layout, ctx.scale)
+        return (grad_q, grad_k, grad_v) + (None,) * (NUM_LAYOUT_TENSORS + 1)
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context, lib=_library)
+
+
+def op(prefix: str, which: str = "fwd"):
+    """The registered op overload ``clear_kernels::<prefix>_<which>``."""
+    return getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_{which}").default
