@@ -13,6 +13,8 @@ native extension defines the same text in C++ (``csrc/ops.cpp``), and ``opcheck`
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 NAMESPACE = "clear_kernels"
@@ -27,6 +29,26 @@ BWD_SCHEMA = (
     " -> (Tensor, Tensor, Tensor)"
 )
 NUM_LAYOUT_TENSORS = 8
+
+# Tests set this so every backend allocates its outputs filled with NaN: a row a kernel forgets to write then
+# fails the comparison instead of passing on leftover memory. Kernels read it through ``poison_outputs()``
+# (C++ reads the same variable).
+POISON_ENV = "CLEAR_KERNELS_POISON_OUTPUTS"
+
+
+def poison_outputs() -> bool:
+    return os.environ.get(POISON_ENV, "") == "1"
+
+
+def new_output(*args, **kwargs) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs, NaN-filled under ``CLEAR_KERNELS_POISON_OUTPUTS=1``."""
+    t = torch.empty(*args, **kwargs)
+    return t.fill_(float("nan")) if poison_outputs() else t
+
+
+def new_output_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
+    out = torch.empty_like(t, **kwargs)
+    return out.fill_(float("nan")) if poison_outputs() else out
 
 _library = torch.library.Library(NAMESPACE, "FRAGMENT")
 
