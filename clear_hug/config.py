@@ -1,0 +1,67 @@
+"""Model configuration for CLEAR: one dataclass and named presets (SPEC §3.2)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+ATTN_IMPLS = ("sparse", "dense", "full")
+
+
+@dataclass(frozen=True)
+class CLEARConfig:
+    # Token grid: 12 leads x up to max_beats heartbeats of token_len samples (100 Hz, 0.96 s windows).
+    num_leads: int = 12
+    max_beats: int = 15
+    token_len: int = 96
+    # Time ids are "the second of the strip the R-peak falls in"; 64 covers records of about a minute.
+    num_time: int = 64
+    # Encoder (sees the summary tokens and the visible heartbeats).
+    enc_layers: int = 12
+    enc_dim: int = 768
+    enc_heads: int = 8
+    enc_ffn: int = 1024
+    # Decoder (sees every heartbeat slot, masked ones as the mask token).
+    dec_layers: int = 4
+    dec_dim: int = 512
+    dec_heads: int = 16
+    dec_ffn: int = 1024
+    dropout: float = 0.1
+    mask_ratio: float = 0.8
+    # "sparse": the clear_kernels op; "dense": SDPA with the same materialised mask; "full": no conduction mask.
+    attn_impl: str = "sparse"
+
+    def __post_init__(self) -> None:
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        for dim, heads, name in ((self.enc_dim, self.enc_heads, "enc"), (self.dec_dim, self.dec_heads, "dec")):
+            if dim % heads:
+                raise ValueError(f"{name}_dim={dim} must be divisible by {name}_heads={heads}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CLEARConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+PRESETS: dict[str, CLEARConfig] = {
+    # The paper's size.
+    "base": CLEARConfig(),
+    # Trains in a few minutes on 2 CPU cores (the demo's model); head dims stay >= 16 for the kernels.
+    "small": CLEARConfig(enc_layers=4, enc_dim=128, enc_heads=4, enc_ffn=256,
+                         dec_layers=2, dec_dim=96, dec_heads=3, dec_ffn=192, dropout=0.0),
+    # For tests: seconds per epoch on tiny data.
+    "tiny": CLEARConfig(enc_layers=2, enc_dim=32, enc_heads=2, enc_ffn=64,
+                        dec_layers=1, dec_dim=32, dec_heads=2, dec_ffn=64, dropout=0.0),
+}
+
+
+def get_config(preset: str = "base", **overrides) -> CLEARConfig:
+    """A preset with some fields replaced (``None`` values are ignored, so CLI defaults can pass through)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})

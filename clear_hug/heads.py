@@ -1,0 +1,75 @@
+"""Downstream heads on the 12 lead summary outputs ``[B, 12, E]`` of the encoder (SPEC §3.3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Lead order I, II, III, aVR, aVL, aVF, V1-V6 (SPEC §3.1).
+LEAD_GROUPS = {"limb": (0, 1, 2), "augmented": (3, 4, 5), "chest": (6, 7, 8, 9, 10, 11)}
+GROUP_PAIRS = ((0, 1), (0, 2), (1, 2))
+FUSIONS = ("mean", "concat")
+
+
+class HUG(nn.Module):
+    """Hierarchical lead-group head.
+
+    Level 1: one linear expert per lead group over the mean of that group's summary outputs (3 outputs).
+    Level 2: one linear expert per pair of groups over the two level-1 outputs, concatenated (3 outputs).
+    Level 3: one linear expert over the three level-2 outputs, concatenated (1 output).
+    The 7 outputs are fused (mean, or concatenation) and a linear layer gives the class logits.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: int | None = None, fusion: str = "mean") -> None:
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        hidden = hidden or in_dim
+        self.fusion = fusion
+        self.groups = [torch.tensor(idx) for idx in LEAD_GROUPS.values()]
+        self.level1 = nn.ModuleList(nn.Linear(in_dim, hidden) for _ in LEAD_GROUPS)
+        self.level2 = nn.ModuleList(nn.Linear(2 * hidden, hidden) for _ in GROUP_PAIRS)
+        self.level3 = nn.Linear(3 * hidden, hidden)
+        self.classifier = nn.Linear(hidden * (7 if fusion == "concat" else 1), num_classes)
+
+    def forward(self, summary: torch.Tensor) -> torch.Tensor:
+        if summary.dim() != 3 or summary.shape[1] != 12:
+            raise ValueError(f"summary must be [B, 12, E], got {tuple(summary.shape)}")
+        l1 = [expert(summary[:, idx.to(summary.device)].mean(1)) for expert, idx in zip(self.level1, self.groups)]
+        l2 = [expert(torch.cat([l1[a], l1[b]], -1)) for expert, (a, b) in zip(self.level2, GROUP_PAIRS)]
+        l3 = self.level3(torch.cat(l2, -1))
+        outs = l1 + l2 + [l3]
+        fused = torch.stack(outs, 0).mean(0) if self.fusion == "mean" else torch.cat(outs, -1)
+        return self.classifier(fused)
+
+
+class LinearProbe(nn.Module):
+    """The baseline head: one linear layer on the mean of the 12 summary outputs."""
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, num_classes)
+
+    def forward(self, summary: torch.Tensor) -> torch.Tensor:
+        if summary.dim() != 3:
+            raise ValueError(f"summary must be [B, leads, E], got {tuple(summary.shape)}")
+        return self.linear(summary.mean(1))
+
+
+def build_head(kind: str, in_dim: int, num_classes: int, fusion: str = "mean") -> nn.Module:
+    if kind == "hug":
+        return HUG(in_dim, num_classes, fusion=fusion)
+    if kind == "linear":
+        return LinearProbe(in_dim, num_classes)
+    raise ValueError(f"head must be 'hug' or 'linear', got {kind!r}")
+
+
+class Classifier(nn.Module):
+    """Encoder + head, for fine-tuning the encoder end to end (the frozen path precomputes features instead)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, tokens, valid, time) -> torch.Tensor:
+        return self.head(self.encoder.forward_features(tokens, valid, time))

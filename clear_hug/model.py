@@ -1,0 +1,181 @@
+"""CLEAR: a masked autoencoder over heartbeat tokens with conduction-sparse attention (SPEC §3.2).
+
+Tokens live on a ``[B, leads, beats]`` grid (``tokens [B, leads, beats, 96]``, ``valid``, ``time``). Each block
+runs on a sequence built by ``SegmentLayout.conduction``: the 12 lead summary tokens, then the valid heartbeats in
+beat-major order. The encoder's sequence holds only the visible heartbeats (compacted, so L is about 20% of the
+decoder's); the decoder's holds every valid heartbeat, masked ones as a learned mask token.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from clear_kernels import PADDING, SegmentLayout
+from clear_kernels.nn import SegmentAttention
+
+from .config import CLEARConfig
+
+
+def znorm(tokens: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-token z-normalisation over the samples (last dim). Idempotent on tokens the tokenizer already
+    normalised, and all-zero padding tokens stay zero."""
+    mean = tokens.mean(-1, keepdim=True)
+    std = tokens.std(-1, keepdim=True, unbiased=False)
+    return (tokens - mean) / (std + eps)
+
+
+class _Attend:
+    """Applies one block's attention under the layout of this forward pass, in the configured implementation.
+
+    Built once per sequence and shared by all blocks, so the dense mask (for "dense"/"full") is built once.
+    All implementations use the parameters of the same ``SegmentAttention`` module, so checkpoints move freely
+    between them.
+    """
+
+    def __init__(self, layout: SegmentLayout, impl: str) -> None:
+        self.layout, self.impl = layout, impl
+        if impl == "sparse":
+            return
+        real = layout.segment != PADDING  # [B, L]
+        # "full" is the paper's dense ablation: every real token sees every real token. Padding keys stay
+        # excluded, since they carry no signal and would make results depend on the batch's padding.
+        allowed = layout.materialize() if impl == "dense" else real[:, :, None] & real[:, None, :]
+        # Padding rows have no key; let them see themselves so SDPA's softmax stays finite, then zero them,
+        # as the op does.
+        eye = torch.eye(layout.seq_len, dtype=torch.bool, device=real.device)
+        self.mask = (allowed | (eye & ~real[:, :, None]))[:, None]
+        self.pad_rows = ~real[:, None, :, None]
+
+    def __call__(self, attn: SegmentAttention, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "sparse":
+            return attn(x, self.layout)
+        q, k, v = rearrange(attn.in_proj(x), "b l (three h d) -> three b h l d", three=3, h=attn.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=attn.scale)
+        out = out.masked_fill(self.pad_rows, 0.0)
+        return attn.dropout(attn.out_proj(rearrange(out, "b h l d -> b l (h d)")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SegmentAttention(dim, heads, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, attend: _Attend) -> torch.Tensor:
+        x = x + attend(self.attn, self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class _Positions(nn.Module):
+    """Learned lead, time (second of the strip) and position (beat index) embeddings, summed per token."""
+
+    def __init__(self, cfg: CLEARConfig, dim: int) -> None:
+        super().__init__()
+        self.num_time = cfg.num_time
+        self.lead = nn.Parameter(torch.zeros(cfg.num_leads, dim))
+        self.time = nn.Embedding(cfg.num_time, dim)
+        self.beat = nn.Embedding(cfg.max_beats, dim)
+
+    def forward(self, time: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        beats = time.shape[-1]
+        # Padding may carry any time id; records longer than num_time seconds share the last time id.
+        t = torch.where(valid, time, torch.zeros_like(time)).clamp(0, self.num_time - 1)
+        return self.lead[:, None, :] + self.time(t) + self.beat.weight[:beats]
+
+
+class CLEAR(nn.Module):
+    def __init__(self, cfg: CLEARConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e, d = cfg.enc_dim, cfg.dec_dim
+        # Per-token linear embedding: no convolution across neighbouring tokens, so masking hides a token fully.
+        self.embed = nn.Linear(cfg.token_len, e)
+        self.enc_pos = _Positions(cfg, e)
+        self.summary = nn.Parameter(torch.zeros(cfg.num_leads, e))
+        self.encoder = nn.ModuleList(Block(e, cfg.enc_heads, cfg.enc_ffn, cfg.dropout) for _ in range(cfg.enc_layers))
+        self.enc_norm = nn.LayerNorm(e)
+        self.dec_embed = nn.Linear(e, d)
+        self.mask_token = nn.Parameter(torch.zeros(d))
+        self.dec_pos = _Positions(cfg, d)
+        self.decoder = nn.ModuleList(Block(d, cfg.dec_heads, cfg.dec_ffn, cfg.dropout) for _ in range(cfg.dec_layers))
+        self.dec_norm = nn.LayerNorm(d)
+        self.recon = nn.Linear(d, cfg.token_len)
+        self.apply(self._init)
+        for p in (self.summary, self.mask_token, self.enc_pos.lead, self.dec_pos.lead):
+            nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def _check(self, tokens: torch.Tensor, valid: torch.Tensor, time: torch.Tensor) -> None:
+        c = self.cfg
+        if tokens.dim() != 4 or tokens.shape[1] != c.num_leads or tokens.shape[3] != c.token_len:
+            raise ValueError(f"tokens must be [B, {c.num_leads}, beats, {c.token_len}], got {tuple(tokens.shape)}")
+        if tokens.shape[2] > c.max_beats:
+            raise ValueError(f"{tokens.shape[2]} beats per lead exceed max_beats={c.max_beats} of the config")
+        if valid.shape != tokens.shape[:3] or time.shape != tokens.shape[:3]:
+            raise ValueError(f"valid {tuple(valid.shape)} and time {tuple(time.shape)} must be {tuple(tokens.shape[:3])}")
+
+    def encode(self, tokens, valid, time, visible: Optional[torch.Tensor] = None, depth: Optional[int] = None):
+        """Run the encoder on the summary tokens plus the ``visible`` heartbeats (all valid ones by default).
+
+        Returns the ``[B, L, enc_dim]`` sequence and its layout. ``depth`` stops after that many blocks (without
+        the final norm); tests use it to look at a single layer.
+        """
+        self._check(tokens, valid, time)
+        visible = valid if visible is None else visible & valid
+        layout = SegmentLayout.conduction(visible, compact=True)
+        grid = self.embed(znorm(tokens)) + self.enc_pos(time, valid)
+        x = layout.grid_to_seq(grid, summary=self.summary + self.enc_pos.lead)
+        attend = _Attend(layout, self.cfg.attn_impl)
+        blocks = self.encoder if depth is None else self.encoder[:depth]
+        for block in blocks:
+            x = block(x, attend)
+        return (self.enc_norm(x) if depth is None else x), layout
+
+    def forward_features(self, tokens: torch.Tensor, valid: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """The 12 lead summary outputs ``[B, leads, enc_dim]`` of the encoder on every valid heartbeat."""
+        x, _ = self.encode(tokens, valid, time)
+        return x[:, : self.cfg.num_leads]
+
+    def forward(self, tokens, valid, time, mask) -> dict:
+        """Reconstruct the masked heartbeats. ``mask`` (bool, like ``valid``) marks the masked tokens.
+
+        Returns ``loss`` (MSE over the masked valid tokens only, targets z-normalised per token), ``pred`` (the
+        ``[B, leads, beats, 96]`` reconstruction), ``target`` and ``mask``.
+        """
+        mask = mask & valid
+        visible = valid & ~mask
+        x, enc_layout = self.encode(tokens, valid, time, visible)
+        enc_grid, enc_summary = enc_layout.seq_to_grid(x)
+        y = self.dec_embed(enc_grid)
+        y = torch.where(visible[..., None], y, self.mask_token.to(y.dtype)) + self.dec_pos(time, valid)
+        layout = SegmentLayout.conduction(valid, compact=True)
+        seq = layout.grid_to_seq(y, summary=self.dec_embed(enc_summary) + self.dec_pos.lead)
+        attend = _Attend(layout, self.cfg.attn_impl)
+        for block in self.decoder:
+            seq = block(seq, attend)
+        pred, _ = layout.seq_to_grid(self.recon(self.dec_norm(seq)))
+        pred = pred.float()
+        target = znorm(tokens.float())
+        err = (pred - target).pow(2).mean(-1)
+        weight = mask.to(err.dtype)
+        loss = (err * weight).sum() / weight.sum().clamp(min=1.0)
+        return {"loss": loss, "pred": pred, "target": target, "mask": mask}
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
