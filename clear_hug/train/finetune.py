@@ -1,0 +1,194 @@
+"""Downstream training of HUG or the linear probe on a (frozen by default) CLEAR encoder (SPEC §3.3)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from ..heads import Classifier, build_head
+from ..metrics import macro_auroc
+from ..model import CLEAR
+from . import common
+from .pretrain import batch_inputs
+
+LABEL_FRACTIONS = (0.01, 0.1, 1.0)
+
+
+@dataclass
+class FinetuneArgs:
+    # The paper's recipe (SPEC §3.3).
+    head: str = "hug"
+    fusion: str = "mean"
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 5e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 10
+    min_lr: float = 1e-5
+    clip: float = 3.0
+    seed: int = 0
+    label_fraction: float = 1.0
+    freeze: bool = True
+    encoder_lr: Optional[float] = None  # fine-tuning only; defaults to lr / 10
+    amp: Optional[bool] = None
+    progress: bool = False
+    device: Optional[str] = None
+
+
+def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a ``fraction`` of the records (at least one), fixed by ``seed``.
+
+    Stratified-ish: first one random positive of each class that has one (rarest class first), so that tiny
+    fractions still see every class where possible, then random records up to the target size.
+    """
+    n = len(labels)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    target = max(1, int(round(fraction * n)))
+    if target >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    positive = np.asarray(labels) > 0.5
+    chosen: list[int] = []
+    for c in np.argsort(positive.sum(0), kind="stable"):
+        if len(chosen) >= target:
+            break
+        if positive[chosen, c].any() if chosen else False:
+            continue
+        candidates = np.flatnonzero(positive[:, c])
+        if len(candidates):
+            chosen.append(int(rng.choice(candidates)))
+    rest = np.setdiff1d(np.arange(n), chosen)
+    chosen += rng.choice(rest, size=target - len(chosen), replace=False).tolist()
+    return np.sort(np.asarray(chosen[:target], dtype=np.int64))
+
+
+@torch.no_grad()
+def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128, device=None, amp=None,
+                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's 12 summary outputs for every record (``[N, 12, E]`` float32) and the labels ``[N, C]``.
+
+    With a frozen encoder this runs once, and heads then train on features in memory in seconds.
+    """
+    device = torch.device(device or next(encoder.parameters()).device)
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="features", disable=not progress,
+                      leave=False):
+        tokens, valid, time_ids = batch_inputs(batch, device)
+        with common.autocast(device, amp):
+            feats.append(encoder.forward_features(tokens, valid, time_ids).float().cpu())
+        labels.append(batch["labels"].float())
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def predict(module, batches, device) -> tuple[np.ndarray, np.ndarray]:
+    module.eval()
+    scores, labels = [], []
+    for inputs, y in batches:
+        scores.append(torch.sigmoid(module(*[x.to(device) for x in inputs]).float()).cpu())
+        labels.append(y)
+    module.train()
+    return torch.cat(scores).numpy(), torch.cat(labels).numpy()
+
+
+def _feature_batches(feats, labels, batch_size, shuffle=False, generator=None):
+    order = torch.randperm(len(feats), generator=generator) if shuffle else torch.arange(len(feats))
+    for i in range(0, len(feats), batch_size):
+        idx = order[i:i + batch_size]
+        yield (feats[idx],), labels[idx]
+
+
+def _record_batches(dataset, batch_size, shuffle=False, generator=None):
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator):
+        yield (batch["tokens"].float(), batch["valid"].bool(), batch["time"].long()), batch["labels"].float()
+
+
+def fit(module: torch.nn.Module, train, val, args: FinetuneArgs, n_train: int, device,
+        param_groups=None, logger: Optional[common.JsonlLogger] = None) -> dict:
+    """Train ``module`` with BCE; keep the weights with the best validation macro AUROC (checked every epoch).
+
+    ``train(generator)`` and ``val()`` return iterables of ``(inputs, labels)`` batches.
+    """
+    gen = torch.Generator().manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(param_groups or module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = max(1, -(-n_train // args.batch_size))
+    scheduler = common.warmup_cosine(optimizer, round(args.warmup_epochs * steps_per_epoch),
+                                     args.epochs * steps_per_epoch, args.min_lr)
+    best = {"val_auroc": -np.inf, "epoch": -1, "state": copy.deepcopy(module.state_dict())}
+    history = []
+    module.train()
+    for epoch in tqdm(range(args.epochs), desc=f"{args.head} {args.label_fraction:g}", disable=not args.progress,
+                      leave=False):
+        t0, losses = time.perf_counter(), []
+        for inputs, y in train(gen):
+            with common.autocast(torch.device(device), args.amp):
+                logits = module(*[x.to(device) for x in inputs])
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), args.clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+        scores, y_val = predict(module, val(), device)
+        score = macro_auroc(y_val, scores)["auroc"]
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_auroc": score,
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        if logger is not None:
+            logger.log(**record)
+        # NaN (no scorable validation class) never beats a number; the first epoch stands in then.
+        if score > best["val_auroc"]:
+            best = {"val_auroc": score, "epoch": epoch, "state": copy.deepcopy(module.state_dict())}
+    module.load_state_dict(best["state"])
+    return {"best_epoch": best["epoch"], "val_auroc": float(best["val_auroc"]), "history": history}
+
+
+def train_head_on_features(train_feats, train_labels, val_feats, val_labels, args: FinetuneArgs,
+                           logger=None) -> tuple[torch.nn.Module, dict]:
+    """Frozen-encoder path: a head trained on precomputed summary features of a label subset."""
+    common.seed_everything(args.seed)
+    idx = torch.as_tensor(label_subset(train_labels.numpy(), args.label_fraction, args.seed))
+    x, y = train_feats[idx], train_labels[idx]
+    head = build_head(args.head, train_feats.shape[-1], train_labels.shape[-1], args.fusion)
+    result = fit(head, lambda g: _feature_batches(x, y, args.batch_size, True, g),
+                 lambda: _feature_batches(val_feats, val_labels, 1024), args, len(idx), "cpu", logger=logger)
+    result["n_train"] = int(len(idx))
+    return head, result
+
+
+def finetune_end_to_end(encoder: CLEAR, train_set: Dataset, val_set: Dataset, num_classes: int,
+                        args: FinetuneArgs, logger=None) -> tuple[Classifier, dict]:
+    """Fine-tuning path (``freeze=False``): encoder and head train together, encoder at a lower lr."""
+    common.seed_everything(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    labels = np.stack([train_set[i]["labels"] for i in range(len(train_set))])
+    idx = label_subset(labels, args.label_fraction, args.seed)
+    subset = Subset(train_set, idx.tolist())
+    model = Classifier(encoder, build_head(args.head, encoder.cfg.enc_dim, num_classes, args.fusion)).to(device)
+    groups = [{"params": model.head.parameters()},
+              {"params": model.encoder.parameters(), "lr": args.encoder_lr or args.lr / 10}]
+    result = fit(model, lambda g: _record_batches(subset, args.batch_size, True, g),
+                 lambda: _record_batches(val_set, 256), args, len(idx), device, groups, logger)
+    result["n_train"] = int(len(idx))
+    return model, result
+
+
+def evaluate(module, feats_or_set, labels=None, device="cpu") -> dict:
+    """Test macro AUROC of a head on features (``labels`` given) or of a Classifier on a dataset."""
+    batches = (_feature_batches(feats_or_set, labels, 1024) if labels is not None
+               else _record_batches(feats_or_set, 256))
+    scores, y = predict(module.to(device), batches, device)
+    return macro_auroc(y, scores)

@@ -1,0 +1,174 @@
+"""Masked-reconstruction pretraining of CLEAR (SPEC §3.2), single process or under torchrun."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from ..config import CLEARConfig
+from ..masking import random_mask
+from ..model import CLEAR
+from . import common
+
+
+@dataclass
+class PretrainArgs:
+    # The paper's recipe (SPEC §3.2); batch size per process.
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 5e-4
+    betas: tuple = (0.9, 0.98)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5
+    min_lr: float = 1e-5
+    clip: float = 3.0
+    seed: int = 0
+    amp: Optional[bool] = None  # None: bf16 on CUDA, off on CPU
+    out_dir: Optional[str] = None
+    resume: bool = True  # continue from out_dir/last.pt when it exists
+    stop_after_epochs: Optional[int] = None  # end this run early (tests, preemptible jobs); schedule unchanged
+    progress: bool = True
+    device: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def batch_inputs(batch: dict, device: torch.device):
+    """Dataset items hold the lead-major grid: tokens [12, beats, 96], valid [12, beats], time [12, beats]."""
+    return (batch["tokens"].to(device, torch.float32, non_blocking=True),
+            batch["valid"].to(device, torch.bool, non_blocking=True),
+            batch["time"].to(device, torch.int64, non_blocking=True))
+
+
+def loader(dataset: Dataset, batch_size: int, info: common.DistInfo, shuffle: bool, seed: int):
+    # One DistributedSampler for every world size (1 included): the data order is a pure function of
+    # (seed, epoch, rank), which makes resuming exact and multi-process sharding free.
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle,
+                                 seed=seed, drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0), sampler
+
+
+@torch.no_grad()
+def validation_loss(model: CLEAR, dataset: Dataset, batch_size: int, info: common.DistInfo, seed: int,
+                    amp: Optional[bool]) -> float:
+    """Masked-reconstruction loss on a fixed set of masks (the same every epoch, so epochs compare)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed + 7919 + info.rank)
+    dl, _ = loader(dataset, batch_size, info, shuffle=False, seed=seed)
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)
+    for batch in dl:
+        tokens, valid, time_ids = batch_inputs(batch, info.device)
+        mask = random_mask(valid, model.cfg.mask_ratio, gen)
+        with common.autocast(info.device, amp):
+            out = model(tokens, valid, time_ids, mask)
+        n = out["mask"].sum()
+        total += torch.stack([out["loss"].double() * n, n.double()])
+    if info.distributed:
+        torch.distributed.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def pretrain(cfg: CLEARConfig, train_set: Dataset, args: PretrainArgs, val_set: Optional[Dataset] = None,
+             info: Optional[common.DistInfo] = None) -> dict:
+    """Train CLEAR; returns the history ``{"epochs": [...], "steps": [...]}`` and leaves ``last.pt`` in out_dir.
+
+    The checkpoint holds model, optimizer, scheduler, the RNG states and the masking generator, and the data
+    order is a function of the epoch, so a resumed run on the CPU repeats the uninterrupted run's losses exactly.
+    """
+    info = info or common.setup_distributed(args.device)
+    common.seed_everything(args.seed)  # same initial weights on every rank
+    model = CLEAR(cfg).to(info.device)
+    optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay, tuple(args.betas))
+    dl, sampler = loader(train_set, args.batch_size, info, shuffle=True, seed=args.seed)
+    steps_per_epoch = len(dl)
+    scheduler = common.warmup_cosine(optimizer, round(args.warmup_epochs * steps_per_epoch),
+                                     args.epochs * steps_per_epoch, args.min_lr)
+    # Masks are drawn per rank from their own generator, so ranks mask different tokens of different records.
+    mask_gen = torch.Generator().manual_seed(args.seed * 1000 + info.rank)
+    history = {"epochs": [], "steps": []}
+    start_epoch = 0
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    ckpt_path = out_dir / "last.pt" if out_dir else None
+    if args.resume and ckpt_path is not None and ckpt_path.exists():
+        state = common.load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        mask_gen.set_state(state["mask_generator"][info.rank] if info.rank < len(state["mask_generator"])
+                           else mask_gen.get_state())
+        common.set_rng_state(state["rng"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+    ddp = DDP(model) if info.distributed else model
+    logger = common.JsonlLogger(out_dir / "metrics.jsonl" if out_dir else None, info.is_main)
+    if info.is_main and out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    last_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
+    model.train()
+    for epoch in range(start_epoch, last_epoch):
+        sampler.set_epoch(epoch)
+        bar = tqdm(dl, desc=f"pretrain {epoch + 1}/{args.epochs}", disable=not (args.progress and info.is_main),
+                   leave=False, dynamic_ncols=True)
+        epoch_loss, epoch_tokens, t0 = 0.0, 0, time.perf_counter()
+        for batch in bar:
+            tokens, valid, time_ids = batch_inputs(batch, info.device)
+            mask = random_mask(valid, cfg.mask_ratio, mask_gen)
+            with common.autocast(info.device, args.amp):
+                loss = ddp(tokens, valid, time_ids, mask)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            scheduler.step()
+            step_loss = float(common.all_reduce_mean(loss.detach(), info))
+            n_tokens = int(valid.sum()) * info.world_size
+            epoch_loss += step_loss
+            epoch_tokens += n_tokens
+            history["steps"].append(step_loss)
+            rate = epoch_tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:,.0f}")
+        record = {"epoch": epoch, "train_loss": epoch_loss / max(steps_per_epoch, 1),
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                  "tokens_per_s": epoch_tokens / max(time.perf_counter() - t0, 1e-9),
+                  "seconds": time.perf_counter() - t0}
+        if val_set is not None:
+            record["val_loss"] = validation_loss(model, val_set, args.batch_size, info, args.seed, args.amp)
+        history["epochs"].append(record)
+        logger.log(**record)
+        if ckpt_path is not None:
+            save_pretrain_checkpoint(ckpt_path, model, optimizer, scheduler, mask_gen, epoch, history, cfg, args,
+                                     info)
+    return history
+
+
+def save_pretrain_checkpoint(path, model, optimizer, scheduler, mask_gen, epoch, history, cfg, args, info):
+    # Every rank's masking generator goes into the checkpoint (gathered to rank 0), so that a resumed
+    # multi-process run continues each rank's mask stream.
+    gens = [mask_gen.get_state()]
+    if info.distributed:
+        gens = [None] * info.world_size
+        torch.distributed.all_gather_object(gens, mask_gen.get_state())
+    if not info.is_main:
+        return
+    common.atomic_save({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "mask_generator": gens, "rng": common.rng_state(), "epoch": epoch, "history": history,
+        "config": cfg.to_dict(), "args": {k: v for k, v in asdict(args).items() if k != "extra"},
+    }, path)
+
+
+def load_encoder(path, attn_impl: Optional[str] = None, map_location="cpu") -> CLEAR:
+    """A pretrained CLEAR from a checkpoint (optionally with another attention implementation)."""
+    state = common.load_checkpoint(path)
+    cfg = CLEARConfig.from_dict(state["config"])
+    if attn_impl is not None:
+        cfg = CLEARConfig.from_dict({**cfg.to_dict(), "attn_impl": attn_impl})
+    model = CLEAR(cfg)
+    model.load_state_dict(state["model"])
+    return model.to(map_location)
