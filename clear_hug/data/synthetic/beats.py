@@ -40,10 +40,10 @@ def build_templates(rng: np.random.Generator, state: dict) -> tuple[Template, Te
 
     # --- main vectors before pathology (patient frame, rotated at the end) ---
     r_axis = float(np.clip(rng.normal(48, 16), -15, 95))
-    r_vec = rng.uniform(1.0, 1.6) * frontal_dir(r_axis, rng.uniform(-0.40, -0.12))
+    r_vec = rng.uniform(1.0, 1.6) * frontal_dir(r_axis, rng.uniform(-0.8, -0.3))
     t_vec = rng.uniform(0.25, 0.42) * frontal_dir(r_axis + rng.normal(0, 12), rng.uniform(0.15, 0.5))
     q_amp = rng.uniform(0.08, 0.22)                        # septal depolarisation
-    s_amp = rng.uniform(0.2, 0.45)
+    s_amp = rng.uniform(0.3, 0.65)
     st_vec = rng.normal(0.0, 0.012, size=3)
     t_scale = rng.uniform(0.75, 1.3) - 0.25 * sub.get("STTC", 0.0)
 
@@ -66,7 +66,7 @@ def build_templates(rng: np.random.Generator, state: dict) -> tuple[Template, Te
     if "RBBB" in present:
         s_r = sev["RBBB"]
         extra = 0.022 + 0.045 * s_r
-        rp_amp = 0.35 + 0.7 * s_r
+        rp_amp = 0.3 + 0.5 * s_r
         rp_s = 0.013 + 0.22 * extra
         rp_c = 0.42 * qrs_base + 0.55 * extra
         qrs = qrs_base + extra
@@ -76,7 +76,7 @@ def build_templates(rng: np.random.Generator, state: dict) -> tuple[Template, Te
         s_b = sev["LBBB"]
         qrs = 0.118 + 0.05 * s_b
         q_amp = 0.0
-        r_vec = np.linalg.norm(r_vec) * 1.1 * unit([0.8, 0.15 + 0.2 * rng.standard_normal(), -0.65])
+        r_vec = np.linalg.norm(r_vec) * 0.85 * unit([0.8, 0.15 + 0.2 * rng.standard_normal(), -0.65])
         s_amp *= 0.3
         t_vec = (0.25 + 0.3 * s_b) * unit(-unit(r_vec) + np.array([0.0, 0.3, 0.3]))
         st_vec = st_vec + (0.06 + 0.1 * s_b) * unit(t_vec)
@@ -117,7 +117,7 @@ def build_templates(rng: np.random.Generator, state: dict) -> tuple[Template, Te
                 unit(r_vec) + np.array([0.05, 0.15, 0.1]))
     else:
         tpl.set("R", 0.0, 0.11 * qrs_base, 0.10 * qrs_base, np.linalg.norm(r_vec), r_vec)
-    tpl.set("S", 0.27 * qrs, 0.08 * qrs_base, 0.08 * qrs_base, s_amp, [-0.35, -0.55, -0.75])
+    tpl.set("S", 0.27 * qrs, 0.08 * qrs_base, 0.08 * qrs_base, s_amp, [-0.25, -0.4, -0.9])
     tpl.set("RP", rp_c, rp_s, rp_s, rp_amp, [-0.6, 0.1, 0.8])
     tpl.set("QMI", -0.25 * qrs_base, 0.1 * qrs_base + 0.006, 0.1 * qrs_base + 0.006, qmi, [0.15, -1.0, -0.1])
     tpl.set("QAMI", -0.22 * qrs_base, 0.1 * qrs_base + 0.006, 0.1 * qrs_base + 0.006, qami, [0.1, 0.0, -1.0])

@@ -27,7 +27,7 @@ _PRECORDIAL_DIR = np.array([
     [0.86, 0.15, 0.42],    # V5
     [0.97, 0.15, 0.10],    # V6
 ])
-_PRECORDIAL_GAIN = np.array([1.25, 1.6, 1.75, 1.8, 1.55, 1.3])
+_PRECORDIAL_GAIN = np.array([1.7, 2.4, 2.2, 2.0, 1.7, 1.35])
 INDEPENDENT_LEADS = ["I", "II", "V1", "V2", "V3", "V4", "V5", "V6"]
 
 
