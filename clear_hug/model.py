@@ -169,8 +169,10 @@ class CLEAR(nn.Module):
         for block in self.decoder:
             seq = block(seq, attend)
         pred, _ = layout.seq_to_grid(self.recon(self.dec_norm(seq)))
-        pred = pred.float()
-        target = znorm(tokens.float())
+        # The loss is computed in at least float32 (bf16 autocast outputs are upcast; float64 stays float64).
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        pred = pred.to(dtype)
+        target = znorm(tokens.to(dtype))
         err = (pred - target).pow(2).mean(-1)
         weight = mask.to(err.dtype)
         loss = (err * weight).sum() / weight.sum().clamp(min=1.0)

@@ -94,6 +94,20 @@ def make_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.999)) -
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def idle_threads(max_threads: int = 2) -> int:
+    """CPU threads worth using now: the cores not already kept busy by other processes (1-minute load).
+
+    PyTorch's OpenMP threads spin-wait for each other; on an oversubscribed machine two threads run several
+    times slower than one, so a busy machine gets one thread.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(max_threads, cores, int(round(cores - busy))))
+
+
 # ------------------------------------------------------------------ reproducibility
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -1,0 +1,216 @@
+"""``clear-hug demo``: the main job, end to end on synthetic ECGs in minutes on a laptop CPU.
+
+synthetic records -> token cache -> CLEAR pretraining (sparse attention) -> HUG and linear probe at 1%, 10% and
+100% of the training labels on the frozen encoder, against the same heads on a randomly initialised encoder
+(no pretraining), over several seeds -> a table of test macro AUROC, PNGs and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+ENCODERS = ("clear", "random")
+HEADS = ("hug", "linear")
+COLUMNS = {("clear", "hug"): "CLEAR + HUG", ("clear", "linear"): "CLEAR + linear",
+           ("random", "hug"): "no pretrain + HUG", ("random", "linear"): "no pretrain + linear"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clear-hug demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/demo", help="output folder (cache, runs, PNGs, results.json)")
+    p.add_argument("--n-records", type=int, default=3000, help="synthetic records (about 80%% train)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--attn-impl", default="sparse", choices=("sparse", "dense", "full"))
+    p.add_argument("--epochs", type=int, default=12, help="pretraining epochs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="pretraining peak lr (small model, short schedule)")
+    p.add_argument("--warmup-epochs", type=float, default=1)
+    p.add_argument("--head-epochs", type=int, default=60)
+    p.add_argument("--head-lr", type=float, default=5e-3)
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 (default): up to 2, fewer when other processes keep cores busy")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def format_table(summary: dict, fractions: Sequence[float]) -> str:
+    cols = list(COLUMNS.values())
+    lines = ["test macro AUROC (mean ± std over seeds)",
+             f"{'labels':>7} | " + " | ".join(f"{c:>20}" for c in cols)]
+    lines.append("-" * len(lines[-1]))
+    for f in fractions:
+        cells = []
+        for key in COLUMNS:
+            r = summary[f"{key[0]}/{key[1]}"][f"{f:g}"]
+            cells.append(f"{r['mean']:.3f} ± {r['std']:.3f}".rjust(20))
+        lines.append(f"{f * 100:>6g}% | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_losses(history: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    steps = np.asarray(history["steps"])
+    per_epoch = len(steps) // max(len(history["epochs"]), 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(np.arange(1, len(steps) + 1), steps, lw=0.6, alpha=0.5, label="train (per step)")
+    ax.plot([(e["epoch"] + 1) * per_epoch for e in history["epochs"]], [e["train_loss"] for e in history["epochs"]],
+            "o-", label="train (epoch mean)")
+    if "val_loss" in history["epochs"][0]:
+        ax.plot([(e["epoch"] + 1) * per_epoch for e in history["epochs"]],
+                [e["val_loss"] for e in history["epochs"]], "s-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked-token MSE (z-normalised)")
+    ax.set_title("CLEAR pretraining")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_auroc(summary: dict, fractions: Sequence[float], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (enc, head), name in COLUMNS.items():
+        rows = [summary[f"{enc}/{head}"][f"{f:g}"] for f in fractions]
+        ax.errorbar([f * 100 for f in fractions], [r["mean"] for r in rows], yerr=[r["std"] for r in rows],
+                    marker="o", capsize=3, ls="-" if enc == "clear" else "--", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("training labels (%)")
+    ax.set_ylabel("test macro AUROC")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_reconstructions(model, dataset, path: Path, n: int = 6, seed: int = 0) -> None:
+    """A few masked heartbeats of one test record: the (z-normalised) truth and the decoder's reconstruction."""
+    import matplotlib.pyplot as plt
+
+    from .masking import random_mask
+
+    model.eval()
+    item = dataset[0]
+    tokens, valid, time_ids = item["tokens"][None], item["valid"][None], item["time"][None]
+    mask = random_mask(valid, model.cfg.mask_ratio, torch.Generator().manual_seed(seed))
+    out = model(tokens, valid, time_ids, mask)
+    leads = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    where = torch.nonzero(out["mask"][0])
+    pick = where[torch.linspace(0, len(where) - 1, n).long()]
+    fig, axes = plt.subplots(2, n // 2, figsize=(3 * (n // 2), 4.5), sharex=True)
+    for ax, (lead, beat) in zip(axes.flat, pick.tolist()):
+        ax.plot(out["target"][0, lead, beat].numpy(), color="k", lw=1.2, label="masked heartbeat")
+        ax.plot(out["pred"][0, lead, beat].numpy(), color="tab:red", lw=1.2, label="reconstruction")
+        ax.set_title(f"lead {leads[lead]}, beat {beat + 1}", fontsize=9)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"masked heartbeats and reconstructions ({model.cfg.mask_ratio:.0%} of tokens masked)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import get_config
+    from .data.cache import TokenDataset
+    from .data.prepare import main as prepare_main
+    from .model import CLEAR
+    from .train import common
+    from .train.finetune import FinetuneArgs, evaluate, extract_features, train_head_on_features
+    from .train.pretrain import PretrainArgs, pretrain
+
+    args.threads = args.threads or common.idle_threads(2)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings, t_all = {}, time.perf_counter()
+    progress = not args.no_progress
+
+    # 1. data
+    t0 = time.perf_counter()
+    cache = out / "cache"
+    prep = ["--source", "synthetic", "--out", str(cache), "--n-records", str(args.n_records),
+            "--workers", str(args.threads), "--seed", "0"] + ([] if progress else ["--no-progress"])
+    if prepare_main(prep) != 0:
+        return 2
+    splits = {s: TokenDataset(cache, s) for s in ("train", "val", "test")}
+    timings["prepare_s"] = time.perf_counter() - t0
+
+    # 2. pretraining
+    t0 = time.perf_counter()
+    cfg = get_config(args.preset, attn_impl=args.attn_impl)
+    run = PretrainArgs(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
+                       out_dir=str(out / "pretrain"), resume=False, progress=progress, device=args.device)
+    history = pretrain(cfg, splits["train"], run, splits["val"])
+    clear = CLEAR(cfg)
+    clear.load_state_dict(common.load_checkpoint(out / "pretrain" / "last.pt")["model"])
+    timings["pretrain_s"] = time.perf_counter() - t0
+    print(f"pretrained {args.preset} CLEAR for {args.epochs} epochs in {timings['pretrain_s']:.0f}s: "
+          f"val loss {history['epochs'][0].get('val_loss', float('nan')):.3f} -> "
+          f"{history['epochs'][-1].get('val_loss', float('nan')):.3f}")
+
+    # 3. frozen features of the pretrained and of a random encoder (same architecture, no training)
+    t0 = time.perf_counter()
+    common.seed_everything(12345)
+    encoders = {"clear": clear, "random": CLEAR(cfg)}
+    feats = {name: {s: extract_features(enc, ds, device=args.device) for s, ds in splits.items()}
+             for name, enc in encoders.items()}
+    timings["features_s"] = time.perf_counter() - t0
+
+    # 4. heads
+    t0 = time.perf_counter()
+    runs = []
+    for enc in ENCODERS:
+        f = feats[enc]
+        for head in HEADS:
+            for fraction in args.fractions:
+                for seed in args.seeds:
+                    hargs = FinetuneArgs(head=head, epochs=args.head_epochs, lr=args.head_lr, seed=seed,
+                                         label_fraction=fraction, warmup_epochs=max(1, args.head_epochs // 10))
+                    module, result = train_head_on_features(*f["train"], *f["val"], hargs)
+                    test = evaluate(module, *f["test"])
+                    runs.append({"encoder": enc, "head": head, "fraction": fraction, "seed": seed,
+                                 "n_train": result["n_train"], "best_epoch": result["best_epoch"],
+                                 "val_auroc": result["val_auroc"], "test_auroc": test["auroc"],
+                                 "test_classes_excluded": test["classes_excluded"]})
+    timings["heads_s"] = time.perf_counter() - t0
+
+    summary = {}
+    for enc in ENCODERS:
+        for head in HEADS:
+            summary[f"{enc}/{head}"] = {}
+            for fraction in args.fractions:
+                vals = np.array([r["test_auroc"] for r in runs
+                                 if (r["encoder"], r["head"], r["fraction"]) == (enc, head, fraction)])
+                summary[f"{enc}/{head}"][f"{fraction:g}"] = {"mean": float(vals.mean()), "std": float(vals.std()),
+                                                            "values": vals.tolist()}
+    table = format_table(summary, args.fractions)
+    print(table)
+
+    # 5. figures and JSON
+    plot_losses(history, out / "pretrain_loss.png")
+    plot_auroc(summary, args.fractions, out / "auroc_vs_labels.png")
+    plot_reconstructions(clear, splits["test"], out / "reconstructions.png")
+    timings["total_s"] = time.perf_counter() - t_all
+    result = {"args": vars(args), "config": cfg.to_dict(), "class_names": splits["train"].class_names,
+              "split_sizes": {s: len(d) for s, d in splits.items()}, "summary": summary, "runs": runs,
+              "pretrain_epochs": history["epochs"], "timings": timings, "table": table}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}/results.json and 3 PNGs in {timings['total_s']:.0f}s "
+          f"(prepare {timings['prepare_s']:.0f}s, pretrain {timings['pretrain_s']:.0f}s, "
+          f"features {timings['features_s']:.0f}s, heads {timings['heads_s']:.0f}s)")
+    return 0
