@@ -137,8 +137,12 @@ def atomic_save(obj: Any, path: os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # only when saving failed
+            tmp.unlink()
 
 
 def load_checkpoint(path: os.PathLike) -> dict:
