@@ -1,0 +1,53 @@
+"""The clear-hug command on tiny settings: prepare -> pretrain -> finetune -> evaluate (in process)."""
+
+import json
+
+import pytest
+
+from clear_hug.cli import main
+
+
+def _json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    cache, pt, ft = tmp_path / "cache", tmp_path / "pt", tmp_path / "ft"
+    assert main(["prepare", "--out", str(cache), "--n-records", "40", "--workers", "1", "--no-progress"]) == 0
+    assert (cache / "meta.json").exists()
+    assert main(["pretrain", "--cache", str(cache), "--out", str(pt), "--preset", "tiny", "--epochs", "2",
+                 "--stop-after-epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu"]) == 0
+    first = _json_lines(capsys.readouterr().out)[-1]
+    assert first["epoch"] == 0
+    # A second invocation resumes from last.pt and finishes the schedule.
+    assert main(["pretrain", "--cache", str(cache), "--out", str(pt), "--preset", "tiny", "--epochs", "2",
+                 "--batch-size", "16", "--no-progress", "--device", "cpu"]) == 0
+    second = _json_lines(capsys.readouterr().out)[-1]
+    assert second["epoch"] == 1 and second["train_loss"] > 0
+    assert len((pt / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main(["finetune", "--cache", str(cache), "--checkpoint", str(pt / "last.pt"), "--out", str(ft),
+                 "--head", "both", "--fractions", "0.5", "1", "--epochs", "2", "--no-progress",
+                 "--device", "cpu"]) == 0
+    results = _json_lines(capsys.readouterr().out)
+    assert {(r["head"], r["fraction"]) for r in results} == {("hug", 0.5), ("hug", 1.0), ("linear", 0.5),
+                                                             ("linear", 1.0)}
+    assert all(r["n_train"] >= 1 for r in results)
+    heads = [str(ft / "hug_f1_s0.pt"), str(ft / "linear_f0.5_s0.pt")]
+    assert main(["evaluate", "--cache", str(cache), *heads, "--split", "val", "--out", str(tmp_path / "ev.jsonl"),
+                 "--device", "cpu"]) == 0
+    evals = _json_lines(capsys.readouterr().out)
+    assert len(evals) == 2 and all(e["split"] == "val" for e in evals)
+    assert all(e["auroc"] != e["auroc"] or 0.0 <= e["auroc"] <= 1.0 for e in evals)  # NaN allowed: tiny split
+    assert len((tmp_path / "ev.jsonl").read_text().splitlines()) == 2
+
+
+def test_cli_random_encoder_and_errors(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--out", str(cache), "--n-records", "30", "--workers", "1", "--no-progress"]) == 0
+    assert main(["finetune", "--cache", str(cache), "--preset", "tiny", "--out", str(tmp_path / "ft"),
+                 "--head", "linear", "--fractions", "1", "--epochs", "1", "--no-progress", "--device", "cpu"]) == 0
+    assert main(["evaluate", "--cache", str(cache), str(tmp_path / "ft" / "linear_f1_s0.pt"),
+                 "--device", "cpu"]) == 0
+    assert main(["nonsense"]) == 2
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--cache", str(cache)])  # --out is required
