@@ -95,13 +95,14 @@ def test_opcheck_reference_op_pair():
                            *layout.kernel_args(), 0.25))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_torch_compile_fullgraph(backend):
     layout = SegmentLayout.conduction(torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(0)) < 0.8)
     proj = torch.nn.Linear(16, 48)
 
     def step(x):
         q, k, v = proj(x).view(2, layout.seq_len, 3, 1, 16).permute(2, 0, 3, 1, 4)
-        return segment_attention(q, k, v, layout, backend="reference").sum()
+        return segment_attention(q, k, v, layout, backend=backend).sum()
 
     x = torch.randn(2, layout.seq_len, 16, requires_grad=True)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
