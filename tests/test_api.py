@@ -118,3 +118,29 @@ def test_module_input_errors():
     module = SegmentAttention(32, 4)
     with pytest.raises(ValueError, match=r"x must be \[B, L, 32\]"):
         module(torch.randn(2, 15, 16), LAYOUT)
+
+
+def test_import_without_the_extension_warns_once_and_uses_the_reference():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['clear_kernels._C'] = None  # as if it was never built\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, clear_kernels\n"
+        "msgs = [str(w.message) for w in caught if 'native extension' in str(w.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "q = torch.randn(1, 1, 4, 16)\n"
+        "reasons = clear_kernels.available_backends(q)\n"
+        "assert 'native extension' in reasons['cpu'], reasons\n"
+        "lay = clear_kernels.SegmentLayout.block_diagonal([[2, 2]])\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('ignore')\n"
+        "    out = clear_kernels.segment_attention(q, q, q, lay)\n"
+        "assert torch.isfinite(out).all()\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
