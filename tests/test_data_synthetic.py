@@ -155,7 +155,7 @@ def test_rpeaks_at_qrs_extrema():
 def _tiny_detector(sig, fs):
     """Energy of the band-limited derivative summed over leads, peaks at least 250 ms apart (test helper)."""
     from scipy.signal import butter, filtfilt, find_peaks
-    b, a = butter(2, [5 / (fs / 2), 30 / (fs / 2)], btype="band")
+    b, a = butter(2, [3 / (fs / 2), 30 / (fs / 2)], btype="band")
     y = filtfilt(b, a, sig.astype(np.float64), axis=1)
     e = (np.diff(y, axis=1, prepend=y[:, :1]) ** 2)
     e = e / (np.median(e, axis=1, keepdims=True) + 1e-12)

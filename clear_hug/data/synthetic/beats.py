@@ -40,7 +40,7 @@ def build_templates(rng: np.random.Generator, state: dict) -> tuple[Template, Te
 
     # --- main vectors before pathology (patient frame, rotated at the end) ---
     r_axis = float(np.clip(rng.normal(48, 16), -15, 95))
-    r_vec = rng.uniform(1.0, 1.6) * frontal_dir(r_axis, rng.uniform(-0.8, -0.3))
+    r_vec = rng.uniform(0.9, 1.5) * frontal_dir(r_axis, rng.uniform(-0.8, -0.3))
     t_vec = rng.uniform(0.25, 0.42) * frontal_dir(r_axis + rng.normal(0, 12), rng.uniform(0.15, 0.5))
     q_amp = rng.uniform(0.08, 0.22)                        # septal depolarisation
     s_amp = rng.uniform(0.3, 0.65)
@@ -50,7 +50,7 @@ def build_templates(rng: np.random.Generator, state: dict) -> tuple[Template, Te
     # LVH: amplitude factor continuous across the border (normal up to ~1.35, LVH from 1.3).
     if "LVH" in present:
         s_l = sev["LVH"]
-        lvh = 1.3 + 0.9 * s_l
+        lvh = 1.3 + 0.6 * s_l
         r_vec = lvh * unit(r_vec + np.array([0.15 * s_l, -0.1 * s_l, -0.25 * s_l])) * np.linalg.norm(r_vec)
         s_amp *= 1.0 + 0.8 * s_l
         qrs_base += 0.012 * s_l
@@ -134,12 +134,14 @@ def build_templates(rng: np.random.Generator, state: dict) -> tuple[Template, Te
     pvc = Template()
     qv = rng.uniform(0.13, 0.18)
     if rng.random() < 0.5:   # right-ventricular focus: LBBB-like
-        uv = unit([0.7, rng.uniform(-0.6, 0.8), -0.6])
+        uv = unit([0.7, rng.uniform(-0.8, 0.9), -0.45])
     else:                    # left-ventricular focus: RBBB-like
-        uv = unit([-0.6, rng.uniform(-0.6, 0.8), 0.7])
-    av = rng.uniform(1.4, 2.3)
-    pvc.set("R", -0.15 * qv, 0.16 * qv, 0.16 * qv, av, uv)
-    pvc.set("R2", 0.15 * qv, 0.15 * qv, 0.15 * qv, 0.7 * av, uv + rng.normal(0, 0.3, 3))
+        uv = unit([-0.6, rng.uniform(-0.8, 0.9), 0.55])
+    # Two overlapping activation fronts make the complex wide yet steep-sided (a single broad Gaussian would be
+    # a smooth hump with little slope, unlike real ectopic beats).
+    av = rng.uniform(1.4, 2.2)
+    pvc.set("R", -0.17 * qv, 0.11 * qv, 0.12 * qv, av, uv)
+    pvc.set("R2", 0.17 * qv, 0.12 * qv, 0.11 * qv, 0.75 * av, uv + rng.normal(0, 0.35, 3))
     pvc.set("T", 0.30 + 0.3 * qv, 0.08, 0.06, rng.uniform(0.35, 0.6), -uv + rng.normal(0, 0.2, 3))
     pvc.a *= gain
     pvc.u = pvc.u @ rot.T
