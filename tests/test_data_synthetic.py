@@ -266,10 +266,9 @@ def test_measured_morphology():
 
 # --- difficulty -----------------------------------------------------------------------------------------------------
 def test_learnable_but_not_trivial(big):
-    """A logistic regression on the average beat (12 leads around the true R-peaks) plus RR statistics beats chance
-    clearly, improves with more labels, and is not perfect."""
-    sk = pytest.importorskip("sklearn")  # noqa: F841
-    from sklearn.linear_model import LogisticRegression
+    """A linear probe (ridge regression onto the multi-hot labels, one closed-form solve) on the average beat
+    (12 leads around the true R-peaks) plus RR statistics beats chance clearly, improves with more labels, and is
+    not perfect."""
     from sklearn.metrics import roc_auc_score
     sigs, rps, infos = big
     X = []
@@ -280,20 +279,19 @@ def test_learnable_but_not_trivial(big):
         rr = np.diff(rp) / 100.0
         X.append(np.r_[w.ravel(), rr.mean(), rr.std() / rr.mean()])
     X = np.array(X)
-    X = (X - X.mean(0)) / (X.std(0) + 1e-6)
+    X = np.c_[(X - X.mean(0)) / (X.std(0) + 1e-6), np.ones(len(X))]
     names = ["NORM", "RBBB", "LBBB", "1AVB", "LVH", "IMI", "AMI", "STTC", "AFIB", "STACH"]
-    Y = np.stack([_lab(infos, n) for n in names], 1)
+    Y = np.stack([_lab(infos, n) for n in names], 1).astype(np.float64)
     tr, te = np.arange(1500), np.arange(1500, N_BIG)
 
-    def macro(idx):
-        aucs = []
-        for c in range(len(names)):
-            m = LogisticRegression(C=0.05, max_iter=200).fit(X[idx], Y[idx, c])
-            aucs.append(roc_auc_score(Y[te, c], m.predict_proba(X[te])[:, 1]))
-        return np.array(aucs)
+    def macro(idx, lam):
+        a = X[idx]
+        coef = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ Y[idx])
+        score = X[te] @ coef
+        return np.array([roc_auc_score(Y[te, c], score[:, c]) for c in range(len(names))])
 
-    full = macro(tr)
-    small = macro(tr[:150])
-    assert full.mean() > 0.85 and full.min() > 0.7
-    assert full.mean() < 0.985 and full.min() < 0.95                  # borderline cases keep it imperfect
-    assert full.mean() > small.mean() + 0.02
+    full = macro(tr, 30.0)
+    small = macro(tr[:150], 30.0)
+    assert full.mean() > 0.85 and full.min() > 0.7, full
+    assert full.mean() < 0.985 and full.min() < 0.95, full            # borderline cases keep it imperfect
+    assert full.mean() > small.mean() + 0.03, (full.mean(), small.mean())
