@@ -45,6 +45,16 @@ def test_other_rates_and_durations():
     assert s.shape == (12, 7500) and len(r) >= 30 * 40 / 60 - 1
 
 
+@pytest.mark.parametrize("fs,dur", [(50, 2.5), (128, 3.0), (360, 10.0)])
+def test_short_strips_and_odd_rates(fs, dur):
+    for i in range(40):
+        s, r, info = generate_record(2, i, fs=fs, duration_s=dur)
+        n = int(round(fs * dur))
+        assert s.shape == (12, n) and np.isfinite(s).all()
+        assert ((r >= 0) & (r < n)).all() and (np.diff(r) > 0).all()
+        assert bool(info["labels"]["PVC"]) == bool((info["beat_types"] == 2).any())
+
+
 def test_unknown_task():
     with pytest.raises(ValueError):
         generate_dataset(2, task="form")
