@@ -12,7 +12,7 @@ from .generator import LEADS, generate_record
 
 def pick_indices(seed: int, n: int, fs: int, duration: float) -> list[int]:
     """The first record of each kind in a fixed order of interest, so one figure shows the variety."""
-    wanted = ["NORM", "RBBB", "LBBB", "LVH", "IMI", "AMI", "STTC", "1AVB", "AFIB", "PVC", "STACH", "SBRAD"]
+    wanted = ["NORM", "RBBB", "LBBB", "LVH", "AFIB", "PVC", "IMI", "AMI", "STTC", "1AVB", "STACH", "SBRAD"]
     chosen: list[int] = []
     for name in wanted:
         for i in range(400):
