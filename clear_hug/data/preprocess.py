@@ -6,6 +6,7 @@ All functions take ``[C, T]`` (or ``[T]``) arrays and work along the last axis, 
 from __future__ import annotations
 
 from fractions import Fraction
+from functools import lru_cache
 from typing import Tuple
 
 import numpy as np
@@ -37,6 +38,14 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float = TARGET_FS) -> np.ndarr
     return sps.resample_poly(x.astype(np.float64), up, down, axis=-1).astype(np.float32)
 
 
+@lru_cache(maxsize=32)
+def _design(fs: float, lo: float, hi: float, order: int) -> np.ndarray:
+    """Butterworth band-pass as second-order sections, cached per rate (design costs as much as filtering)."""
+    nyq = 0.5 * fs
+    hi = min(hi, 0.45 * fs)
+    return sps.butter(order, [lo / nyq, hi / nyq], btype="bandpass", output="sos")
+
+
 def bandpass(x: np.ndarray, fs: float, lo: float = 0.67, hi: float = 40.0, order: int = 5) -> np.ndarray:
     """Zero-phase Butterworth band-pass (second-order sections, forward-backward), float32 out.
 
@@ -44,9 +53,7 @@ def bandpass(x: np.ndarray, fs: float, lo: float = 0.67, hi: float = 40.0, order
     40 Hz removes mains and muscle noise. The upper edge is clamped below Nyquist for low rates.
     """
     x = np.asarray(x, dtype=np.float64)
-    nyq = 0.5 * fs
-    hi = min(hi, 0.45 * fs)
-    sos = sps.butter(order, [lo / nyq, hi / nyq], btype="bandpass", output="sos")
+    sos = _design(float(fs), float(lo), float(hi), int(order))
     padlen = min(x.shape[-1] - 1, 3 * (2 * len(sos) + 1))
     if x.shape[-1] < 2:
         return x.astype(np.float32)
