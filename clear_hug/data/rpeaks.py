@@ -13,11 +13,12 @@ so a 10 s, 12-lead strip takes a few milliseconds.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage, signal as sps
+
+from .preprocess import butter_bandpass, filtfilt_sos
 
 # Symbols of wfdb annotations that are heartbeats (the MIT-BIH / PhysioNet beat codes); everything else in an
 # .atr file (rhythm changes "+", noise "~", comments, ...) is not a beat and must not be scored.
@@ -35,20 +36,10 @@ _LW_POWER = 3  # how hard a locally noisy lead is turned down (3: tuned on CPSC2
 _T_WAVE_S = 0.36  # beats closer than this to the previous one are checked for being T waves
 
 
-@lru_cache(maxsize=64)
-def _butter_sos(fs: float, lo: float, hi: float, order: int) -> np.ndarray:
-    """Band-pass design, cached: designing the filter costs as much as running it on a 10 s strip."""
-    nyq = 0.5 * fs
-    hi = min(hi, 0.45 * fs)
-    lo = min(lo, 0.5 * hi)
-    return sps.butter(order, [lo / nyq, hi / nyq], btype="bandpass", output="sos")
-
-
 def _bandpass(x: np.ndarray, fs: float, lo: float, hi: float, order: int = 2) -> np.ndarray:
-    """Zero-phase Butterworth band-pass along the last axis; cut-offs clamped below Nyquist for low fs."""
-    sos = _butter_sos(float(fs), float(lo), float(hi), int(order))
-    padlen = min(x.shape[-1] - 1, 3 * (2 * len(sos) + 1) * 4)
-    return sps.sosfiltfilt(sos, x, axis=-1, padlen=max(padlen, 0))
+    """Zero-phase Butterworth band-pass along the last axis (cached design)."""
+    sos, zi = butter_bandpass(float(fs), float(lo), float(hi), int(order))
+    return filtfilt_sos(sos, zi, x, 3 * (2 * len(sos) + 1) * 4)
 
 
 def _block_max_median(x: np.ndarray, block: int) -> np.ndarray:
