@@ -10,7 +10,7 @@ import torch
 from clear_hug.data.cache import ArraySource, TokenDataset, build_cache, load_meta
 from clear_hug.data.tokenize import tokenize_beats
 from clear_hug.data import prepare
-from _ecgdata import need_ecg, toy_ecg
+from _ecgdata import need_ecg, toy_ecg, write_ptbxl_fixture
 
 N = 10
 FLAT = 4  # the record with no beats
@@ -139,3 +139,21 @@ def test_prepare_synthetic_without_generator(tmp_path, capsys):
         assert rc == 0
         meta = load_meta(tmp_path / "s")
         assert meta["n_total"] == 24 and meta["n_records"] + meta["n_skipped"] == 24
+
+
+def test_prepare_ptbxl_folder(tmp_path):
+    root = write_ptbxl_fixture(tmp_path / "ptbxl")
+    out = tmp_path / "c"
+    rc = prepare.main(["--source", "ptbxl", "--root", str(root), "--out", str(out), "--task", "superdiagnostic",
+                       "--sampling-rate", "500", "--workers", "1", "--no-progress", "--bandpass"])
+    assert rc == 0
+    meta = load_meta(out)
+    assert meta["class_names"] == ["HYP", "MI", "NORM", "STTC"] and meta["n_records"] == 4
+    assert meta["split_counts"] == {"train": 2, "val": 1, "test": 1} and meta["bandpass"] is True
+    assert meta["info"]["task"] == "superdiagnostic" and meta["info"]["sampling_rate"] == 500
+    test = TokenDataset(out, split="test")
+    assert len(test) == 1 and test.record_id(0) == "5"
+    item = test[0]
+    assert item["labels"].tolist() == [0, 0, 0, 1]
+    assert int(item["valid"][0].sum()) == 11  # toy record: 11 beats, all tokenised, every lead valid
+    assert bool((item["valid"].sum(1) == 11).all())

@@ -2,6 +2,7 @@ import glob
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from clear_hug.data.readers import read_record
 from clear_hug.data.rpeaks import BEAT_SYMBOLS, match_beats
@@ -22,6 +23,18 @@ def test_beat_windows_follow_rr_midpoints():
     assert end.tolist() == [70, 130, 198, 340, 400]
     s1, e1 = beat_windows(np.array([200]), 1000)
     assert (s1[0], e1[0]) == (200 - R_INDEX, 200 + TOKEN_LEN - R_INDEX)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3000), min_size=1, max_size=60, unique=True), st.integers(1, 400))
+def test_beat_window_invariants(peaks, extra):
+    r = np.sort(np.array(peaks))
+    n = int(r[-1]) + extra
+    start, end = beat_windows(r, n)
+    assert np.all(start <= r) and np.all(r < end)  # the R peak is inside its window
+    assert np.all(r - start <= R_INDEX) and np.all(end - r <= TOKEN_LEN - R_INDEX)  # fits the token, R at 48
+    assert np.all(start >= 0) and np.all(end <= n)
+    assert np.all(end[:-1] <= start[1:])  # windows of neighbouring beats never overlap (midpoint split)
 
 
 def test_tokens_with_given_rpeaks_exact_windows():
