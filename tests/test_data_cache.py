@@ -157,3 +157,48 @@ def test_prepare_ptbxl_folder(tmp_path):
     assert item["labels"].tolist() == [0, 0, 0, 1]
     assert int(item["valid"][0].sum()) == 11  # toy record: 11 beats, all tokenised, every lead valid
     assert bool((item["valid"].sum(1) == 11).all())
+
+
+def _fake_generator(with_start: bool):
+    """A stand-in for clear_hug.data.synthetic with the agreed interface (records depend only on seed and index)."""
+    import types
+
+    from clear_hug.data.readers import stable_split
+
+    def record(seed, k):
+        rng = np.random.default_rng([seed, k])
+        x, r = toy_ecg(100, rng.uniform(0.5, 1.2, 14), n_leads=12, seed=seed * 1000 + k)
+        if k % 7 == 3:
+            x[:] = 0.0  # a record with no beats, to be skipped
+        return x[:, :1000], r[r < 1000], [k % 2, 1 - k % 2]
+
+    def generate_dataset(n_records, seed, fs=100, duration_s=10.0, start=0):
+        recs = [record(seed, start + k) for k in range(n_records)]
+        return types.SimpleNamespace(signals=np.stack([a for a, _, _ in recs]).astype(np.float32), fs=100,
+                                     labels=np.array([c for _, _, c in recs], np.float32), class_names=["x", "y"],
+                                     rpeaks=[b for _, b, _ in recs],
+                                     splits=np.array([stable_split(f"{seed}-{start + k}") for k in range(n_records)]))
+
+    if not with_start:
+        def generate_dataset(n_records, seed, fs=100, duration_s=10.0, _g=generate_dataset):  # noqa: F811
+            return _g(n_records, seed, fs, duration_s)
+    return types.SimpleNamespace(generate_dataset=generate_dataset)
+
+
+def test_synthetic_source_lazy_and_eager_agree(tmp_path, monkeypatch):
+    import sys
+
+    from clear_hug.data.cache import SyntheticSource, synthetic_source
+
+    outs = {}
+    for lazy in (True, False):
+        monkeypatch.setitem(sys.modules, "clear_hug.data.synthetic", _fake_generator(with_start=lazy))
+        src = synthetic_source(20, seed=5, use_true_rpeaks=True)
+        assert isinstance(src, SyntheticSource) == lazy
+        meta = build_cache(src, tmp_path / str(lazy), shard_size=6, progress=False)
+        assert meta["n_total"] == 20 and meta["skipped_by_kind"] == {"no_beats": 3}  # records 3, 10, 17
+        outs[lazy] = {k: np.load(tmp_path / str(lazy) / f"{k}.npy") for k in
+                      ("tokens", "valid", "labels", "splits", "record_ids")}
+    for k in outs[True]:
+        np.testing.assert_array_equal(outs[True][k], outs[False][k])
+    assert outs[True]["labels"][:, 0].tolist() == [k % 2 for k in range(20) if k % 7 != 3]
