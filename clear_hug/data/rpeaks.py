@@ -2,8 +2,9 @@
 
 Why multi-lead: single-lead detectors (Pan-Tompkins on lead II, say) fail on real strips where that lead is
 noisy, low-voltage or disconnected. Here every lead votes: each lead's QRS slope energy is normalised by its
-own typical beat level, leads are weighted by how "peaky" (ECG-like) they look, and the weighted energies are
-pooled into one envelope. Beats are peaks of that envelope that pass an adaptive threshold, with a refractory
+own typical beat level, leads are weighted by how "peaky" (ECG-like) they look and, sample by sample, turned
+down where their local noise floor rises (an electrode moving), and the weighted energies are pooled into one
+envelope. Beats are peaks of that envelope that pass an adaptive threshold, with a refractory
 period, a search-back for missed beats in long gaps and a T-wave check; each accepted peak is then moved to the
 local extremum of a combined wide-band signal, which is where the R wave is.
 
@@ -209,8 +210,8 @@ def detect_rpeaks(sig: np.ndarray, fs: float) -> np.ndarray:
 def match_beats(reference: Sequence[int], detected: Sequence[int], tolerance: int) -> Tuple[int, int, int]:
     """One-to-one matching of detected to reference beats within ``tolerance`` samples: (TP, FN, FP).
 
-    Greedy in time order, which is optimal for 1-D matching when beats are further apart than twice the
-    tolerance (always true for 150 ms).
+    Greedy in time order. It is optimal when neighbouring beats are further apart than twice the tolerance;
+    closer beats (under 300 ms with 150 ms) are rare, and there it can only undercount, never overcount.
     """
     ref = np.sort(np.asarray(reference, dtype=np.int64))
     det = np.sort(np.asarray(detected, dtype=np.int64))
