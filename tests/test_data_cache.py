@@ -58,6 +58,10 @@ def test_build_and_roundtrip(tmp_path):
     assert len(TokenDataset(tmp_path / "c", split=None)) == N - 1
     loader = torch.utils.data.DataLoader(ds, batch_size=4)
     assert next(iter(loader))["tokens"].shape == (4, 12, 15, 96)
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(ds))  # what DataLoader workers receive: no arrays inside, re-mapped on use
+    assert clone._arr is None and torch.equal(clone[4]["tokens"], item["tokens"])
     with pytest.raises(ValueError):
         TokenDataset(tmp_path / "c", split="dev")
 

@@ -409,25 +409,41 @@ class TokenDataset(_TorchDataset):
         self.cache_dir = Path(cache_dir)
         self.meta = load_meta(cache_dir)
         self.class_names: List[str] = list(self.meta["class_names"])
-        self._arr = {name: np.load(self.cache_dir / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        self._arr: Optional[Dict[str, np.ndarray]] = None
+        self._pid = None
+        splits = np.load(self.cache_dir / "splits.npy")
         if split is None:
-            self.indices = np.arange(len(self._arr["splits"]))
+            self.indices = np.arange(len(splits))
         elif split in SPLIT_IDS:
-            self.indices = np.nonzero(np.asarray(self._arr["splits"]) == SPLIT_IDS[split])[0]
+            self.indices = np.nonzero(splits == SPLIT_IDS[split])[0]
         else:
             raise ValueError(f"split must be one of {SPLIT_NAMES} or None, got {split!r}")
+
+    @property
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """The memory-mapped arrays, opened lazily once per process (DataLoader workers map their own)."""
+        if self._arr is None or self._pid != os.getpid():
+            self._arr = {name: np.load(self.cache_dir / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+            self._pid = os.getpid()
+        return self._arr
+
+    def __getstate__(self):
+        # Pickled into worker processes without the maps: a pickled memmap would be copied as a whole array.
+        state = dict(self.__dict__)
+        state["_arr"], state["_pid"] = None, None
+        return state
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def record_id(self, i: int) -> str:
-        return str(self._arr["record_ids"][self.indices[i]])
+        return str(self.arrays["record_ids"][self.indices[i]])
 
     def __getitem__(self, i: int) -> Dict[str, "torch.Tensor"]:
         import torch
 
         j = int(self.indices[i])
-        a = self._arr
+        a = self.arrays
         return {
             "tokens": torch.from_numpy(np.array(a["tokens"][j], dtype=np.float32)),
             "valid": torch.from_numpy(np.array(a["valid"][j], dtype=bool)),
