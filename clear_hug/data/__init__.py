@@ -1,0 +1,17 @@
+"""ECG data pipeline: WFDB readers, preprocessing, multi-lead R-peak detection, heartbeat tokens, token caches."""
+
+from .leads import LEADS, NUM_LEADS, lead_index, map_leads
+from .readers import (CinCFolderDataset, PTBXLDataset, RecordReadError, parse_header_comments, read_record)
+from .preprocess import bandpass, flat_leads, preprocess, repair_nans, resample
+from .rpeaks import BEAT_SYMBOLS, detect_rpeaks, detection_scores, match_beats
+from .tokenize import BeatTokens, NoBeatsError, tokenize_beats, tokenize_records
+from .cache import ArraySource, PathSource, SyntheticSource, TokenDataset, build_cache, synthetic_source
+
+__all__ = [
+    "LEADS", "NUM_LEADS", "lead_index", "map_leads",
+    "CinCFolderDataset", "PTBXLDataset", "RecordReadError", "parse_header_comments", "read_record",
+    "bandpass", "flat_leads", "preprocess", "repair_nans", "resample",
+    "BEAT_SYMBOLS", "detect_rpeaks", "detection_scores", "match_beats",
+    "BeatTokens", "NoBeatsError", "tokenize_beats", "tokenize_records",
+    "ArraySource", "PathSource", "SyntheticSource", "TokenDataset", "build_cache", "synthetic_source",
+]

@@ -1,0 +1,275 @@
+"""Readers: WFDB records to canonical 12-lead arrays, and the PTB-XL and PhysioNet/CinC datasets.
+
+``read_record`` is the single entry point from a file on disk to ``[12, T]`` float32 millivolts in the order of
+``leads.LEADS``. The datasets only index records (paths, labels, splits); reading and tokenising happen later,
+in worker processes, so building a dataset over 20,000 records takes seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import hashlib
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .leads import LEADS, NUM_LEADS, map_leads
+from .snomed import snomed_name
+
+SPLIT_NAMES = ("train", "val", "test")
+SPLIT_IDS = {name: i for i, name in enumerate(SPLIT_NAMES)}
+
+
+class RecordReadError(ValueError):
+    """A record that cannot be read: missing, unparsable, truncated or otherwise corrupt."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single records
+# ---------------------------------------------------------------------------------------------------------------
+
+_UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "v": 1e3, "nu": 1.0, "": 1.0}
+
+
+def _record_base(path) -> str:
+    """WFDB wants the record name without extension; accept ``x``, ``x.hea``, ``x.mat`` and ``x.dat``."""
+    p = str(path)
+    for ext in (".hea", ".mat", ".dat"):
+        if p.endswith(ext):
+            return p[: -len(ext)]
+    return p
+
+
+def parse_header_comments(comments: Sequence[str]) -> Dict[str, object]:
+    """Age, sex and ``Dx`` SNOMED codes from WFDB header comment lines (CinC style ``Age: 59``, PTB ``age: 81``).
+
+    Missing or unparsable values become None (age, sex) or an empty list (dx); codes that are not integers are
+    skipped rather than failing the record, since the label table keeps unknown codes anyway.
+    """
+    out: Dict[str, object] = {"age": None, "sex": None, "dx": []}
+    for line in comments:
+        m = re.match(r"\s*#?\s*([A-Za-z]+)\s*:\s*(.*)$", str(line))
+        if not m:
+            continue
+        key, value = m.group(1).lower(), m.group(2).strip()
+        if key == "age":
+            try:
+                age = float(value)
+                out["age"] = None if np.isnan(age) else age
+            except ValueError:
+                pass
+        elif key == "sex":
+            v = value.lower()
+            out["sex"] = "M" if v.startswith("m") else "F" if v.startswith("f") else None
+        elif key == "dx":
+            codes = []
+            for tok in re.split(r"[,\s]+", value):
+                if tok.isdigit():
+                    codes.append(int(tok))
+            out["dx"] = codes
+    return out
+
+
+def read_record(path) -> Tuple[np.ndarray, float, Dict[str, object]]:
+    """Read one WFDB record (``.dat`` or the CinC ``.mat`` variant) as ``(signal [12, T] float32 mV, fs, meta)``.
+
+    Leads are put in the canonical order by name (case-insensitive); leads the file lacks are zeros and listed
+    in ``meta["missing_leads"]``; extra channels (PTB's Frank leads, say) are ignored. ``meta`` holds
+    ``record``, ``lead_names`` (as in the file), ``missing_leads``, ``age``, ``sex`` and ``dx`` (list of int).
+    Raises ``RecordReadError`` for anything that cannot be read.
+    """
+    import wfdb  # local import: keeps `import clear_hug.data` light for users of the token cache only
+
+    base = _record_base(path)
+    if not os.path.exists(base + ".hea"):
+        raise RecordReadError(f"{base}: header file {base}.hea not found")
+    try:
+        rec = wfdb.rdrecord(base, physical=True)
+    except Exception as exc:  # wfdb raises many types (ValueError, HeaderSyntaxError, OSError, IndexError...)
+        raise RecordReadError(f"{base}: cannot read record ({type(exc).__name__}: {exc})") from exc
+    sig = rec.p_signal
+    if sig is None or sig.ndim != 2 or sig.shape[0] == 0:
+        raise RecordReadError(f"{base}: record has no samples")
+    if rec.sig_len is not None and sig.shape[0] != rec.sig_len:
+        raise RecordReadError(f"{base}: truncated, {sig.shape[0]} of {rec.sig_len} samples")
+    if not rec.fs or rec.fs <= 0:
+        raise RecordReadError(f"{base}: invalid sampling frequency {rec.fs}")
+    names = list(rec.sig_name or [])
+    units = list(rec.units or [""] * len(names))
+    idx = map_leads(names)
+    out = np.zeros((NUM_LEADS, sig.shape[0]), dtype=np.float32)
+    for ch, (i, unit) in enumerate(zip(idx, units)):
+        if i is None:
+            continue
+        scale = _UNIT_TO_MV.get(str(unit or "").strip().lower(), 1.0)
+        out[i] = sig[:, ch] * scale
+    present = {i for i in idx if i is not None}
+    if not present:
+        raise RecordReadError(f"{base}: none of the leads {names} is one of the 12 standard leads")
+    meta: Dict[str, object] = {
+        "record": os.path.basename(base),
+        "lead_names": names,
+        "missing_leads": [LEADS[i] for i in range(NUM_LEADS) if i not in present],
+    }
+    meta.update(parse_header_comments(rec.comments or []))
+    return out, float(rec.fs), meta
+
+
+def _header_comments(base: str) -> List[str]:
+    """Comment lines of a ``.hea`` file, read as text (much faster than parsing the whole header)."""
+    try:
+        with open(base + ".hea", "r", encoding="utf-8", errors="replace") as fh:
+            return [line[1:].strip() for line in fh if line.startswith("#")]
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets (indexes of records with labels and splits)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RecordIndex:
+    """Common shape of the datasets: parallel lists of record ids, paths, multi-hot labels and split ids."""
+
+    source = "records"
+
+    def __init__(self, record_ids, paths, labels, class_names, splits):
+        self.record_ids: List[str] = list(record_ids)
+        self.paths: List[str] = list(paths)
+        self.labels = np.asarray(labels, dtype=np.float32).reshape(len(self.paths), len(class_names))
+        self.class_names: List[str] = list(class_names)
+        self.splits = np.asarray(splits, dtype=np.int8)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        """``(signal, fs, meta, labels)`` of record ``i``, read from disk."""
+        signal, fs, meta = read_record(self.paths[i])
+        return signal, fs, meta, self.labels[i]
+
+    def indices(self, split: str) -> np.ndarray:
+        """Positions of the records of one split (``"train"``, ``"val"`` or ``"test"``)."""
+        return np.nonzero(self.splits == SPLIT_IDS[split])[0]
+
+
+PTBXL_TASKS = ("superdiagnostic", "subdiagnostic", "form", "rhythm")
+
+
+def ptbxl_labels(scp_codes: Dict[str, float], statements, task: str) -> List[str]:
+    """Labels of one PTB-XL record for a benchmark task, aggregated the standard way (Strodthoff et al. 2021).
+
+    Every code in ``scp_codes`` counts, whatever its likelihood. superdiagnostic / subdiagnostic: diagnostic
+    statements mapped to their ``diagnostic_class`` / ``diagnostic_subclass``; form / rhythm: the codes flagged
+    ``form`` / ``rhythm`` themselves.
+    """
+    out = set()
+    for code in scp_codes:
+        if code not in statements.index:
+            continue
+        row = statements.loc[code]
+        if task in ("superdiagnostic", "subdiagnostic"):
+            if _flag(row.get("diagnostic")):
+                col = "diagnostic_class" if task == "superdiagnostic" else "diagnostic_subclass"
+                value = row.get(col)
+                if isinstance(value, str) and value:
+                    out.add(value)
+        elif _flag(row.get(task)):
+            out.add(code)
+    return sorted(out)
+
+
+def _flag(value) -> bool:
+    try:
+        return float(value) == 1.0
+    except (TypeError, ValueError):
+        return False
+
+
+class PTBXLDataset(RecordIndex):
+    """PTB-XL over ``ptbxl_database.csv``, ``scp_statements.csv`` and ``records100/`` or ``records500/``.
+
+    ``labels`` are multi-hot over ``class_names`` (the task's labels that occur, sorted); splits follow
+    ``strat_fold``: 1-8 train, 9 val, 10 test. Records without any label for the task are left out, as in the
+    benchmark (set ``drop_empty=False`` to keep them with all-zero labels).
+    """
+
+    source = "ptbxl"
+
+    def __init__(self, root, sampling_rate: int = 100, task: str = "superdiagnostic", drop_empty: bool = True):
+        import pandas as pd
+
+        if sampling_rate not in (100, 500):
+            raise ValueError(f"sampling_rate must be 100 or 500, got {sampling_rate}")
+        if task not in PTBXL_TASKS:
+            raise ValueError(f"task must be one of {PTBXL_TASKS}, got {task!r}")
+        root = Path(root)
+        db_path, st_path = root / "ptbxl_database.csv", root / "scp_statements.csv"
+        for p in (db_path, st_path):
+            if not p.exists():
+                raise FileNotFoundError(f"PTB-XL file not found: {p}")
+        db = pd.read_csv(db_path)
+        statements = pd.read_csv(st_path, index_col=0)
+        col = "filename_lr" if sampling_rate == 100 else "filename_hr"
+        ids, paths, label_sets, splits = [], [], [], []
+        for row in db.itertuples(index=False):
+            codes = ast.literal_eval(row.scp_codes) if isinstance(row.scp_codes, str) else {}
+            labels = ptbxl_labels(codes, statements, task)
+            if drop_empty and not labels:
+                continue
+            fold = int(row.strat_fold)
+            ids.append(str(int(row.ecg_id)))
+            paths.append(str(root / getattr(row, col)))
+            label_sets.append(labels)
+            splits.append(0 if fold <= 8 else 1 if fold == 9 else 2)
+        class_names = sorted({c for s in label_sets for c in s})
+        pos = {c: i for i, c in enumerate(class_names)}
+        y = np.zeros((len(paths), len(class_names)), dtype=np.float32)
+        for r, s in enumerate(label_sets):
+            y[r, [pos[c] for c in s]] = 1.0
+        super().__init__(ids, paths, y, class_names, splits)
+        self.task = task
+        self.sampling_rate = sampling_rate
+
+
+def stable_split(name: str, val: float = 0.1, test: float = 0.1) -> int:
+    """A split id from a hash of the record name: the same record lands in the same split on every machine."""
+    # md5, not crc32: crc32 is linear, so sequential names (E07500, E07501...) fall into a regular pattern.
+    u = int.from_bytes(hashlib.md5(name.encode("utf-8")).digest()[:8], "little") / 2**64
+    return 2 if u < test else 1 if u < test + val else 0
+
+
+class CinCFolderDataset(RecordIndex):
+    """A folder (searched recursively) of PhysioNet/CinC records labelled by their ``# Dx:`` SNOMED codes.
+
+    Class names come from ``snomed.SNOMED_NAMES`` (unknown codes keep their number); ``class_names`` are the
+    names that occur, sorted. The challenge data has no official split, so each record gets a stable hash split
+    (80/10/10).
+    """
+
+    source = "cinc"
+
+    def __init__(self, root, val: float = 0.1, test: float = 0.1):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"CinC folder not found: {root}")
+        headers = sorted(root.rglob("*.hea"))
+        ids, paths, label_sets, splits = [], [], [], []
+        for h in headers:
+            base = str(h)[:-4]
+            meta = parse_header_comments(_header_comments(base))
+            ids.append(h.stem)
+            paths.append(base)
+            label_sets.append(sorted({snomed_name(c) for c in meta["dx"]}))
+            splits.append(stable_split(h.stem, val, test))
+        class_names = sorted({c for s in label_sets for c in s})
+        pos = {c: i for i, c in enumerate(class_names)}
+        y = np.zeros((len(paths), len(class_names)), dtype=np.float32)
+        for r, s in enumerate(label_sets):
+            if s:
+                y[r, [pos[c] for c in s]] = 1.0
+        super().__init__(ids, paths, y, class_names, splits)
