@@ -20,8 +20,10 @@
 
 #if defined(__CUDACC__)
 #define CLEAR_HD __host__ __device__ __forceinline__
+#define CLEAR_UNROLL _Pragma("unroll")
 #else
 #define CLEAR_HD inline
+#define CLEAR_UNROLL
 #endif
 
 namespace clear_kernels {
@@ -137,7 +139,7 @@ struct BackwardArgs {
 // Lane `lane` of a row owns elements lane, lane + W, lane + 2W, ... (coalesced loads across a warp).
 template <int EPL, typename Lanes, typename T>
 CLEAR_HD void load_row(float (&dst)[EPL], const T* row, int head_dim, const Lanes& lanes, float factor = 1.f) {
-#pragma unroll
+CLEAR_UNROLL
   for (int i = 0; i < EPL; ++i) {
     const int d = lanes.lane + Lanes::kWidth * i;
     dst[i] = d < head_dim ? to_float(row[d]) * factor : 0.f;
@@ -146,7 +148,7 @@ CLEAR_HD void load_row(float (&dst)[EPL], const T* row, int head_dim, const Lane
 
 template <int EPL, typename Lanes, typename T>
 CLEAR_HD void store_row(T* row, const float (&src)[EPL], int head_dim, const Lanes& lanes, float factor) {
-#pragma unroll
+CLEAR_UNROLL
   for (int i = 0; i < EPL; ++i) {
     const int d = lanes.lane + Lanes::kWidth * i;
     if (d < head_dim) row[d] = from_float<T>(src[i] * factor);
@@ -157,7 +159,7 @@ CLEAR_HD void store_row(T* row, const float (&src)[EPL], int head_dim, const Lan
 template <int EPL, typename Lanes, typename T>
 CLEAR_HD float partial_dot(const float (&a)[EPL], const T* row, int head_dim, const Lanes& lanes) {
   float acc = 0.f;
-#pragma unroll
+CLEAR_UNROLL
   for (int i = 0; i < EPL; ++i) {
     const int d = lanes.lane + Lanes::kWidth * i;
     if (d < head_dim) acc += a[i] * to_float(row[d]);
@@ -168,7 +170,7 @@ CLEAR_HD float partial_dot(const float (&a)[EPL], const T* row, int head_dim, co
 // acc += w * row
 template <int EPL, typename Lanes, typename T>
 CLEAR_HD void add_scaled(float (&acc)[EPL], float w, const T* row, int head_dim, const Lanes& lanes) {
-#pragma unroll
+CLEAR_UNROLL
   for (int i = 0; i < EPL; ++i) {
     const int d = lanes.lane + Lanes::kWidth * i;
     if (d < head_dim) acc[i] += w * to_float(row[d]);
@@ -188,7 +190,7 @@ CLEAR_HD void forward_row(const ForwardArgs<T>& a, int64_t row, const Lanes& lan
 
   float qrow[EPL], acc[EPL];
   load_row(qrow, a.q + row * D, D, lanes, a.scale * kLog2e);
-#pragma unroll
+CLEAR_UNROLL
   for (int i = 0; i < EPL; ++i) acc[i] = 0.f;
   float running_max = -INFINITY, denom = 0.f;
 
@@ -196,13 +198,13 @@ CLEAR_HD void forward_row(const ForwardArgs<T>& a, int64_t row, const Lanes& lan
   for (int first = 0; first < n; first += kKeysPerStep) {
     int keys[kKeysPerStep];
     float score[kKeysPerStep];
-#pragma unroll
+CLEAR_UNROLL
     for (int c = 0; c < kKeysPerStep; ++c) {
       keys[c] = first + c < n ? walk.key(first + c) : -1;
       score[c] = keys[c] >= 0 ? partial_dot(qrow, a.k + head_base + static_cast<int64_t>(keys[c]) * D, D, lanes) : 0.f;
     }
     float step_max = running_max;
-#pragma unroll
+CLEAR_UNROLL
     for (int c = 0; c < kKeysPerStep; ++c) {
       score[c] = lanes.sum(score[c]);
       if (keys[c] >= 0) step_max = fmaxf(step_max, score[c]);
@@ -210,9 +212,9 @@ CLEAR_HD void forward_row(const ForwardArgs<T>& a, int64_t row, const Lanes& lan
     // running_max is -inf only before the first key, when acc and denom are still 0.
     const float correction = running_max == -INFINITY ? 0.f : fast_exp2(running_max - step_max);
     denom *= correction;
-#pragma unroll
+CLEAR_UNROLL
     for (int i = 0; i < EPL; ++i) acc[i] *= correction;
-#pragma unroll
+CLEAR_UNROLL
     for (int c = 0; c < kKeysPerStep; ++c) {
       if (keys[c] < 0) continue;
       const float p = fast_exp2(score[c] - step_max);
@@ -244,7 +246,7 @@ CLEAR_HD void grad_query_row(const BackwardArgs<T>& a, int64_t row, const Lanes&
   float out_row[EPL];
   load_row(out_row, a.out + row * D, D, lanes);
   float delta_part = 0.f;
-#pragma unroll
+CLEAR_UNROLL
   for (int i = 0; i < EPL; ++i) {
     delta_part += dout[i] * out_row[i];
     acc[i] = 0.f;
@@ -257,19 +259,19 @@ CLEAR_HD void grad_query_row(const BackwardArgs<T>& a, int64_t row, const Lanes&
   for (int first = 0; first < n; first += kKeysPerStep) {
     int keys[kKeysPerStep];
     float score[kKeysPerStep], dp[kKeysPerStep];
-#pragma unroll
+CLEAR_UNROLL
     for (int c = 0; c < kKeysPerStep; ++c) {
       keys[c] = first + c < n ? walk.key(first + c) : -1;
       const int64_t at = head_base + static_cast<int64_t>(keys[c] >= 0 ? keys[c] : t) * D;
       score[c] = keys[c] >= 0 ? partial_dot(qrow, a.k + at, D, lanes) : 0.f;
       dp[c] = keys[c] >= 0 ? partial_dot(dout, a.v + at, D, lanes) : 0.f;
     }
-#pragma unroll
+CLEAR_UNROLL
     for (int c = 0; c < kKeysPerStep; ++c) {
       score[c] = lanes.sum(score[c]);
       dp[c] = lanes.sum(dp[c]);
     }
-#pragma unroll
+CLEAR_UNROLL
     for (int c = 0; c < kKeysPerStep; ++c) {
       if (keys[c] < 0) continue;
       const float ds = fast_exp2(score[c] - lse2) * (dp[c] - delta);
@@ -294,25 +296,25 @@ CLEAR_HD void grad_key_row(const BackwardArgs<T>& a, int64_t row, const Lanes& l
   float krow[EPL], vrow[EPL], dk[EPL], dv[EPL];
   load_row(krow, a.k + row * D, D, lanes, a.scale * kLog2e);
   load_row(vrow, a.v + row * D, D, lanes);
-#pragma unroll
+CLEAR_UNROLL
   for (int i = 0; i < EPL; ++i) dk[i] = dv[i] = 0.f;
 
   for (int first = 0; first < n; first += kKeysPerStep) {
     int queries[kKeysPerStep];
     float score[kKeysPerStep], dp[kKeysPerStep];
-#pragma unroll
+CLEAR_UNROLL
     for (int c = 0; c < kKeysPerStep; ++c) {
       queries[c] = first + c < n ? walk.key(first + c) : -1;
       const int64_t at = head_base + static_cast<int64_t>(queries[c] >= 0 ? queries[c] : t) * D;
       score[c] = queries[c] >= 0 ? partial_dot(krow, a.q + at, D, lanes) : 0.f;
       dp[c] = queries[c] >= 0 ? partial_dot(vrow, a.grad_out + at, D, lanes) : 0.f;
     }
-#pragma unroll
+CLEAR_UNROLL
     for (int c = 0; c < kKeysPerStep; ++c) {
       score[c] = lanes.sum(score[c]);
       dp[c] = lanes.sum(dp[c]);
     }
-#pragma unroll
+CLEAR_UNROLL
     for (int c = 0; c < kKeysPerStep; ++c) {
       if (queries[c] < 0) continue;
       const int64_t qrow_index = head_row + queries[c];
