@@ -20,9 +20,13 @@
 
 #if defined(__CUDACC__)
 #define CLEAR_HD __host__ __device__ __forceinline__
-#define CLEAR_UNROLL _Pragma("unroll")
 #else
 #define CLEAR_HD inline
+#endif
+// Unrolling hints for the device pass only: the host compiler would warn about an unknown pragma.
+#if defined(__CUDA_ARCH__)
+#define CLEAR_UNROLL _Pragma("unroll")
+#else
 #define CLEAR_UNROLL
 #endif
 
