@@ -9,14 +9,7 @@ namespace clear_kernels {
 namespace cuda {
 namespace {
 
-// Elements per lane for a head dim; the buckets keep the instantiations few (D = 160 runs with EPL 6 and masks).
-int elements_per_lane(int head_dim) {
-  const int needed = (head_dim + kWarpSize - 1) / kWarpSize;
-  if (needed <= 4) return needed;
-  return needed <= 6 ? 6 : 8;
-}
-
-// Calls fn(std::integral_constant<int, EPL>) for the head dim's bucket.
+// Calls fn(std::integral_constant<int, EPL>) for the head dim's bucket (elements_per_lane).
 template <typename Fn>
 cudaError_t with_elements_per_lane(int head_dim, Fn&& fn) {
   if (head_dim < 1 || head_dim > kMaxHeadDim) return cudaErrorInvalidValue;

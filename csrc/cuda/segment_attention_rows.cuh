@@ -40,6 +40,12 @@ constexpr int kKeysPerStep = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Elements per lane of a warp for a head dim: ceil(D / 32), rounded up to one of 1, 2, 3, 4, 6, 8 so that few
+// kernels are instantiated (D = 160 runs with 6 and masks the tail). The launchers and the host tests share it.
+CLEAR_HD constexpr int elements_per_lane(int head_dim) {
+  return (head_dim + 31) / 32 <= 4 ? (head_dim + 31) / 32 : ((head_dim + 31) / 32 <= 6 ? 6 : 8);
+}
+
 // ------------------------------------------------------------------------------------------ element conversions
 CLEAR_HD float to_float(float x) { return x; }
 CLEAR_HD float to_float(__half x) { return __half2float(x); }
