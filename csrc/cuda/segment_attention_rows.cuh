@@ -2,10 +2,10 @@
 //
 // * on the GPU a warp runs one row, the head dim spread across its 32 lanes (see WarpLanes in
 //   segment_attention_kernels.cuh);
-// * on the host a single "lane" runs the whole row (SerialLanes below). tests/csrc/ builds this header with the host
-//   compiler and the tests compare it with the float64 reference, so the key walk, the online softmax and the
-//   backward formulas are checked on machines without a GPU. Only the lane reductions and the launch mapping are
-//   GPU-only.
+// * on the host, for the tests: one "lane" runs the whole row (SerialLanes below), or 32 threads simulate a warp
+//   (tests/csrc/segment_attention_host_rows.cpp). tests/test_cuda_host_rows.py compares both with the float64
+//   reference, so the key walk, the online softmax, the backward formulas and the lane mapping are checked on
+//   machines without a GPU. Only the shuffle instructions and the launches are GPU-only.
 //
 // Needs only the CUDA toolkit headers (for __half / __nv_bfloat16); no PyTorch.
 #pragma once
