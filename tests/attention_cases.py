@@ -92,7 +92,7 @@ def ground_truth(q, k, v, dout, mask, scale):
     leaves = [t.detach().to(torch.float64).requires_grad_(True) for t in (q, k, v)]
     out, lse = masked_attention(*leaves, mask, scale)
     grads = torch.autograd.grad(out, leaves, dout.to(torch.float64))
-    return out.detach(), lse, grads
+    return out.detach(), lse.detach(), grads
 
 
 def torch_errors(q, k, v, dout, mask, scale, truth) -> Errors:
@@ -130,7 +130,8 @@ def check_parity(backend: str, layout: SegmentLayout, *, heads: int = 2, head_di
 
     chosen = clear_kernels.dispatch.select(backend, q)
     fwd, bwd = ops.op(chosen.op_prefix, "fwd"), ops.op(chosen.op_prefix, "bwd")
-    out, lse = fwd(q, k, v, *layout.kernel_args(), scale)
+    with torch.no_grad():
+        out, lse = fwd(q, k, v, *layout.kernel_args(), scale)
     _compare("out", out, truth[0], tolerance(dtype, yard.out, float(truth[0].abs().max())))
     rows = mask.any(-1)[:, None, :].expand_as(lse)
     lse_truth = torch.where(rows, truth[1].to(torch.float32), torch.zeros_like(lse))
@@ -138,7 +139,8 @@ def check_parity(backend: str, layout: SegmentLayout, *, heads: int = 2, head_di
              else 1e-10)
     if not backward:
         return
-    grads = bwd(dout, q, k, v, out, lse, *layout.kernel_args(), scale)
+    with torch.no_grad():
+        grads = bwd(dout, q, k, v, out, lse, *layout.kernel_args(), scale)
     for name, g, t, e in zip(("dq", "dk", "dv"), grads, truth[2], yard.grads):
         _compare(name, g, t, tolerance(dtype, e, float(t.abs().max()) if t.numel() else 1.0))
 

@@ -40,10 +40,11 @@ def test_cpsc2021_holter_excerpts():
         ref = _reference(base)
         det = detect_rpeaks(rec.p_signal.T, rec.fs)
         tp, fn, fp = match_beats(ref, det, int(0.15 * rec.fs))
-        assert tp / (tp + fn) >= 0.97, (base, tp, fn, fp)  # every excerpt: few missed beats
+        assert tp / (tp + fn) >= 0.975 and tp / (tp + fp) >= 0.965, (base, tp, fn, fp)  # every excerpt
         tot += (tp, fn, fp)
+    # measured: Se 0.9976, +P 0.9942 (5311 beats; the extra detections sit in noise bursts of AF excerpts)
     assert tot[0] / (tot[0] + tot[1]) >= 0.995
-    assert tot[0] / (tot[0] + tot[2]) >= 0.98  # noisy AF Holter excerpts: some extra detections in noise
+    assert tot[0] / (tot[0] + tot[2]) >= 0.99
 
 
 @pytest.mark.parametrize("fs", [100, 250, 360, 500, 1000])

@@ -5,7 +5,7 @@ from .readers import (CinCFolderDataset, PTBXLDataset, RecordReadError, parse_he
 from .preprocess import bandpass, flat_leads, preprocess, repair_nans, resample
 from .rpeaks import BEAT_SYMBOLS, detect_rpeaks, detection_scores, match_beats
 from .tokenize import BeatTokens, NoBeatsError, tokenize_beats, tokenize_records
-from .cache import ArraySource, PathSource, TokenDataset, build_cache
+from .cache import ArraySource, PathSource, SyntheticSource, TokenDataset, build_cache, synthetic_source
 
 __all__ = [
     "LEADS", "NUM_LEADS", "lead_index", "map_leads",
@@ -13,5 +13,5 @@ __all__ = [
     "bandpass", "flat_leads", "preprocess", "repair_nans", "resample",
     "BEAT_SYMBOLS", "detect_rpeaks", "detection_scores", "match_beats",
     "BeatTokens", "NoBeatsError", "tokenize_beats", "tokenize_records",
-    "ArraySource", "PathSource", "TokenDataset", "build_cache",
+    "ArraySource", "PathSource", "SyntheticSource", "TokenDataset", "build_cache", "synthetic_source",
 ]

@@ -13,6 +13,7 @@ finished shards and does the rest. A record that cannot be read, or has no beats
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from .leads import NUM_LEADS
 log = logging.getLogger("clear_hug.data.cache")
 
 ARRAYS = ("tokens", "valid", "time", "labels", "splits", "record_ids")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards carry the labels and splits of their records
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,17 +45,20 @@ FORMAT_VERSION = 1
 class Source:
     """A list of records with labels and splits. ``payload(indices)`` is what a worker needs to tokenise them.
 
-    Payload items are either ``("path", path)`` (the worker reads the file) or
-    ``("array", signal, fs, rpeaks_or_None)`` (in-memory records, e.g. the synthetic generator's).
+    A payload is a list of items, ``("path", path)`` (the worker reads the file) or
+    ``("array", signal, fs, rpeaks_or_None)`` (records in memory), or one ``("synthetic", ...)`` tuple with
+    which the worker generates the records itself, together with their labels and splits (then the source's
+    ``labels`` and ``splits`` are None and the shard files carry them).
     """
 
     name = "source"
 
     def __init__(self, record_ids, labels, class_names, splits, info: Optional[Dict] = None):
         self.record_ids = [str(r) for r in record_ids]
-        self.labels = np.asarray(labels, dtype=np.float32).reshape(len(self.record_ids), len(class_names))
+        n, c = len(self.record_ids), len(class_names)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.float32).reshape(n, c)
         self.class_names = list(class_names)
-        self.splits = np.asarray(splits, dtype=np.int8)
+        self.splits = None if splits is None else np.asarray(splits, dtype=np.int8)
         self.info = dict(info or {})
 
     def __len__(self) -> int:
@@ -92,8 +96,34 @@ class ArraySource(Source):
                 for i in indices]
 
 
-def synthetic_source(n_records: int, seed: int = 0, use_true_rpeaks: bool = False) -> ArraySource:
-    """The built-in generator's records (``clear_hug.data.synthetic.generate_dataset``) as a source."""
+class SyntheticSource(Source):
+    """The built-in generator, run inside the workers shard by shard: nothing is generated in the parent.
+
+    Needs ``generate_dataset(n_records, seed, ..., start=k)`` to return records ``k .. k + n_records - 1`` of
+    dataset ``seed`` (so shards concatenate to exactly the records of one big call).
+    """
+
+    name = "synthetic"
+
+    def __init__(self, n_records: int, seed: int, class_names, use_true_rpeaks: bool = False):
+        ids = [f"syn{seed}_{i:06d}" for i in range(n_records)]
+        info = {"seed": seed, "n_records": n_records, "true_rpeaks": use_true_rpeaks}
+        super().__init__(ids, None, class_names, None, info)
+        self.seed, self.use_true_rpeaks = seed, use_true_rpeaks
+
+    def payload(self, indices):
+        indices = list(indices)
+        if indices != list(range(indices[0], indices[0] + len(indices))):
+            raise ValueError("synthetic shards must be contiguous")
+        return ("synthetic", self.seed, indices[0], len(indices), self.use_true_rpeaks)
+
+
+def synthetic_source(n_records: int, seed: int = 0, use_true_rpeaks: bool = False) -> Source:
+    """The built-in generator's records (``clear_hug.data.synthetic.generate_dataset``) as a source.
+
+    Generated lazily in the workers when the generator can start at any record (its ``start`` argument), so
+    memory does not grow with ``n_records``; otherwise generated here, all at once.
+    """
     try:
         from .synthetic import generate_dataset
     except ImportError as exc:
@@ -101,6 +131,9 @@ def synthetic_source(n_records: int, seed: int = 0, use_true_rpeaks: bool = Fals
             "the synthetic source needs clear_hug.data.synthetic.generate_dataset, which is not available "
             f"in this installation ({exc})"
         ) from exc
+    if "start" in inspect.signature(generate_dataset).parameters:
+        probe = generate_dataset(n_records=1, seed=seed)
+        return SyntheticSource(n_records, seed, probe.class_names, use_true_rpeaks)
     ds = generate_dataset(n_records=n_records, seed=seed)
     return ArraySource(
         ds.signals, ds.fs, ds.labels, ds.class_names, ds.splits,
@@ -115,12 +148,21 @@ def synthetic_source(n_records: int, seed: int = 0, use_true_rpeaks: bool = Fals
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tokenize_payload(payload: List[tuple], positions: List[int], max_beats: int, bandpass: bool):
-    """Worker body: tokenise one shard. Returns kept positions, arrays, and ``(position, kind, reason)`` skips.
+def _tokenize_payload(payload, positions: List[int], max_beats: int, bandpass: bool):
+    """Worker body: tokenise one shard.
 
-    Only the two expected failure kinds are caught (unreadable record, no beats); anything else is a bug and
-    is allowed to propagate, so it is seen rather than silently counted.
+    Returns kept positions, the token arrays, ``(position, kind, reason)`` skips, and the labels and splits of
+    all the shard's records when the worker generated them (else None). Only the two expected failure kinds
+    are caught (unreadable record, no beats); anything else is a bug and propagates, to be seen, not counted.
     """
+    gen_labels = gen_splits = None
+    if isinstance(payload, tuple) and payload[0] == "synthetic":
+        from .synthetic import generate_dataset
+
+        _, seed, start, count, true_rpeaks = payload
+        ds = generate_dataset(n_records=count, seed=seed, start=start)
+        gen_labels, gen_splits = np.asarray(ds.labels, np.float32), np.asarray(ds.splits, np.int8)
+        payload = [("array", ds.signals[k], ds.fs, ds.rpeaks[k] if true_rpeaks else None) for k in range(count)]
     kept, toks, vals, times, skipped = [], [], [], [], []
     for pos, item in zip(positions, payload):
         try:
@@ -148,6 +190,8 @@ def _tokenize_payload(payload: List[tuple], positions: List[int], max_beats: int
         np.stack(vals) if vals else np.zeros(shape, bool),
         np.stack(times) if times else np.zeros(shape, np.int64),
         skipped,
+        gen_labels,
+        gen_splits,
     )
 
 
@@ -197,7 +241,7 @@ def _load_shard(path: Path):
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in ("kept", "tokens", "valid", "time", "skipped")}
+            out = {k: z[k] for k in ("kept", "tokens", "valid", "time", "skipped", "labels", "splits", "first")}
         return out
     except Exception as exc:  # a damaged shard is recomputed, never trusted
         log.warning("shard %s unreadable (%s); recomputing it", path.name, exc)
@@ -251,9 +295,17 @@ def build_cache(source: Source, out_dir, *, max_beats: int = 15, bandpass: bool 
         return list(range(s * shard_size, min((s + 1) * shard_size, n)))
 
     def save(s, result):
-        kept, toks, vals, times, skipped = result
+        kept, toks, vals, times, skipped, gen_labels, gen_splits = result
+        pos = positions(s)
+        labels = source.labels[pos] if source.labels is not None else gen_labels
+        splits = source.splits[pos] if source.splits is not None else gen_splits
+        if labels is None or splits is None or len(labels) != len(pos):
+            raise RuntimeError(f"shard {s}: no labels/splits for its {len(pos)} records")
         skipped_arr = np.array([json.dumps(list(x)) for x in skipped], dtype=str) if skipped else np.zeros(0, "<U1")
-        _write_npz(shard_path(s), kept=kept, tokens=toks, valid=vals, time=times, skipped=skipped_arr)
+        # Labels and splits of all the shard's records travel with it (a generated source has them only here).
+        _write_npz(shard_path(s), kept=kept, tokens=toks, valid=vals, time=times, skipped=skipped_arr,
+                   labels=np.asarray(labels, np.float32), splits=np.asarray(splits, np.int8),
+                   first=np.int64(pos[0] if pos else 0))
         for pos, kind, reason in skipped:
             log.warning("skipped %s (%s): %s", source.record_ids[pos], kind, reason)
 
@@ -294,8 +346,10 @@ def _merge(source: Source, out: Path, n_shards: int, shard_path, config: Dict) -
         "tokens": np.concatenate([sh["tokens"] for sh in shards]) if shards else np.zeros((0, NUM_LEADS, mb, TOKEN_LEN), np.float32),
         "valid": np.concatenate([sh["valid"] for sh in shards]) if shards else np.zeros((0, NUM_LEADS, mb), bool),
         "time": np.concatenate([sh["time"] for sh in shards]) if shards else np.zeros((0, NUM_LEADS, mb), np.int64),
-        "labels": source.labels[kept],
-        "splits": source.splits[kept],
+        "labels": np.concatenate([sh["labels"][sh["kept"] - sh["first"]] for sh in shards]).astype(np.float32)
+        if shards else np.zeros((0, len(source.class_names)), np.float32),
+        "splits": np.concatenate([sh["splits"][sh["kept"] - sh["first"]] for sh in shards]).astype(np.int8)
+        if shards else np.zeros(0, np.int8),
         "record_ids": np.asarray([source.record_ids[i] for i in kept], dtype=str),
     }
     for name, arr in arrays.items():
@@ -355,25 +409,41 @@ class TokenDataset(_TorchDataset):
         self.cache_dir = Path(cache_dir)
         self.meta = load_meta(cache_dir)
         self.class_names: List[str] = list(self.meta["class_names"])
-        self._arr = {name: np.load(self.cache_dir / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        self._arr: Optional[Dict[str, np.ndarray]] = None
+        self._pid = None
+        splits = np.load(self.cache_dir / "splits.npy")
         if split is None:
-            self.indices = np.arange(len(self._arr["splits"]))
+            self.indices = np.arange(len(splits))
         elif split in SPLIT_IDS:
-            self.indices = np.nonzero(np.asarray(self._arr["splits"]) == SPLIT_IDS[split])[0]
+            self.indices = np.nonzero(splits == SPLIT_IDS[split])[0]
         else:
             raise ValueError(f"split must be one of {SPLIT_NAMES} or None, got {split!r}")
+
+    @property
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """The memory-mapped arrays, opened lazily once per process (DataLoader workers map their own)."""
+        if self._arr is None or self._pid != os.getpid():
+            self._arr = {name: np.load(self.cache_dir / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+            self._pid = os.getpid()
+        return self._arr
+
+    def __getstate__(self):
+        # Pickled into worker processes without the maps: a pickled memmap would be copied as a whole array.
+        state = dict(self.__dict__)
+        state["_arr"], state["_pid"] = None, None
+        return state
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def record_id(self, i: int) -> str:
-        return str(self._arr["record_ids"][self.indices[i]])
+        return str(self.arrays["record_ids"][self.indices[i]])
 
     def __getitem__(self, i: int) -> Dict[str, "torch.Tensor"]:
         import torch
 
         j = int(self.indices[i])
-        a = self._arr
+        a = self.arrays
         return {
             "tokens": torch.from_numpy(np.array(a["tokens"][j], dtype=np.float32)),
             "valid": torch.from_numpy(np.array(a["valid"][j], dtype=bool)),

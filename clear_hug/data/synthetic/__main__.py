@@ -12,7 +12,7 @@ from .generator import LEADS, generate_record
 
 def pick_indices(seed: int, n: int, fs: int, duration: float) -> list[int]:
     """The first record of each kind in a fixed order of interest, so one figure shows the variety."""
-    wanted = ["NORM", "RBBB", "LBBB", "LVH", "IMI", "AMI", "STTC", "1AVB", "AFIB", "PVC", "STACH", "SBRAD"]
+    wanted = ["NORM", "RBBB", "LBBB", "LVH", "AFIB", "PVC", "IMI", "AMI", "STTC", "1AVB", "STACH", "SBRAD"]
     chosen: list[int] = []
     for name in wanted:
         for i in range(400):
@@ -30,7 +30,7 @@ def pick_indices(seed: int, n: int, fs: int, duration: float) -> list[int]:
     return chosen
 
 
-def plot(path: str, seed: int = 0, n: int = 6, fs: int = 100, duration: float = 10.0,
+def plot(path: str, seed: int = 0, n: int = 8, fs: int = 100, duration: float = 10.0,
          indices: list[int] | None = None, noise: float = 1.0) -> str:
     import matplotlib
     matplotlib.use("Agg")
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m clear_hug.data.synthetic", description=__doc__)
     p.add_argument("--plot", default="out/synthetic.png", help="PNG to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=6, help="number of records")
+    p.add_argument("--n", type=int, default=8, help="number of records")
     p.add_argument("--indices", type=int, nargs="*", help="record indices to draw instead of a chosen variety")
     p.add_argument("--fs", type=int, default=100)
     p.add_argument("--duration", type=float, default=10.0)

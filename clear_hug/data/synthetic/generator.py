@@ -91,6 +91,8 @@ def generate_record(seed: int, index: int, fs: int = 100, duration_s: float = 10
     rpeaks = idx[keep]
     vis_t = times[keep]
     rr = np.diff(vis_t)
+    if state["pvc"] and not (types[keep] == 2).any():   # a very short strip had no room for an ectopic beat
+        state["labels"]["PVC"] = 0
     info = {
         "index": int(index), "seed": int(seed), "fs": int(fs),
         "labels": state["labels"], "rhythm": state["rhythm"], "present": list(state["present"]),

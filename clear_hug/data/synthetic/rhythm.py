@@ -54,7 +54,9 @@ def insert_pvcs(rng: np.random.Generator, t: np.ndarray, duration: float) -> tup
             chosen.append(int(k))
     t = t.copy()
     for k in chosen:
-        t[k] = t[k - 1] + rng.uniform(0.45, 0.7) * (t[k] - t[k - 1])
+        rr = t[k] - t[k - 1]
+        # the ectopic beat falls after the preceding T wave (no R-on-T), however fast the sinus rate
+        t[k] = t[k - 1] + min(max(rng.uniform(0.45, 0.7) * rr, 0.32), 0.78 * rr)
         types[k] = 2
     return t, types
 
