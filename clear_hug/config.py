@@ -53,7 +53,7 @@ PRESETS: dict[str, CLEARConfig] = {
     "base": CLEARConfig(),
     # Trains in a few minutes on 2 CPU cores (the demo's model); head dims stay >= 16 for the kernels.
     "small": CLEARConfig(enc_layers=4, enc_dim=128, enc_heads=4, enc_ffn=256,
-                         dec_layers=2, dec_dim=64, dec_heads=2, dec_ffn=128, dropout=0.0),
+                         dec_layers=2, dec_dim=128, dec_heads=4, dec_ffn=256, dropout=0.0),
     # For tests: seconds per epoch on tiny data.
     "tiny": CLEARConfig(enc_layers=2, enc_dim=32, enc_heads=2, enc_ffn=64,
                         dec_layers=1, dec_dim=32, dec_heads=2, dec_ffn=64, dropout=0.0),
