@@ -81,6 +81,20 @@ def test_summary_only_and_custom_scale():
     check_parity("triton", SegmentLayout.from_ids(segment, group), heads=2, head_dim=16, scale=0.3)
 
 
+@CPU_DEVICE
+@pytest.mark.parametrize("tile", [(32, 32, 32), (64, 16, 64), (16, 64, 16)], ids=lambda t: "m%d_n%d_r%d" % t)
+def test_parity_other_tile_shapes(tile, monkeypatch):
+    """The tile shapes the GPU autotuner may pick (the interpreter otherwise runs one fixed shape)."""
+    _triton_usable()
+    from clear_kernels.triton_kernels import common
+    block_m, block_n, row_n = tile
+    monkeypatch.setitem(common.INTERPRET_TILE, "BLOCK_M", block_m)
+    monkeypatch.setitem(common.INTERPRET_TILE, "BLOCK_N", block_n)
+    monkeypatch.setitem(common.INTERPRET_ROW, "BLOCK_N", row_n)
+    for name in ("conduction", "long_runs", "many_summary"):
+        check_parity("triton", CASES[name], heads=1, head_dim=40, seed=block_m)
+
+
 # -------------------------------------------------------------------------------------------- determinism
 @CPU_DEVICE
 def test_backward_is_deterministic():

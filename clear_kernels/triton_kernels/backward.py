@@ -222,7 +222,7 @@ def segment_attention_backward(grad_out, q, k, v, out, lse, segment, group, seg_
                                                  BLOCK_D=bd, ROWS=DELTA_ROWS)
     sum_idx = summary_index_arg(summary_index)
     common = dict(L=length, H=heads, NUM_GROUPS=num_groups, MAX_SUMMARY=max_summary, scale=float(scale),
-                  qk_scale=float(scale) * LOG2E, D=head_dim, BLOCK_D=bd, F32=uses_f32_dot(q.dtype))
+                  qk_scale=float(scale) * LOG2E.value, D=head_dim, BLOCK_D=bd, F32=uses_f32_dot(q.dtype))
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     layout = (segment, group, seg_start, seg_end, sum_idx, summary_offsets)
     _bwd_segment_dq[grid](q, k, v, grad_out, lse, delta, grad_q, *layout, **common, **fixed(INTERPRET_TILE))

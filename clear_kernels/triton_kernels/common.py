@@ -31,10 +31,12 @@ import triton.language as tl
 # Read once: Triton itself reads the variable when it is first imported, so changing it later has no effect.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-SUMMARY = -1
-PADDING = -2
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Globals read inside kernels must be constexpr objects (the compiler refuses plain Python globals; the
+# interpreter does not check this).
+SUMMARY = tl.constexpr(-1)
+PADDING = tl.constexpr(-2)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Integer arguments that vary with the data, not the model: they must not become part of the compiled
 # specialisation, or every new record length / batch would compile a new kernel.
@@ -61,6 +63,21 @@ ROW_CONFIGS = [
 ]
 
 
+# Largest tile (rows x padded head dim) a config may hold per operand: past it the float32 accumulators of the
+# backward (two [BLOCK_M, BLOCK_D] tiles plus the loaded ones) no longer fit in registers and only spill.
+MAX_TILE_ELEMENTS = 64 * 128
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    head_dim = kwargs.get("D", named_args.get("D"))
+    if head_dim is None:
+        return configs
+    width = block_d(int(head_dim))
+    fits = [c for c in configs
+            if max(c.kwargs.get("BLOCK_M", 16), c.kwargs["BLOCK_N"]) * width <= MAX_TILE_ELEMENTS]
+    return fits or configs[:1]
+
+
 def kernel(configs):
     """``triton.jit`` with the data-dependent ints unspecialised, autotuned on the head dim (and, implicitly,
     the dtypes of the tensor arguments, which Triton's autotuner adds to every key) except under the
@@ -70,7 +87,8 @@ def kernel(configs):
         jitted = triton.jit(fn, do_not_specialize=[n for n in DYNAMIC_INTS if n in fn.__code__.co_varnames])
         if INTERPRET:
             return jitted
-        return triton.autotune(configs=configs, key=["D"])(jitted)
+        return triton.autotune(configs=configs, key=["D"],
+                               prune_configs_by={"early_config_prune": _prune_for_head_dim})(jitted)
 
     return wrap
 

@@ -155,7 +155,7 @@ def segment_attention_forward(q, k, v, segment, group, seg_start, seg_end, group
         return out, lse.zero_()
     sum_idx = summary_index_arg(summary_index)
     common = dict(L=length, H=heads, NUM_GROUPS=num_groups, MAX_SUMMARY=max_summary,
-                  qk_scale=float(scale) * LOG2E, D=head_dim, BLOCK_D=block_d(head_dim),
+                  qk_scale=float(scale) * LOG2E.value, D=head_dim, BLOCK_D=block_d(head_dim),
                   F32=uses_f32_dot(q.dtype))
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _fwd_segment_rows[grid](q, k, v, out, lse, segment, group, seg_start, seg_end, sum_idx, summary_offsets,
