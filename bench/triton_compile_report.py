@@ -22,6 +22,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     os.environ.pop("TRITON_INTERPRET")
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -63,7 +64,8 @@ def _signature(fn, dtype: str) -> dict:
 
 
 def _resource_usage(cubin: bytes) -> dict:
-    """Registers, stack and local (spill) bytes from ``cuobjdump --dump-resource-usage``."""
+    """Registers, stack and local bytes from ``cuobjdump --dump-resource-usage`` (register spills show up as a
+    per-thread stack frame)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -92,7 +94,7 @@ def compile_one(name: str, dtype: str, head_dim: int, config, arch: int) -> dict
     return {"kernel": name, "dtype": dtype, "head_dim": head_dim, "arch": arch,
             "config": {k: v for k, v in consts.items() if k.startswith("BLOCK_") and k != "BLOCK_D"},
             "num_warps": options["num_warps"], "num_stages": options["num_stages"],
-            "registers": usage.get("reg"), "spill_bytes": usage.get("local"), "stack_bytes": usage.get("stack"),
+            "registers": usage.get("reg"), "stack_bytes": usage.get("stack"), "local_bytes": usage.get("local"),
             "shared_bytes": compiled.metadata.shared, "compile_s": round(time.perf_counter() - start, 2)}
 
 
@@ -112,14 +114,15 @@ def main(argv=None) -> int:
             for head_dim in map(int, args.head_dims.split(",")):
                 chosen = [None]
                 if configs is not None:
-                    kept = common._prune_for_head_dim(configs, {}, D=head_dim)
+                    q = torch.empty(0, dtype=getattr(torch, dtype))
+                    kept = common._prune_for_head_dim(configs, {"Q": q}, D=head_dim)
                     chosen = kept if args.all_configs else kept[:1]
                 for config in chosen:
                     row = compile_one(name, dtype, head_dim, config, args.arch)
                     rows.append(row)
                     print(f"{row['kernel']:18s} {dtype:9s} D={head_dim:<4d} {str(row['config']):32s} "
                           f"w={row['num_warps']} s={row['num_stages']} regs={row['registers']} "
-                          f"spill={row['spill_bytes']}B smem={row['shared_bytes']}B ({row['compile_s']}s)",
+                          f"stack={row['stack_bytes']}B smem={row['shared_bytes']}B ({row['compile_s']}s)",
                           flush=True)
     if args.json:
         with open(args.json, "w") as f:

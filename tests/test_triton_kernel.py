@@ -58,6 +58,24 @@ def test_parity_random_layouts(seed):
 
 
 @CPU_DEVICE
+def test_parity_hypothesis_layouts():
+    """Random ids drawn by hypothesis (segments, summary tokens and padding anywhere, 1-3 groups)."""
+    _triton_usable()
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=8, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(seed=st.integers(0, 10_000), length=st.integers(1, 40), groups=st.integers(1, 3),
+                      max_seg=st.integers(1, 20), p_summary=st.sampled_from([0.0, 0.1, 0.4]))
+    def check(seed, length, groups, max_seg, p_summary):
+        layout = random_layout(seed, batch=2, length=length, num_groups=groups, max_seg=max_seg,
+                               p_summary=p_summary, p_pad=0.1)
+        check_parity("triton", layout, heads=1, head_dim=16, seed=seed)
+
+    check()
+
+
+@CPU_DEVICE
 @pytest.mark.parametrize("head_dim", [32, 96])
 @pytest.mark.parametrize("name", ["conduction", "random_mixed", "one_token_segments"])
 def test_parity_bfloat16(name, head_dim):
@@ -173,6 +191,30 @@ def test_compile_fullgraph_interpreter():
     torch.testing.assert_close(value, expected)
     for g, e in zip(grads, torch.autograd.grad(expected, (q, k, v))):
         torch.testing.assert_close(g, e)
+
+
+def test_kernels_compile_for_sm90_without_spills(tmp_path):
+    """The interpreter never compiles: build every kernel for sm_90 with Triton's bundled ptxas (no GPU needed)
+    and check the default tiles of the CLEAR head dim keep everything in registers."""
+    import json
+    import subprocess
+    import sys
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(tools, "ptxas")):
+        pytest.skip("this Triton build has no bundled ptxas")
+    report = tmp_path / "report.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, os.path.join(root, "bench", "triton_compile_report.py"), "--arch", "90",
+                           "--head-dims", "96", "--dtypes", "bfloat16,float32", "--json", str(report)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(report.read_text())
+    assert len(rows) == 12
+    spilled = [(r["kernel"], r["dtype"], r["stack_bytes"]) for r in rows if r["stack_bytes"]]
+    assert not spilled, f"register spills: {spilled}"
 
 
 # --------------------------------------------------------------------------------------------------- GPU

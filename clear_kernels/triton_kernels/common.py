@@ -63,18 +63,20 @@ ROW_CONFIGS = [
 ]
 
 
-# Largest tile (rows x padded head dim) a config may hold per operand: past it the float32 accumulators of the
-# backward (two [BLOCK_M, BLOCK_D] tiles plus the loaded ones) no longer fit in registers and only spill.
-MAX_TILE_ELEMENTS = 64 * 128
+# Largest operand tile a config may load, in bytes (rows x padded head dim x element size). Compiling every
+# config for sm_90 (bench/triton_compile_report.py) shows that past 16 KiB the backward's float32 accumulators no
+# longer fit in registers: ptxas falls back to kilobytes of stack per thread (e.g. float32, D=96, 64x32 tiles).
+MAX_TILE_BYTES = 64 * 128 * 2
 
 
 def _prune_for_head_dim(configs, named_args, **kwargs):
     head_dim = kwargs.get("D", named_args.get("D"))
     if head_dim is None:
         return configs
-    width = block_d(int(head_dim))
-    fits = [c for c in configs
-            if max(c.kwargs.get("BLOCK_M", 16), c.kwargs["BLOCK_N"]) * width <= MAX_TILE_ELEMENTS]
+    q = named_args.get("Q", kwargs.get("Q"))
+    elem = q.element_size() if hasattr(q, "element_size") else 2
+    width = block_d(int(head_dim)) * elem
+    fits = [c for c in configs if max(c.kwargs.get("BLOCK_M", 16), c.kwargs["BLOCK_N"]) * width <= MAX_TILE_BYTES]
     return fits or configs[:1]
 
 
