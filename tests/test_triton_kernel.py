@@ -113,6 +113,16 @@ def test_parity_other_tile_shapes(tile, monkeypatch):
         check_parity("triton", CASES[name], heads=1, head_dim=40, seed=block_m)
 
 
+@CPU_DEVICE
+@pytest.mark.parametrize("head_dim", [24, 256])
+def test_parity_edge_shapes(head_dim):
+    """One-token sequences (a segment, a summary token, padding) and the largest / an odd head dim."""
+    _triton_usable()
+    for ids in ([[0], [-1]], [[-2], [-1]]):
+        check_parity("triton", SegmentLayout.from_ids(torch.tensor(ids)), heads=1, head_dim=head_dim)
+    check_parity("triton", CASES["random_mixed"], heads=1, head_dim=head_dim, seed=3)
+
+
 # -------------------------------------------------------------------------------------------- determinism
 @CPU_DEVICE
 def test_backward_is_deterministic():
@@ -255,3 +265,23 @@ def test_gpu_compile_fullgraph():
     torch.testing.assert_close(value, expected)
     for g, e in zip(grads, torch.autograd.grad(expected, (q, k, v))):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_no_retune_for_new_lengths():
+    _triton_usable()
+    from clear_kernels.triton_kernels import forward
+    fwd, bwd = ops.op("triton", "fwd"), ops.op("triton", "bwd")
+    tuned = []
+    for beats in (15, 40, 150):
+        layout = conduction_layout(beats, batch=4, leads=12, beats=beats).to("cuda")
+        q, k, v, dout = (torch.randn(4, 8, layout.seq_len, 96, device="cuda", dtype=torch.bfloat16)
+                         for _ in range(4))
+        args = layout.kernel_args()
+        out, lse = fwd(q, k, v, *args, 0.1)
+        grads = bwd(dout, q, k, v, out, lse, *args, 0.1)
+        again = bwd(dout, q, k, v, *fwd(q, k, v, *args, 0.1), *args, 0.1)
+        assert all(torch.equal(a, b) for a, b in zip(grads, again))
+        tuned.append(len(getattr(forward._fwd_segment_rows, "cache", {})))
+    # The autotuner keys on the head dim and dtypes only: new record lengths reuse the first choice.
+    assert tuned[0] == tuned[-1]

@@ -24,7 +24,7 @@ from .forward import summary_index_arg, uses_f32_dot
 DELTA_ROWS = 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _bwd_delta(Out, GradOut, Delta, N, D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = rows < N
