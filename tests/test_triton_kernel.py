@@ -285,3 +285,12 @@ def test_gpu_deterministic_and_no_retune_for_new_lengths():
         tuned.append(len(getattr(forward._fwd_segment_rows, "cache", {})))
     # The autotuner keys on the head dim and dtypes only: new record lengths reuse the first choice.
     assert tuned[0] == tuned[-1]
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    _triton_usable()
+    layout = conduction_layout(3, batch=2, leads=4, beats=5).to("cuda")
+    q, k, v = (torch.randn(2, 2, layout.seq_len, 40, device="cuda", dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    torch.library.opcheck(ops.op("triton", "fwd"), (q, k, v, *layout.kernel_args(), 0.25))
