@@ -211,8 +211,9 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     import sys
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not os.path.exists(os.path.join(tools, "ptxas")):
-        pytest.skip("this Triton build has no bundled ptxas")
+    missing = [t for t in ("ptxas", "cuobjdump") if not os.path.exists(os.path.join(tools, t))]
+    if missing:
+        pytest.skip(f"this Triton build does not bundle {', '.join(missing)}")
     report = tmp_path / "report.json"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
