@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from .common import (INTERPRET, INTERPRET_ROW, INTERPRET_TILE, LOG2E, PADDING, ROW_CONFIGS, SUMMARY,
+from .common import (INTERPRET_ROW, INTERPRET_TILE, LOG2E, PADDING, ROW_CONFIGS, SUMMARY,
                      TILE_CONFIGS, block_d, dot, fixed, kernel, load_ids, load_rows, tile_window)
 from .forward import summary_index_arg, uses_f32_dot
 
