@@ -42,6 +42,7 @@ _LW_POWER = 3  # how hard a locally noisy lead is turned down (3: tuned on CPSC2
 _AMP_POWER = 2
 _AMP_CAP = 4.0
 _NOISE_MAX = 5.0  # a 2 s block maximum of pure noise slope is about 4.5 times its median (Gaussian, 100-500 Hz)
+_GLOBAL_RR = True
 _EDGE = True  # judge beats at the strip's ends on the raw samples (see _edge_beats)
 _EDGE_SUMMIT = 0.7  # energy fraction of a typical R summit the edge sample needs: R within ~0.6 sample of it
 _INNER_SUMMIT = 0.5  # the same for an edge-zone beat whose summit is inside the strip (rejects T, P waves)
@@ -71,6 +72,8 @@ def _block_max_median(x: np.ndarray, block: int, alive: np.ndarray | None = None
     if alive is None:
         return np.median(blocks, axis=-1)
     live = alive[..., : nb * block].reshape(shape).mean(axis=-1) > 0.5
+    if live.all():  # the usual case, one vectorised call
+        return np.median(blocks, axis=-1)
     return np.array([np.median(b[m]) if m.any() else 0.0 for b, m in zip(blocks, live)])
 
 
@@ -90,7 +93,9 @@ def _combined_envelope(x: np.ndarray, fs: float) -> Tuple[np.ndarray, np.ndarray
     block = max(int(round(2.0 * fs)), 1)
     level = _block_max_median(d, block, alive)  # typical QRS slope per lead, over its live part
     # Typical slope between beats (noise floor), over the live part too (a flat stretch has none).
-    typical = np.array([np.median(r[a]) if a.any() else 0.0 for r, a in zip(d, alive)])
+    all_alive = bool(alive.all())
+    typical = np.median(d, axis=-1) if all_alive else np.array(
+        [np.median(r[a]) if a.any() else 0.0 for r, a in zip(d, alive)])
     amp = np.abs(x).max(axis=-1)
     flat = (level <= 1e-12) | (level <= 1e-9 * max(float(amp.max()), 1e-30))
     safe = np.where(flat, 1.0, level)
@@ -120,7 +125,8 @@ def _combined_envelope(x: np.ndarray, fs: float) -> Tuple[np.ndarray, np.ndarray
         # surrounding second rises in a burst; weighting each lead down by it, sample by sample, lets the clean
         # leads speak there.
         floor = ndimage.uniform_filter1d(dn, max(int(round(fs)), 1), axis=-1, mode="nearest")
-        ref = np.array([[np.median(f[a]) if a.any() else 0.0] for f, a in zip(floor, alive)])
+        ref = np.median(floor, axis=-1, keepdims=True) if all_alive else np.array(
+            [[np.median(f[a]) if a.any() else 0.0] for f, a in zip(floor, alive)])
         # A lead that is flat here (electrode off, amplifier clamped) has no vote here: a zero from it would
         # otherwise dilute the pooled energy of every beat in that stretch.
         wl = alive * (w[:, None] / np.maximum(floor / np.maximum(ref, 1e-12), 1.0) ** _LW_POWER)
@@ -151,6 +157,10 @@ def _searchback(peaks, cand, heights, levels, fs):
             return peaks
         rr = np.diff(peaks)
         med_rr = ndimage.median_filter(rr.astype(np.float64), size=9, mode="nearest")
+        if _GLOBAL_RR:
+            # Near a strip's end the local median sees mostly the gaps themselves (missed ectopic beats late in
+            # a strip leave doubled intervals there): the record's median interval bounds it.
+            med_rr = np.minimum(med_rr, np.median(rr))
         gaps = np.nonzero(rr > 1.6 * med_rr)[0]
         added = []
         for g in gaps:
@@ -235,10 +245,14 @@ def _edge_beats(best, x, w, level, fs):
         return best
     summit = np.median(_raw_energy(x, w, level, inner, fs))
     keep = np.ones(len(best), dtype=bool)
+    sides = {}  # per end: sample indices from the edge inwards, and their raw energy (computed once)
     for k in np.nonzero(near)[0]:
-        side = np.arange(0, zone + 1) if best[k] < zone else np.arange(n - 1, n - 2 - zone, -1)
-        side = side[(side >= 0) & (side < n)]
-        e = _raw_energy(x, w, level, side, fs)  # from the edge sample inwards
+        end = int(best[k] >= zone)
+        if end not in sides:
+            side = np.arange(0, zone + 1) if end == 0 else np.arange(n - 1, n - 2 - zone, -1)
+            side = side[(side >= 0) & (side < n)]
+            sides[end] = side, _raw_energy(x, w, level, side, fs)
+        side, e = sides[end]
         j = int(np.argmax(e))
         if e[j] < (_EDGE_SUMMIT if j == 0 else _INNER_SUMMIT) * summit:
             keep[k] = False
