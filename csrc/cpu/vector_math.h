@@ -1,0 +1,212 @@
+// Vector building blocks of the CPU kernel, written with GCC/Clang vector extensions so that one source compiles
+// to SSE2, AVX2 or AVX-512 depending on the target of the translation unit that includes it (see
+// kernel_isa_*.cpp). Included only inside `namespace clear_cpu::CLEAR_ARCH`, after the target switch, so every
+// function here is private to one instruction set.
+//
+// Needs CLEAR_VEC_BYTES (16, 32 or 64) defined by the includer.
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(CLEAR_VEC_BYTES)));
+  typedef int32_t itype __attribute__((vector_size(CLEAR_VEC_BYTES)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(CLEAR_VEC_BYTES)));
+  typedef int64_t itype __attribute__((vector_size(CLEAR_VEC_BYTES)));
+};
+
+template <typename T>
+struct Vec {
+  using V = typename VecOf<T>::type;
+  static constexpr int W = CLEAR_VEC_BYTES / static_cast<int>(sizeof(T));
+
+  // memcpy keeps the loads and stores unaligned-safe; compilers turn them into single vmovups.
+  static inline V load(const T* p) {
+    V v;
+    __builtin_memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static inline void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+  static inline V splat(T x) { return V{} + x; }
+  static inline T hsum(V v) {
+    // Halving tree: fewer dependent adds than a lane-by-lane sum, and a fixed order (determinism).
+    T lanes[W];
+    store(lanes, v);
+    for (int half = W / 2; half > 0; half /= 2)
+      for (int l = 0; l < half; ++l) lanes[l] += lanes[l + half];
+    return lanes[0];
+  }
+};
+
+// a . b over d < D: two accumulators to hide the FMA latency, then the scalar tail.
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t D) {
+  using VT = Vec<T>;
+  constexpr int W = VT::W;
+  typename VT::V acc0{}, acc1{};
+  int64_t d = 0;
+  for (; d + 2 * W <= D; d += 2 * W) {
+    acc0 += VT::load(a + d) * VT::load(b + d);
+    acc1 += VT::load(a + d + W) * VT::load(b + d + W);
+  }
+  for (; d + W <= D; d += W) acc0 += VT::load(a + d) * VT::load(b + d);
+  T s = VT::hsum(acc0 + acc1);
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// out[r] = a_r . b for four rows a_r (stride lda) against one vector b: b is loaded once for four products.
+template <typename T>
+inline void dot4(const T* a, int64_t lda, const T* b, int64_t D, T* out, int64_t out_stride) {
+  using VT = Vec<T>;
+  constexpr int W = VT::W;
+  const T* a0 = a;
+  const T* a1 = a + lda;
+  const T* a2 = a + 2 * lda;
+  const T* a3 = a + 3 * lda;
+  typename VT::V s0{}, s1{}, s2{}, s3{};
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    const auto bv = VT::load(b + d);
+    s0 += VT::load(a0 + d) * bv;
+    s1 += VT::load(a1 + d) * bv;
+    s2 += VT::load(a2 + d) * bv;
+    s3 += VT::load(a3 + d) * bv;
+  }
+  T r0 = VT::hsum(s0), r1 = VT::hsum(s1), r2 = VT::hsum(s2), r3 = VT::hsum(s3);
+  for (; d < D; ++d) {
+    r0 += a0[d] * b[d];
+    r1 += a1[d] * b[d];
+    r2 += a2[d] * b[d];
+    r3 += a3[d] * b[d];
+  }
+  out[0] = r0;
+  out[out_stride] = r1;
+  out[2 * out_stride] = r2;
+  out[3 * out_stride] = r3;
+}
+
+// out (+)= sum_j coef[j * cs] * rows[j * rs + :] for j < m. The output slice of 4 vectors stays in registers
+// while the m rows stream through, so out is read and written once per call, not once per row.
+template <typename T>
+inline void combine_rows(T* out, bool accumulate, const T* coef, int64_t cs, const T* rows, int64_t rs, int64_t m,
+                         int64_t D) {
+  using VT = Vec<T>;
+  using V = typename VT::V;
+  constexpr int W = VT::W;
+  int64_t d = 0;
+  for (; d + 4 * W <= D; d += 4 * W) {
+    V a0{}, a1{}, a2{}, a3{};
+    if (accumulate) {
+      a0 = VT::load(out + d);
+      a1 = VT::load(out + d + W);
+      a2 = VT::load(out + d + 2 * W);
+      a3 = VT::load(out + d + 3 * W);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const V c = VT::splat(coef[j * cs]);
+      const T* r = rows + j * rs + d;
+      a0 += c * VT::load(r);
+      a1 += c * VT::load(r + W);
+      a2 += c * VT::load(r + 2 * W);
+      a3 += c * VT::load(r + 3 * W);
+    }
+    VT::store(out + d, a0);
+    VT::store(out + d + W, a1);
+    VT::store(out + d + 2 * W, a2);
+    VT::store(out + d + 3 * W, a3);
+  }
+  for (; d + W <= D; d += W) {
+    V a = accumulate ? VT::load(out + d) : V{};
+    for (int64_t j = 0; j < m; ++j) a += VT::splat(coef[j * cs]) * VT::load(rows + j * rs + d);
+    VT::store(out + d, a);
+  }
+  for (; d < D; ++d) {
+    T a = accumulate ? out[d] : T(0);
+    for (int64_t j = 0; j < m; ++j) a += coef[j * cs] * rows[j * rs + d];
+    out[d] = a;
+  }
+}
+
+// out += c * x
+template <typename T>
+inline void axpy(T* out, T c, const T* x, int64_t D) {
+  using VT = Vec<T>;
+  constexpr int W = VT::W;
+  const auto cv = VT::splat(c);
+  int64_t d = 0;
+  for (; d + W <= D; d += W) VT::store(out + d, VT::load(out + d) + cv * VT::load(x + d));
+  for (; d < D; ++d) out[d] += c * x[d];
+}
+
+template <typename T>
+inline void zero(T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = T(0);
+}
+
+// exp of a float vector, Cephes-style: 2^n * exp(r) with |r| <= ln2/2 and a degree-6 polynomial (about 1 ulp).
+// Inputs are clamped to [-87, 88]: softmax arguments are <= 0 (up to rounding), and exp(-87) ~ 1.6e-38 is as
+// good as zero next to the row maximum's exp(0) = 1, while keeping 2^n a normal number.
+inline typename VecOf<float>::type exp_vec(typename VecOf<float>::type x) {
+  using V = typename VecOf<float>::type;
+  using VI = typename VecOf<float>::itype;
+  const V lo = Vec<float>::splat(-87.0f), hi = Vec<float>::splat(88.0f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (no floor instruction needed).
+  const V magic = Vec<float>::splat(12582912.0f);
+  V n = (x * 1.44269504088896341f + magic) - magic;
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V y = Vec<float>::splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  return y * (V)e;  // same-size vector cast: reinterprets the bits
+}
+
+// x[j] = exp(x[j] - shift) for j < m; returns the sum (float: vectorised; double: libm, for exact tests).
+inline float exp_shift_sum(float* x, int64_t m, float shift) {
+  using VT = Vec<float>;
+  constexpr int W = VT::W;
+  typename VT::V acc{};
+  int64_t j = 0;
+  const auto sv = VT::splat(shift);
+  for (; j + W <= m; j += W) {
+    const auto e = exp_vec(VT::load(x + j) - sv);
+    VT::store(x + j, e);
+    acc += e;
+  }
+  if (j < m) {  // the tail goes through the same vector exp so every element gets the same rounding
+    float tail[W];
+    for (int l = 0; l < W; ++l) tail[l] = j + l < m ? x[j + l] - shift : -100.0f;
+    const auto e = exp_vec(VT::load(tail));
+    for (int l = 0; j + l < m; ++l) x[j + l] = e[l];
+    acc += e;  // the padded lanes hold exp(-87) ~ 1.6e-38: negligible against the row maximum's 1
+  }
+  return VT::hsum(acc);
+}
+
+inline double exp_shift_sum(double* x, int64_t m, double shift) {
+  double s = 0.0;
+  for (int64_t j = 0; j < m; ++j) {
+    x[j] = __builtin_exp(x[j] - shift);
+    s += x[j];
+  }
+  return s;
+}
+
+inline float exp_scalar(float x) {
+  // Through the vector path as well, so a probability recomputed in the backward matches the forward's bits.
+  return exp_vec(Vec<float>::splat(x))[0];
+}
+inline double exp_scalar(double x) { return __builtin_exp(x); }
+inline float log_scalar(float x) { return __builtin_logf(x); }
+inline double log_scalar(double x) { return __builtin_log(x); }
