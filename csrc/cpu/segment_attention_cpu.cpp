@@ -18,6 +18,10 @@
 
 #include "kernel_params.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace clear_cpu {
 namespace {
 
@@ -179,8 +183,25 @@ void fill_layout(Params& p, const at::Tensor& q, const at::Tensor& segment, cons
 }
 
 // Outputs are NaN-filled under CLEAR_KERNELS_POISON_OUTPUTS=1 (the tests), so an unwritten row fails parity.
+// Large outputs are fresh mmap'd memory: first-touch page faults (4 KiB each) cost as much as the kernel itself
+// at CLEAR's sizes. Asking for transparent huge pages before the first write cuts them 512-fold; it is only
+// advice (ignored where THP is off) and PyTorch does the same under THP_MEM_ALLOC_ENABLE=1.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
+  advise_huge_pages(t);
   const char* poison = std::getenv("CLEAR_KERNELS_POISON_OUTPUTS");
   if (poison && std::strcmp(poison, "1") == 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;

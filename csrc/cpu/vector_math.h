@@ -18,6 +18,38 @@ struct VecOf<double> {
   typedef int64_t itype __attribute__((vector_size(CLEAR_VEC_BYTES)));
 };
 
+// Horizontal sums by halving with shuffles (a fixed tree: deterministic). One overload per vector width that
+// this translation unit's vectors can have; wider ones would be emulated, so they are left out.
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef double f64x2 __attribute__((vector_size(16)));
+inline float reduce_lanes(f32x4 v) {
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
+  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2);
+  return v[0];
+}
+inline double reduce_lanes(f64x2 v) { return v[0] + v[1]; }
+#if CLEAR_VEC_BYTES >= 32
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x4 __attribute__((vector_size(32)));
+inline float reduce_lanes(f32x8 v) {
+  return reduce_lanes(f32x4(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7)));
+}
+inline double reduce_lanes(f64x4 v) {
+  return reduce_lanes(f64x2(__builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3)));
+}
+#endif
+#if CLEAR_VEC_BYTES >= 64
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef double f64x8 __attribute__((vector_size(64)));
+inline float reduce_lanes(f32x16 v) {
+  return reduce_lanes(f32x8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
+}
+inline double reduce_lanes(f64x8 v) {
+  return reduce_lanes(f64x4(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7)));
+}
+#endif
+
 template <typename T>
 struct Vec {
   using V = typename VecOf<T>::type;
@@ -31,14 +63,7 @@ struct Vec {
   }
   static inline void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
   static inline V splat(T x) { return V{} + x; }
-  static inline T hsum(V v) {
-    // Halving tree: fewer dependent adds than a lane-by-lane sum, and a fixed order (determinism).
-    T lanes[W];
-    store(lanes, v);
-    for (int half = W / 2; half > 0; half /= 2)
-      for (int l = 0; l < half; ++l) lanes[l] += lanes[l + half];
-    return lanes[0];
-  }
+  static inline T hsum(V v) { return reduce_lanes(v); }
 };
 
 // a . b over d < D: two accumulators to hide the FMA latency, then the scalar tail.
