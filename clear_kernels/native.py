@@ -31,10 +31,20 @@ _DTYPES = {
 }
 
 
+def _registered_kernels() -> dict[str, bool]:
+    name = f"{ops.NAMESPACE}::native_fwd"
+    return {key: EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+            for key in ("CPU", "CUDA")}
+
+
+# Read once at import (the extension registers everything when it loads), so that dispatch stays plain Python
+# that torch.compile can trace.
+NATIVE_KERNELS = _registered_kernels()
+
+
 def has_kernel(device_key: str) -> bool:
     """Whether the extension registered a native kernel for a dispatch key ("CPU" or "CUDA")."""
-    name = f"{ops.NAMESPACE}::native_fwd"
-    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(name, device_key)
+    return NATIVE_KERNELS.get(device_key, False)
 
 
 def _refuser(device_type: str):
