@@ -15,15 +15,7 @@
 constexpr int32_t kSummary = -1;
 constexpr int32_t kPadding = -2;
 constexpr int64_t kQueryTile = 32;  // query rows of a run processed together (bounds the score tile)
-
-template <typename A, typename B>
-struct SameType {
-  static constexpr bool value = false;
-};
-template <typename A>
-struct SameType<A, A> {
-  static constexpr bool value = true;
-};
+constexpr int64_t kRows = 20;       // single-row buffers (converted rows of summary tokens and their partners)
 
 // ------------------------------------------------------------------------------------------ element access
 inline float bf16_to_float(uint16_t x) {
@@ -75,7 +67,7 @@ inline void store_zero(Src* dst, int64_t D) {
 template <typename T>
 struct Scratch {
   T *q, *k, *v, *dout, *dq, *dk, *dv;  // max_run rows each
-  T* rows;                             // 8 single rows (summary tokens and their partners)
+  T* rows;                             // kRows single rows (summary tokens and their partners)
   T* acc;                              // 3 single rows (accumulators of a summary task)
   T *scores, *dscores;                 // score tiles; `scores` also holds a summary row (L entries)
   T *run_lse, *run_delta;              // max_run each
@@ -86,7 +78,7 @@ struct Scratch {
     const int64_t D = p.head_dim, R = p.max_run;
     const int64_t tile = round_up(tile_elems(p));
     const int64_t long_tile = tile > round_up(p.length) ? tile : round_up(p.length);
-    return 7 * round_up(R * D) + 11 * round_up(D) + long_tile + tile + 2 * round_up(R);
+    return 7 * round_up(R * D) + (kRows + 3) * round_up(D) + long_tile + tile + 2 * round_up(R);
   }
 
   Scratch(const Params& p, void* raw) {
@@ -105,7 +97,7 @@ struct Scratch {
     dk = take(R * D);
     dv = take(R * D);
     rows = cur;
-    cur += 8 * round_up(D);
+    cur += kRows * round_up(D);
     acc = cur;
     cur += 3 * round_up(D);
     const int64_t tile = tile_elems(p);
@@ -229,13 +221,26 @@ void forward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int6
   }
   const T* Q = as_compute(q + t * D, D, s.row(0, p));
   T* srow = s.scores;
-  for (int64_t j = 0; j < m; ++j) srow[j] = scale * dot(Q, as_compute(k + int64_t(keys[j]) * D, D, s.row(1, p)), D);
+  // Keys four at a time: one pass over q for four scores, one read-modify-write of acc for four value rows.
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    const T* kr[4];
+    for (int u = 0; u < 4; ++u) kr[u] = as_compute(k + int64_t(keys[j + u]) * D, D, s.row(1 + u, p));
+    dot4p(kr[0], kr[1], kr[2], kr[3], Q, D, srow + j);
+    for (int u = 0; u < 4; ++u) srow[j + u] *= scale;
+  }
+  for (; j < m; ++j) srow[j] = scale * dot(Q, as_compute(k + int64_t(keys[j]) * D, D, s.row(1, p)), D);
   T mx = srow[0];
-  for (int64_t j = 1; j < m; ++j) mx = srow[j] > mx ? srow[j] : mx;
+  for (int64_t i = 1; i < m; ++i) mx = srow[i] > mx ? srow[i] : mx;
   const T sum = exp_shift_sum(srow, m, mx);
   T* acc = s.acc;
   zero(acc, D);
-  for (int64_t j = 0; j < m; ++j) axpy(acc, srow[j], as_compute(v + int64_t(keys[j]) * D, D, s.row(1, p)), D);
+  for (j = 0; j + 4 <= m; j += 4) {
+    const T* vr[4];
+    for (int u = 0; u < 4; ++u) vr[u] = as_compute(v + int64_t(keys[j + u]) * D, D, s.row(1 + u, p));
+    axpy4(acc, srow + j, vr[0], vr[1], vr[2], vr[3], D);
+  }
+  for (; j < m; ++j) axpy(acc, srow[j], as_compute(v + int64_t(keys[j]) * D, D, s.row(1, p)), D);
   store_scaled(out + t * D, acc, T(1) / sum, D);
   write_lse<T>(p, bh * L + t, mx + log_scalar(sum));
 }
@@ -415,7 +420,35 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
     zero(dv, D);
     int64_t m;
     const int32_t* members = lay.group_list(lay.group()[t], &m);
-    for (int64_t u = 0; u < m; ++u) {
+    // Members four at a time (see forward_summary_row); the tail one by one, with the same arithmetic.
+    int64_t u = 0;
+    for (; u + 4 <= m; u += 4) {
+      const T *qx[4], *kx[4], *vx[4], *dox[4];
+      for (int r = 0; r < 4; ++r) {
+        const int64_t x = members[u + r];
+        qx[r] = as_compute(q + x * D, D, s.row(4 + r, p));
+        kx[r] = as_compute(k + x * D, D, s.row(8 + r, p));
+        vx[r] = as_compute(v + x * D, D, s.row(12 + r, p));
+        dox[r] = as_compute(dout + x * D, D, s.row(16 + r, p));
+      }
+      T s_tx[4], dp_tx[4], s_xt[4], dp_xt[4], c_q[4], c_k[4], c_v[4];
+      dot4p(kx[0], kx[1], kx[2], kx[3], qt, D, s_tx);
+      dot4p(vx[0], vx[1], vx[2], vx[3], dot_, D, dp_tx);
+      dot4p(qx[0], qx[1], qx[2], qx[3], kt, D, s_xt);
+      dot4p(dox[0], dox[1], dox[2], dox[3], vt, D, dp_xt);
+      for (int r = 0; r < 4; ++r) {
+        const int64_t x = members[u + r];
+        const T p_tx = exp_scalar(scale * s_tx[r] - lse_t);
+        c_q[r] = p_tx * (dp_tx[r] - delta_t);
+        const T p_xt = exp_scalar(scale * s_xt[r] - row_lse<T>(p, bh, x));
+        c_k[r] = p_xt * (dp_xt[r] - delta[x]);
+        c_v[r] = p_xt;
+      }
+      axpy4(dq, c_q, kx[0], kx[1], kx[2], kx[3], D);
+      axpy4(dk, c_k, qx[0], qx[1], qx[2], qx[3], D);
+      axpy4(dv, c_v, dox[0], dox[1], dox[2], dox[3], D);
+    }
+    for (; u < m; ++u) {
       const int64_t x = members[u];
       const T* qx = as_compute(q + x * D, D, s.row(4, p));
       const T* kx = as_compute(k + x * D, D, s.row(5, p));

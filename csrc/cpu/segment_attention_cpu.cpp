@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -207,16 +208,24 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return t;
 }
 
-// Runs tasks [0, count) of one phase in parallel; each worker gets its own scratch buffer.
+// Runs tasks [0, count) of one phase in parallel; each worker gets its own scratch buffer. Workers take blocks of
+// tasks from a shared counter instead of a fixed half each: on a busy machine a descheduled thread then delays
+// one block, not half the phase, and uneven tasks (long summary rows) balance out. Which thread runs a task
+// never changes what the task computes, so the results stay bitwise identical.
 void run_phase(const KernelTable& table, const Params& p, int64_t count,
                void (*phase)(const Params&, int64_t, int64_t, void*)) {
   if (count <= 0) return;
   const int64_t bytes = table.scratch_bytes(p) + 64;
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block = std::max<int64_t>(1, count / (threads * 16));
+  const int64_t blocks = (count + block - 1) / block;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
     // Uninitialised on purpose: the kernels write every scratch element before reading it.
     std::unique_ptr<char[]> raw(new char[bytes]);
     void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) & ~uintptr_t(63));
-    phase(p, begin, end, aligned);
+    for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1))
+      phase(p, b * block, std::min(count, (b + 1) * block), aligned);
   });
 }
 

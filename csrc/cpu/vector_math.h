@@ -83,15 +83,49 @@ inline T dot(const T* a, const T* b, int64_t D) {
   return s;
 }
 
-// out[r] = a_r . b for four rows a_r (stride lda) against one vector b: b is loaded once for four products.
+template <typename A, typename B>
+struct SameType {
+  static constexpr bool value = false;
+};
+template <typename A>
+struct SameType<A, A> {
+  static constexpr bool value = true;
+};
+
+// out[0..3] = the horizontal sums of four accumulators. With 16 float lanes one shuffle tree folds all four at
+// once (13 shuffles/adds instead of 32); other widths sum each one.
 template <typename T>
-inline void dot4(const T* a, int64_t lda, const T* b, int64_t D, T* out, int64_t out_stride) {
+inline void reduce4(typename Vec<T>::V s0, typename Vec<T>::V s1, typename Vec<T>::V s2, typename Vec<T>::V s3,
+                    T* out) {
+#if CLEAR_VEC_BYTES == 64
+  if constexpr (SameType<T, float>::value) {
+    // Lanes 0-7 of t01 hold a0's halves folded, lanes 8-15 a1's; then quarters; then pairs within each quarter.
+    const f32x16 t01 = __builtin_shufflevector(s0, s1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                       __builtin_shufflevector(s0, s1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const f32x16 t23 = __builtin_shufflevector(s2, s3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                       __builtin_shufflevector(s2, s3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    f32x16 u = __builtin_shufflevector(t01, t23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(t01, t23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    u = u + __builtin_shufflevector(u, u, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    u = u + __builtin_shufflevector(u, u, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    out[0] = u[0];
+    out[1] = u[4];
+    out[2] = u[8];
+    out[3] = u[12];
+    return;
+  }
+#endif
+  out[0] = Vec<T>::hsum(s0);
+  out[1] = Vec<T>::hsum(s1);
+  out[2] = Vec<T>::hsum(s2);
+  out[3] = Vec<T>::hsum(s3);
+}
+
+// out[r] = a_r . b for four vectors a_r against one vector b: b is loaded once for four products.
+template <typename T>
+inline void dot4p(const T* a0, const T* a1, const T* a2, const T* a3, const T* b, int64_t D, T* out) {
   using VT = Vec<T>;
   constexpr int W = VT::W;
-  const T* a0 = a;
-  const T* a1 = a + lda;
-  const T* a2 = a + 2 * lda;
-  const T* a3 = a + 3 * lda;
   typename VT::V s0{}, s1{}, s2{}, s3{};
   int64_t d = 0;
   for (; d + W <= D; d += W) {
@@ -101,17 +135,37 @@ inline void dot4(const T* a, int64_t lda, const T* b, int64_t D, T* out, int64_t
     s2 += VT::load(a2 + d) * bv;
     s3 += VT::load(a3 + d) * bv;
   }
-  T r0 = VT::hsum(s0), r1 = VT::hsum(s1), r2 = VT::hsum(s2), r3 = VT::hsum(s3);
+  reduce4<T>(s0, s1, s2, s3, out);
   for (; d < D; ++d) {
-    r0 += a0[d] * b[d];
-    r1 += a1[d] * b[d];
-    r2 += a2[d] * b[d];
-    r3 += a3[d] * b[d];
+    out[0] += a0[d] * b[d];
+    out[1] += a1[d] * b[d];
+    out[2] += a2[d] * b[d];
+    out[3] += a3[d] * b[d];
   }
-  out[0] = r0;
-  out[out_stride] = r1;
-  out[2 * out_stride] = r2;
-  out[3 * out_stride] = r3;
+}
+
+// out[r * out_stride] = a_r . b for four rows a_r with stride lda.
+template <typename T>
+inline void dot4(const T* a, int64_t lda, const T* b, int64_t D, T* out, int64_t out_stride) {
+  T r[4];
+  dot4p(a, a + lda, a + 2 * lda, a + 3 * lda, b, D, r);
+  out[0] = r[0];
+  out[out_stride] = r[1];
+  out[2 * out_stride] = r[2];
+  out[3 * out_stride] = r[3];
+}
+
+// out += c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3: out is read and written once for four rows.
+template <typename T>
+inline void axpy4(T* out, const T* c, const T* x0, const T* x1, const T* x2, const T* x3, int64_t D) {
+  using VT = Vec<T>;
+  constexpr int W = VT::W;
+  const auto c0 = VT::splat(c[0]), c1 = VT::splat(c[1]), c2 = VT::splat(c[2]), c3 = VT::splat(c[3]);
+  int64_t d = 0;
+  for (; d + W <= D; d += W)
+    VT::store(out + d, VT::load(out + d) + c0 * VT::load(x0 + d) + c1 * VT::load(x1 + d) + c2 * VT::load(x2 + d) +
+                           c3 * VT::load(x3 + d));
+  for (; d < D; ++d) out[d] += c[0] * x0[d] + c[1] * x1[d] + c[2] * x2[d] + c[3] * x3[d];
 }
 
 // out (+)= sum_j coef[j * cs] * rows[j * rs + :] for j < m. The output slice of 4 vectors stays in registers
