@@ -34,8 +34,8 @@ struct Params {
   // float64 only: the contract's float32 lse would cost the backward half of its precision, so the backward
   // recomputes the logsumexp in double (a forward pass writing lse64) and reads it from here.
   double* lse64 = nullptr;
-  float* delta = nullptr;    // backward scratch [B, H, L]: rowsum(grad_out * out), float32 (float64 runs keep
-  double* delta64 = nullptr; // theirs in delta64 so no precision is lost)
+  float* delta = nullptr;    // backward scratch [B, H, L]: rowsum(grad_out * out) of summary rows, float32
+  double* delta64 = nullptr; // (float64 runs keep theirs in delta64 so no precision is lost)
 
   const int32_t* segment = nullptr;
   const int32_t* group = nullptr;
@@ -57,12 +57,11 @@ struct KernelTable {
   int64_t (*scratch_bytes)(const Params&);
   // Forward over token tasks (b, h, chunk of positions): runs starting in the chunk, summary rows, padding.
   void (*forward)(const Params&, int64_t begin, int64_t end, void* scratch);
-  // Backward phase 0 over (b, h): delta of the summary rows (the run tasks need them).
+  // Backward phase 0 over (b, h): delta = rowsum(grad_out * out) of the summary rows (the runs need them).
   void (*backward_summary_delta)(const Params&, int64_t begin, int64_t end, void* scratch);
-  // Backward phase A over token tasks: dq/dk/dv of segment runs (and their delta), zeros for padding.
-  void (*backward_runs)(const Params&, int64_t begin, int64_t end, void* scratch);
-  // Backward phase B over (b, h, summary slot): dq/dk/dv of summary tokens.
-  void (*backward_summaries)(const Params&, int64_t begin, int64_t end, void* scratch);
+  // Backward over token tasks (b, h, chunk): dq/dk/dv of the segment runs starting in the chunk, zeros for
+  // padding; then over (b, h, summary slot): dq/dk/dv of summary tokens. One task list, no dependencies.
+  void (*backward)(const Params&, int64_t begin, int64_t end, void* scratch);
 };
 
 namespace generic { const KernelTable& kernel_table(); }

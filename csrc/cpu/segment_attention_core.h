@@ -15,7 +15,7 @@
 constexpr int32_t kSummary = -1;
 constexpr int32_t kPadding = -2;
 constexpr int64_t kQueryTile = 32;  // query rows of a run processed together (bounds the score tile)
-constexpr int64_t kRows = 20;       // single-row buffers (converted rows of summary tokens and their partners)
+constexpr int64_t kRows = 24;       // single-row buffers (converted rows of summary tokens and their partners)
 
 // ------------------------------------------------------------------------------------------ element access
 inline float bf16_to_float(uint16_t x) {
@@ -295,7 +295,7 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
   const Src* v = static_cast<const Src*>(p.v) + base;
   const Src* o = static_cast<const Src*>(p.out) + base;
   const Src* dout = static_cast<const Src*>(p.grad_out) + base;
-  T* delta = delta_buffer<T>(p) + bh * L;
+  const T* delta = delta_buffer<T>(p) + bh * L;  // summary rows only (phase 0)
 
   const T* Q = as_compute(q + r0 * D, n * D, s.q);
   const T* K = as_compute(k + r0 * D, n * D, s.k);
@@ -304,7 +304,6 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
   for (int64_t i = 0; i < n; ++i) {
     const T d = dot(dO + i * D, as_compute(o + (r0 + i) * D, D, s.row(0, p)), D);
     s.run_delta[i] = d;
-    delta[r0 + i] = d;  // read by the summary tasks of phase B
     s.run_lse[i] = row_lse<T>(p, bh, r0 + i);
   }
 
@@ -405,7 +404,8 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
     const Src* k = static_cast<const Src*>(p.k) + base;
     const Src* v = static_cast<const Src*>(p.v) + base;
     const Src* dout = static_cast<const Src*>(p.grad_out) + base;
-    const T* delta = delta_buffer<T>(p) + bh * L;
+    const Src* o = static_cast<const Src*>(p.out) + base;
+    const T* delta = delta_buffer<T>(p) + bh * L;  // summary rows only (phase 0)
 
     const T* qt = as_compute(q + t * D, D, s.row(0, p));
     const T* kt = as_compute(k + t * D, D, s.row(1, p));
@@ -431,6 +431,10 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
         vx[r] = as_compute(v + x * D, D, s.row(12 + r, p));
         dox[r] = as_compute(dout + x * D, D, s.row(16 + r, p));
       }
+      // The members' delta = rowsum(dO * O), recomputed here so that this phase need not wait for the runs'.
+      T delta_x[4];
+      for (int r = 0; r < 4; ++r)
+        delta_x[r] = dot(dox[r], as_compute(o + int64_t(members[u + r]) * D, D, s.row(20 + r, p)), D);
       T s_tx[4], dp_tx[4], s_xt[4], dp_xt[4], c_q[4], c_k[4], c_v[4];
       dot4p(kx[0], kx[1], kx[2], kx[3], qt, D, s_tx);
       dot4p(vx[0], vx[1], vx[2], vx[3], dot_, D, dp_tx);
@@ -441,7 +445,7 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
         const T p_tx = exp_scalar(scale * s_tx[r] - lse_t);
         c_q[r] = p_tx * (dp_tx[r] - delta_t);
         const T p_xt = exp_scalar(scale * s_xt[r] - row_lse<T>(p, bh, x));
-        c_k[r] = p_xt * (dp_xt[r] - delta[x]);
+        c_k[r] = p_xt * (dp_xt[r] - delta_x[r]);
         c_v[r] = p_xt;
       }
       axpy4(dq, c_q, kx[0], kx[1], kx[2], kx[3], D);
@@ -457,7 +461,8 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
       const T p_tx = exp_scalar(scale * dot(qt, kx, D) - lse_t);
       axpy(dq, p_tx * (dot(dot_, vx, D) - delta_t), kx, D);
       const T p_xt = exp_scalar(scale * dot(qx, kt, D) - row_lse<T>(p, bh, x));
-      axpy(dk, p_xt * (dot(dox, vt, D) - delta[x]), qx, D);
+      const T delta_x = dot(dox, as_compute(o + x * D, D, s.row(20, p)), D);
+      axpy(dk, p_xt * (dot(dox, vt, D) - delta_x), qx, D);
       axpy(dv, p_xt, dox, D);
     }
     Src* gq = static_cast<Src*>(p.dq) + base;
@@ -467,6 +472,15 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
     store_scaled(gk + t * D, dk, scale, D);
     store_scaled(gv + t * D, dv, T(1), D);
   }
+}
+
+// Phases A and B as one task list (runs first, then summary slots): neither reads what the other writes, so
+// one parallel region covers both.
+template <typename Src, typename T>
+void backward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
+  const int64_t runs = p.batch * p.heads * p.chunks_per_row();
+  if (begin < runs) backward_run_tasks<Src, T>(p, begin, end < runs ? end : runs, raw);
+  if (end > runs) backward_summary_tasks<Src, T>(p, (begin > runs ? begin : runs) - runs, end - runs, raw);
 }
 
 // ------------------------------------------------------------------------------------- dtype dispatch
@@ -486,16 +500,10 @@ inline void run_forward(const Params& p, int64_t b, int64_t e, void* s) { CLEAR_
 inline void run_summary_delta(const Params& p, int64_t b, int64_t e, void* s) {
   CLEAR_DISPATCH_DTYPE(summary_delta_tasks, p, b, e, s)
 }
-inline void run_backward_runs(const Params& p, int64_t b, int64_t e, void* s) {
-  CLEAR_DISPATCH_DTYPE(backward_run_tasks, p, b, e, s)
-}
-inline void run_backward_summaries(const Params& p, int64_t b, int64_t e, void* s) {
-  CLEAR_DISPATCH_DTYPE(backward_summary_tasks, p, b, e, s)
-}
+inline void run_backward(const Params& p, int64_t b, int64_t e, void* s) { CLEAR_DISPATCH_DTYPE(backward_tasks, p, b, e, s) }
 #undef CLEAR_DISPATCH_DTYPE
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{CLEAR_ARCH_NAME,     &scratch_bytes,         &run_forward,
-                                 &run_summary_delta, &run_backward_runs, &run_backward_summaries};
+  static const KernelTable table{CLEAR_ARCH_NAME, &scratch_bytes, &run_forward, &run_summary_delta, &run_backward};
   return table;
 }

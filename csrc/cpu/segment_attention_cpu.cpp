@@ -303,10 +303,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
     run_phase(table, f, bh * f.chunks_per_row(), table.forward);
     p.lse64 = f.lse64;
   }
-  // Phase order matters: runs need the summary rows' delta, summary tasks need the runs' delta.
-  if (p.max_summary > 0) run_phase(table, p, bh, table.backward_summary_delta);
-  run_phase(table, p, bh * p.chunks_per_row(), table.backward_runs);
-  if (p.max_summary > 0) run_phase(table, p, bh * p.max_summary, table.backward_summaries);
+  // Phase 0 (summary rows' delta, which the run tasks read) must finish first; it is little work, so it runs
+  // in this thread unless it is large: every parallel region is a barrier, and on a busy machine a barrier
+  // can wait a whole scheduler tick for a descheduled thread.
+  if (p.max_summary > 0) {
+    if (bh * p.max_summary * p.head_dim < (int64_t(1) << 22)) {
+      std::unique_ptr<char[]> raw(new char[table.scratch_bytes(p) + 64]);
+      table.backward_summary_delta(p, 0, bh, reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) &
+                                                                     ~uintptr_t(63)));
+    } else {
+      run_phase(table, p, bh, table.backward_summary_delta);
+    }
+  }
+  run_phase(table, p, bh * (p.chunks_per_row() + p.max_summary), table.backward);
   return {dq, dk, dv};
 }
 
