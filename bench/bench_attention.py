@@ -81,7 +81,7 @@ def sweep_cases(quick: bool) -> list[Case]:
 # Each maker returns (forward, reason) where forward(q, k, v) -> out, or (None, why it cannot run).
 Maker = Callable[[Case, SegmentLayout, torch.Tensor], tuple[Optional[Callable], Optional[str]]]
 
-DENSE_MAX_BYTES = 4 << 30  # dense SDPA's [B, H, L, L] scores beyond this are not worth the memory
+DENSE_MAX_BYTES = 1 << 30  # dense SDPA's [B, H, L, L] scores beyond this are not worth the memory
 
 
 def make_segment(backend: str) -> Maker:

@@ -59,8 +59,8 @@ struct KernelTable {
   void (*forward)(const Params&, int64_t begin, int64_t end, void* scratch);
   // Backward phase 0 over (b, h): delta = rowsum(grad_out * out) of the summary rows (the runs need them).
   void (*backward_summary_delta)(const Params&, int64_t begin, int64_t end, void* scratch);
-  // Backward over token tasks (b, h, chunk): dq/dk/dv of the segment runs starting in the chunk, zeros for
-  // padding; then over (b, h, summary slot): dq/dk/dv of summary tokens. One task list, no dependencies.
+  // Backward over (b, h) x (chunks + max_summary) tasks: a chunk's task computes dq/dk/dv of the segment runs
+  // starting in it (zeros for padding), a summary slot's task those of a summary token. No dependencies.
   void (*backward)(const Params&, int64_t begin, int64_t end, void* scratch);
 };
 

@@ -474,13 +474,17 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
   }
 }
 
-// Phases A and B as one task list (runs first, then summary slots): neither reads what the other writes, so
-// one parallel region covers both.
+// Phases A and B as one task list: neither reads what the other writes, so one parallel region covers both.
+// Tasks are ordered head by head, a head's run chunks then its summary slots, so that the summary tasks find
+// the head's rows still in cache from its runs (a summary token's group is spread over the whole sequence).
 template <typename Src, typename T>
 void backward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
-  const int64_t runs = p.batch * p.heads * p.chunks_per_row();
-  if (begin < runs) backward_run_tasks<Src, T>(p, begin, end < runs ? end : runs, raw);
-  if (end > runs) backward_summary_tasks<Src, T>(p, (begin > runs ? begin : runs) - runs, end - runs, raw);
+  const int64_t chunks = p.chunks_per_row(), per_head = chunks + p.max_summary;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / per_head, local = task % per_head;
+    if (local < chunks) backward_run_tasks<Src, T>(p, bh * chunks + local, bh * chunks + local + 1, raw);
+    else backward_summary_tasks<Src, T>(p, bh * p.max_summary + local - chunks, bh * p.max_summary + local - chunks + 1, raw);
+  }
 }
 
 // ------------------------------------------------------------------------------------- dtype dispatch

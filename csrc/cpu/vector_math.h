@@ -198,6 +198,18 @@ inline void combine_rows(T* out, bool accumulate, const T* coef, int64_t cs, con
     VT::store(out + d + 2 * W, a2);
     VT::store(out + d + 3 * W, a3);
   }
+  // Head dims like 96 or 80 leave two or one vectors after the 4-vector slices: take two at a time.
+  for (; d + 2 * W <= D; d += 2 * W) {
+    V a0 = accumulate ? VT::load(out + d) : V{};
+    V a1 = accumulate ? VT::load(out + d + W) : V{};
+    for (int64_t j = 0; j < m; ++j) {
+      const V c = VT::splat(coef[j * cs]);
+      a0 += c * VT::load(rows + j * rs + d);
+      a1 += c * VT::load(rows + j * rs + d + W);
+    }
+    VT::store(out + d, a0);
+    VT::store(out + d + W, a1);
+  }
   for (; d + W <= D; d += W) {
     V a = accumulate ? VT::load(out + d) : V{};
     for (int64_t j = 0; j < m; ++j) a += VT::splat(coef[j * cs]) * VT::load(rows + j * rs + d);
