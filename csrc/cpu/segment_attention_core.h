@@ -69,7 +69,7 @@ struct Scratch {
   T *q, *k, *v, *dout, *dq, *dk, *dv;  // max_run rows each
   T* rows;                             // kRows single rows (summary tokens and their partners)
   T* acc;                              // 3 single rows (accumulators of a summary task)
-  T *scores, *dscores;                 // score tiles; `scores` also holds a summary row (L entries)
+  T *scores, *dscores;                 // score tiles; `scores` also holds up to 3 rows of L coefficients
   T *run_lse, *run_delta;              // max_run each
 
   static int64_t tile_elems(const Params& p) { return kQueryTile * (p.max_run + p.max_summary); }
@@ -77,7 +77,7 @@ struct Scratch {
   static int64_t elems(const Params& p) {
     const int64_t D = p.head_dim, R = p.max_run;
     const int64_t tile = round_up(tile_elems(p));
-    const int64_t long_tile = tile > round_up(p.length) ? tile : round_up(p.length);
+    const int64_t long_tile = tile > round_up(3 * p.length) ? tile : round_up(3 * p.length);
     return 7 * round_up(R * D) + (kRows + 3) * round_up(D) + long_tile + tile + 2 * round_up(R);
   }
 
@@ -101,7 +101,7 @@ struct Scratch {
     acc = cur;
     cur += 3 * round_up(D);
     const int64_t tile = tile_elems(p);
-    scores = take(tile > p.length ? tile : p.length);
+    scores = take(tile > 3 * p.length ? tile : 3 * p.length);
     dscores = take(tile);
     run_lse = take(R);
     run_delta = take(R);
@@ -234,13 +234,18 @@ void forward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int6
   for (int64_t i = 1; i < m; ++i) mx = srow[i] > mx ? srow[i] : mx;
   const T sum = exp_shift_sum(srow, m, mx);
   T* acc = s.acc;
-  zero(acc, D);
-  for (j = 0; j + 4 <= m; j += 4) {
-    const T* vr[4];
-    for (int u = 0; u < 4; ++u) vr[u] = as_compute(v + int64_t(keys[j + u]) * D, D, s.row(1 + u, p));
-    axpy4(acc, srow + j, vr[0], vr[1], vr[2], vr[3], D);
+  if constexpr (SameType<Src, T>::value) {
+    // Output slices stay in registers while the gathered value rows stream through.
+    combine_rows_at(acc, false, srow, 1, GatheredRows<T>{v, keys, D}, m, D);
+  } else {  // bfloat16: rows are converted one block at a time
+    zero(acc, D);
+    for (j = 0; j + 4 <= m; j += 4) {
+      const T* vr[4];
+      for (int u = 0; u < 4; ++u) vr[u] = as_compute(v + int64_t(keys[j + u]) * D, D, s.row(1 + u, p));
+      axpy4(acc, srow + j, vr[0], vr[1], vr[2], vr[3], D);
+    }
+    for (; j < m; ++j) axpy(acc, srow[j], as_compute(v + int64_t(keys[j]) * D, D, s.row(1, p)), D);
   }
-  for (; j < m; ++j) axpy(acc, srow[j], as_compute(v + int64_t(keys[j]) * D, D, s.row(1, p)), D);
   store_scaled(out + t * D, acc, T(1) / sum, D);
   write_lse<T>(p, bh * L + t, mx + log_scalar(sum));
 }
@@ -420,6 +425,11 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
     zero(dv, D);
     int64_t m;
     const int32_t* members = lay.group_list(lay.group()[t], &m);
+    // float32/float64: the members' coefficients first, then three gathered sums (see below); bfloat16
+    // accumulates block by block from converted rows instead.
+    T* coef_q = s.scores;
+    T* coef_k = s.scores + L;
+    T* coef_v = s.scores + 2 * L;
     // Members four at a time (see forward_summary_row); the tail one by one, with the same arithmetic.
     int64_t u = 0;
     for (; u + 4 <= m; u += 4) {
@@ -448,9 +458,17 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
         c_k[r] = p_xt * (dp_xt[r] - delta_x[r]);
         c_v[r] = p_xt;
       }
-      axpy4(dq, c_q, kx[0], kx[1], kx[2], kx[3], D);
-      axpy4(dk, c_k, qx[0], qx[1], qx[2], qx[3], D);
-      axpy4(dv, c_v, dox[0], dox[1], dox[2], dox[3], D);
+      if constexpr (SameType<Src, T>::value) {
+        for (int r = 0; r < 4; ++r) {
+          coef_q[u + r] = c_q[r];
+          coef_k[u + r] = c_k[r];
+          coef_v[u + r] = c_v[r];
+        }
+      } else {
+        axpy4(dq, c_q, kx[0], kx[1], kx[2], kx[3], D);
+        axpy4(dk, c_k, qx[0], qx[1], qx[2], qx[3], D);
+        axpy4(dv, c_v, dox[0], dox[1], dox[2], dox[3], D);
+      }
     }
     for (; u < m; ++u) {
       const int64_t x = members[u];
@@ -459,11 +477,25 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
       const T* vx = as_compute(v + x * D, D, s.row(6, p));
       const T* dox = as_compute(dout + x * D, D, s.row(7, p));
       const T p_tx = exp_scalar(scale * dot(qt, kx, D) - lse_t);
-      axpy(dq, p_tx * (dot(dot_, vx, D) - delta_t), kx, D);
+      const T c_q = p_tx * (dot(dot_, vx, D) - delta_t);
       const T p_xt = exp_scalar(scale * dot(qx, kt, D) - row_lse<T>(p, bh, x));
       const T delta_x = dot(dox, as_compute(o + x * D, D, s.row(20, p)), D);
-      axpy(dk, p_xt * (dot(dox, vt, D) - delta_x), qx, D);
-      axpy(dv, p_xt, dox, D);
+      const T c_k = p_xt * (dot(dox, vt, D) - delta_x);
+      if constexpr (SameType<Src, T>::value) {
+        coef_q[u] = c_q;
+        coef_k[u] = c_k;
+        coef_v[u] = p_xt;
+      } else {
+        axpy(dq, c_q, kx, D);
+        axpy(dk, c_k, qx, D);
+        axpy(dv, p_xt, dox, D);
+      }
+    }
+    if constexpr (SameType<Src, T>::value) {
+      // Second pass: each gradient row is one register-resident sum over the gathered member rows.
+      combine_rows_at(dq, false, coef_q, 1, GatheredRows<T>{k, members, D}, m, D);
+      combine_rows_at(dk, false, coef_k, 1, GatheredRows<T>{q, members, D}, m, D);
+      combine_rows_at(dv, false, coef_v, 1, GatheredRows<T>{dout, members, D}, m, D);
     }
     Src* gq = static_cast<Src*>(p.dq) + base;
     Src* gk = static_cast<Src*>(p.dk) + base;

@@ -168,11 +168,10 @@ inline void axpy4(T* out, const T* c, const T* x0, const T* x1, const T* x2, con
   for (; d < D; ++d) out[d] += c[0] * x0[d] + c[1] * x1[d] + c[2] * x2[d] + c[3] * x3[d];
 }
 
-// out (+)= sum_j coef[j * cs] * rows[j * rs + :] for j < m. The output slice of 4 vectors stays in registers
+// out (+)= sum_j coef[j * cs] * rows(j)[:] for j < m. The output slice of 4 vectors stays in registers
 // while the m rows stream through, so out is read and written once per call, not once per row.
-template <typename T>
-inline void combine_rows(T* out, bool accumulate, const T* coef, int64_t cs, const T* rows, int64_t rs, int64_t m,
-                         int64_t D) {
+template <typename T, typename Rows>
+inline void combine_rows_at(T* out, bool accumulate, const T* coef, int64_t cs, Rows rows, int64_t m, int64_t D) {
   using VT = Vec<T>;
   using V = typename VT::V;
   constexpr int W = VT::W;
@@ -187,7 +186,7 @@ inline void combine_rows(T* out, bool accumulate, const T* coef, int64_t cs, con
     }
     for (int64_t j = 0; j < m; ++j) {
       const V c = VT::splat(coef[j * cs]);
-      const T* r = rows + j * rs + d;
+      const T* r = rows(j) + d;
       a0 += c * VT::load(r);
       a1 += c * VT::load(r + W);
       a2 += c * VT::load(r + 2 * W);
@@ -204,22 +203,44 @@ inline void combine_rows(T* out, bool accumulate, const T* coef, int64_t cs, con
     V a1 = accumulate ? VT::load(out + d + W) : V{};
     for (int64_t j = 0; j < m; ++j) {
       const V c = VT::splat(coef[j * cs]);
-      a0 += c * VT::load(rows + j * rs + d);
-      a1 += c * VT::load(rows + j * rs + d + W);
+      a0 += c * VT::load(rows(j) + d);
+      a1 += c * VT::load(rows(j) + d + W);
     }
     VT::store(out + d, a0);
     VT::store(out + d + W, a1);
   }
   for (; d + W <= D; d += W) {
     V a = accumulate ? VT::load(out + d) : V{};
-    for (int64_t j = 0; j < m; ++j) a += VT::splat(coef[j * cs]) * VT::load(rows + j * rs + d);
+    for (int64_t j = 0; j < m; ++j) a += VT::splat(coef[j * cs]) * VT::load(rows(j) + d);
     VT::store(out + d, a);
   }
   for (; d < D; ++d) {
     T a = accumulate ? out[d] : T(0);
-    for (int64_t j = 0; j < m; ++j) a += coef[j * cs] * rows[j * rs + d];
+    for (int64_t j = 0; j < m; ++j) a += coef[j * cs] * rows(j)[d];
     out[d] = a;
   }
+}
+
+// Row j at rows + j * stride (a contiguous block) ...
+template <typename T>
+struct StridedRows {
+  const T* base;
+  int64_t stride;
+  const T* operator()(int64_t j) const { return base + j * stride; }
+};
+// ... or at base + index[j] * D (a summary token's group, gathered).
+template <typename T>
+struct GatheredRows {
+  const T* base;
+  const int32_t* index;
+  int64_t D;
+  const T* operator()(int64_t j) const { return base + int64_t(index[j]) * D; }
+};
+
+template <typename T>
+inline void combine_rows(T* out, bool accumulate, const T* coef, int64_t cs, const T* rows, int64_t rs, int64_t m,
+                         int64_t D) {
+  combine_rows_at(out, accumulate, coef, cs, StridedRows<T>{rows, rs}, m, D);
 }
 
 // out += c * x
