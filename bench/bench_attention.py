@@ -282,11 +282,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for impl in sorted({r["impl"] for r in rows}):
+    for n, impl in enumerate(sorted({r["impl"] for r in rows})):
         for key, style in (("fwd_ms", "--"), ("fwd_bwd_ms", "-")):
             pts = sorted((r["beats"], r[key]) for r in rows if r["impl"] == impl and r[key] is not None)
-            if pts:
-                ax.plot(*zip(*pts), style, marker="o", label=f"{impl} {'fwd' if key == 'fwd_ms' else 'fwd+bwd'}")
+            if pts:  # one colour per implementation: dashed forward, solid forward+backward
+                ax.plot(*zip(*pts), style, marker="o", color=f"C{n}",
+                        label=f"{impl} {'fwd' if key == 'fwd_ms' else 'fwd+bwd'}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("beats per record (L = 12 + 12 x beats)")
@@ -314,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     device, dtype = args.device, getattr(torch, args.dtype)
     backends = args.backends or (["cpu"] if device == "cpu" else ["triton", "cuda"])
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (3 if args.quick else 9)
     impls = implementations(device, backends)
     info = machine_info(device)
     print(f"# {info['cpu']} | {info['threads']} threads | torch {info['torch']} | triton {info['triton']} | "

@@ -450,13 +450,16 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
       dot4p(vx[0], vx[1], vx[2], vx[3], dot_, D, dp_tx);
       dot4p(qx[0], qx[1], qx[2], qx[3], kt, D, s_xt);
       dot4p(dox[0], dox[1], dox[2], dox[3], vt, D, dp_xt);
+      T probs[8];  // the eight exponentials of the block in one vector call
       for (int r = 0; r < 4; ++r) {
-        const int64_t x = members[u + r];
-        const T p_tx = exp_scalar(scale * s_tx[r] - lse_t);
-        c_q[r] = p_tx * (dp_tx[r] - delta_t);
-        const T p_xt = exp_scalar(scale * s_xt[r] - row_lse<T>(p, bh, x));
-        c_k[r] = p_xt * (dp_xt[r] - delta_x[r]);
-        c_v[r] = p_xt;
+        probs[r] = scale * s_tx[r] - lse_t;
+        probs[4 + r] = scale * s_xt[r] - row_lse<T>(p, bh, members[u + r]);
+      }
+      exp_shift_sum(probs, 8, T(0));
+      for (int r = 0; r < 4; ++r) {
+        c_q[r] = probs[r] * (dp_tx[r] - delta_t);
+        c_k[r] = probs[4 + r] * (dp_xt[r] - delta_x[r]);
+        c_v[r] = probs[4 + r];
       }
       if constexpr (SameType<Src, T>::value) {
         for (int r = 0; r < 4; ++r) {
