@@ -50,6 +50,7 @@ def new_output_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
     out = torch.empty_like(t, **kwargs)
     return out.fill_(float("nan")) if poison_outputs() else out
 
+
 _library = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 

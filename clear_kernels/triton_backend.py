@@ -1,4 +1,8 @@
-"""The ``triton`` backend: registered by the Triton kernels package when Triton is importable."""
+"""The ``triton`` backend: imports the Triton kernels package when Triton is importable.
+
+Under ``TRITON_INTERPRET=1`` (read by Triton at import, so it must be set before) the kernels also accept CPU
+tensors, which is how machines without a GPU test them; ``"auto"`` never picks the interpreter for CPU inputs.
+"""
 
 from __future__ import annotations
 
@@ -9,4 +13,4 @@ try:
 except ImportError as exc:
     dispatch.mark_unavailable("triton", f"Triton is not installed ({exc})")
 else:
-    dispatch.mark_unavailable("triton", "the Triton kernels are not included in this version")
+    from . import triton_kernels  # noqa: F401  (registers the backend)

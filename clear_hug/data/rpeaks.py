@@ -2,11 +2,13 @@
 
 Why multi-lead: single-lead detectors (Pan-Tompkins on lead II, say) fail on real strips where that lead is
 noisy, low-voltage or disconnected. Here every lead votes: each lead's QRS slope energy is normalised by its
-own typical beat level, leads are weighted by how "peaky" (ECG-like) they look and, sample by sample, turned
-down where their local noise floor rises (an electrode moving), and the weighted energies are pooled into one
-envelope. Beats are peaks of that envelope that pass an adaptive threshold, with a refractory
-period, a search-back for missed beats in long gaps and a T-wave check; each accepted peak is then moved to the
-local extremum of a combined wide-band signal, which is where the R wave is.
+own typical beat level, leads are weighted by how "peaky" (ECG-like) they look and by how large their QRS is
+above the noise (P and T waves are not larger where the QRS is), sample by sample turned down where their local
+noise floor rises (an electrode moving) and silenced where they are flat (an electrode off), and the weighted
+energies are pooled into one envelope. Beats are peaks of that envelope that pass an adaptive threshold, with a
+refractory period, a search-back for missed beats in long gaps and a T-wave check; each accepted peak is then
+moved to the local extremum of a combined wide-band signal, which is where the R wave is. Beats at the strip's
+ends, where the filters see padding, are judged on the raw samples: one counts when its R is inside the strip.
 
 Everything is vectorised numpy/scipy except two short loops over gaps and close pairs (a handful of items),
 so a 10 s, 12-lead strip takes a few milliseconds.
@@ -34,6 +36,16 @@ _THRESHOLD = 0.50  # fraction of the local typical beat level a candidate must r
 _SEARCHBACK = 0.25  # lower fraction used when searching a gap that is too long
 _LOCAL_WEIGHTS = True  # per-sample lead weights from the local noise floor (see _combined_envelope)
 _LW_POWER = 3  # how hard a locally noisy lead is turned down (3: tuned on CPSC2021 noise, MIT-BIH, synthetic)
+# Lead weighting by QRS size (see _combined_envelope): weight ~ (QRS slope above noise, relative to the median
+# lead) ** _AMP_POWER, at most _AMP_CAP ** _AMP_POWER. Power 2 makes the pooled energy a (noise-gated) spatial
+# slope magnitude in mV/s instead of an average of per-lead normalised slopes.
+_AMP_POWER = 2
+_AMP_CAP = 4.0
+_NOISE_MAX = 5.0  # a 2 s block maximum of pure noise slope is about 4.5 times its median (Gaussian, 100-500 Hz)
+_GLOBAL_RR = True
+_EDGE = True  # judge beats at the strip's ends on the raw samples (see _edge_beats)
+_EDGE_SUMMIT = 0.7  # energy fraction of a typical R summit the edge sample needs: R within ~0.6 sample of it
+_INNER_SUMMIT = 0.5  # the same for an edge-zone beat whose summit is inside the strip (rejects T, P waves)
 _T_WAVE_S = 0.36  # beats closer than this to the previous one are checked for being T waves
 
 
@@ -43,27 +55,47 @@ def _bandpass(x: np.ndarray, fs: float, lo: float, hi: float, order: int = 2) ->
     return filtfilt_sos(sos, zi, x, 3 * (2 * len(sos) + 1) * 4)
 
 
-def _block_max_median(x: np.ndarray, block: int) -> np.ndarray:
+def _block_max_median(x: np.ndarray, block: int, alive: np.ndarray | None = None) -> np.ndarray:
     """Per row, the median over consecutive blocks of the block maxima: the typical peak level.
 
     A block of 2 s holds at least one beat at any rate above 30 bpm, so a block maximum is a beat's peak (or
-    an artifact), and the median over blocks ignores the few artifacts.
+    an artifact), and the median over blocks ignores the few artifacts. With ``alive`` (same shape, bool), blocks
+    that are mostly dead (a lead flat for part of the strip) are left out: their zero maxima would otherwise pull
+    the lead's level towards zero and blow its live part up when normalising.
     """
     n = x.shape[-1]
     nb = n // block
     if nb < 1:
         return x.max(axis=-1)
-    blocks = x[..., : nb * block].reshape(x.shape[:-1] + (nb, block)).max(axis=-1)
-    return np.median(blocks, axis=-1)
+    shape = x.shape[:-1] + (nb, block)
+    blocks = x[..., : nb * block].reshape(shape).max(axis=-1)
+    if alive is None:
+        return np.median(blocks, axis=-1)
+    live = alive[..., : nb * block].reshape(shape).mean(axis=-1) > 0.5
+    if live.all():  # the usual case, one vectorised call
+        return np.median(blocks, axis=-1)
+    return np.array([np.median(b[m]) if m.any() else 0.0 for b, m in zip(blocks, live)])
+
+
+def _alive(x: np.ndarray, fs: float) -> np.ndarray:
+    """[C, T] bool: where each lead moves at all within +-50 ms. A disconnected electrode clamped by the amplifier
+    (or a zero-filled gap) gives exactly constant samples; any real recording, even a quiet one, has
+    quantisation-level changes within 100 ms."""
+    moving = np.diff(x, axis=-1, prepend=x[:, :1]) != 0
+    return ndimage.maximum_filter1d(moving, max(int(round(0.1 * fs)), 1), axis=-1, mode="nearest")
 
 
 def _combined_envelope(x: np.ndarray, fs: float) -> Tuple[np.ndarray, np.ndarray]:
     """Pooled QRS envelope [T] and per-lead weights [C] (zero for flat leads)."""
+    alive = _alive(x, fs)
     bp = _bandpass(x, fs, *_QRS_BAND)
     d = np.abs(np.diff(bp, axis=-1, prepend=bp[:, :1]))
     block = max(int(round(2.0 * fs)), 1)
-    level = _block_max_median(d, block)  # typical QRS slope per lead
-    typical = np.median(d, axis=-1)  # typical slope between beats (noise floor)
+    level = _block_max_median(d, block, alive)  # typical QRS slope per lead, over its live part
+    # Typical slope between beats (noise floor), over the live part too (a flat stretch has none).
+    all_alive = bool(alive.all())
+    typical = np.median(d, axis=-1) if all_alive else np.array(
+        [np.median(r[a]) if a.any() else 0.0 for r, a in zip(d, alive)])
     amp = np.abs(x).max(axis=-1)
     flat = (level <= 1e-12) | (level <= 1e-9 * max(float(amp.max()), 1e-30))
     safe = np.where(flat, 1.0, level)
@@ -73,6 +105,16 @@ def _combined_envelope(x: np.ndarray, fs: float) -> Tuple[np.ndarray, np.ndarray
     ratio = level / np.maximum(typical, 1e-12 * safe)
     w = np.clip(ratio - 2.0, 0.0, None)
     w[flat] = 0.0
+    if _AMP_POWER:
+        # P and T waves are about as large in mV in every lead, the QRS is not: normalising each lead by its own
+        # QRS level blows up the P/T of leads with a small QRS (LBBB limb leads with a sharp P, for one), until
+        # they pass as beats. Weighting leads by their QRS size undoes that. The size counted is the QRS slope
+        # above what noise alone reaches, so a loud noise lead (big "level", no beats) gains nothing.
+        qrs = np.clip(level - _NOISE_MAX * typical, 0.0, None)
+        qrs[flat] = 0.0
+        if (qrs > 0).any():
+            rel = qrs / np.median(qrs[qrs > 0])
+            w = w * np.minimum(rel, _AMP_CAP) ** _AMP_POWER
     if w.sum() <= 0:
         w = (~flat).astype(np.float64)
     if w.sum() <= 0:
@@ -83,8 +125,11 @@ def _combined_envelope(x: np.ndarray, fs: float) -> Tuple[np.ndarray, np.ndarray
         # surrounding second rises in a burst; weighting each lead down by it, sample by sample, lets the clean
         # leads speak there.
         floor = ndimage.uniform_filter1d(dn, max(int(round(fs)), 1), axis=-1, mode="nearest")
-        ref = np.median(floor, axis=-1, keepdims=True)
-        wl = w[:, None] / np.maximum(floor / np.maximum(ref, 1e-12), 1.0) ** _LW_POWER
+        ref = np.median(floor, axis=-1, keepdims=True) if all_alive else np.array(
+            [[np.median(f[a]) if a.any() else 0.0] for f, a in zip(floor, alive)])
+        # A lead that is flat here (electrode off, amplifier clamped) has no vote here: a zero from it would
+        # otherwise dilute the pooled energy of every beat in that stretch.
+        wl = alive * (w[:, None] / np.maximum(floor / np.maximum(ref, 1e-12), 1.0) ** _LW_POWER)
         energy = (wl * dn * dn).sum(axis=0) / np.maximum(wl.sum(axis=0), 1e-12)
     else:
         energy = np.tensordot(w, dn * dn, axes=(0, 0))
@@ -112,6 +157,10 @@ def _searchback(peaks, cand, heights, levels, fs):
             return peaks
         rr = np.diff(peaks)
         med_rr = ndimage.median_filter(rr.astype(np.float64), size=9, mode="nearest")
+        if _GLOBAL_RR:
+            # Near a strip's end the local median sees mostly the gaps themselves (missed ectopic beats late in
+            # a strip leave doubled intervals there): the record's median interval bounds it.
+            med_rr = np.minimum(med_rr, np.median(rr))
         gaps = np.nonzero(rr > 1.6 * med_rr)[0]
         added = []
         for g in gaps:
@@ -158,8 +207,57 @@ def _refine(peaks, x, w, fs):
     offs = np.arange(-half, half + 1)
     idx = np.clip(peaks[:, None] + offs[None, :], 0, len(comb) - 1)
     best = idx[np.arange(len(peaks)), np.argmax(comb[idx], axis=1)]
+    if _EDGE:
+        best = _edge_beats(best, x, w, level, fs)
     # Two envelope peaks may refine onto the same R wave; keep one.
     return np.unique(best)
+
+
+def _raw_energy(x, w, level, at, fs):
+    """Weighted energy of the raw samples at indices ``at`` (baseline: each lead's median over +-0.3 s)."""
+    n = x.shape[1]
+    hw = max(int(round(0.3 * fs)), 1)
+    # The window slides inwards at the ends rather than being clipped: repeating the edge sample would pull the
+    # baseline onto a beat cut by the edge and hide it.
+    start = np.clip(at - hw, 0, max(n - 2 * hw - 1, 0))
+    win = np.minimum(start[:, None] + np.arange(2 * hw + 1)[None, :], n - 1)
+    base = np.median(x[:, win], axis=-1)  # [C, len(at)]
+    return np.tensordot(w, ((x[:, at] - base) / level[:, None]) ** 2, axes=(0, 0))
+
+
+def _edge_beats(best, x, w, level, fs):
+    """Re-locate beats near the strip's ends on the raw samples, and drop those whose R lies outside.
+
+    A beat counts when its R wave is inside the strip. Near an end the zero-phase filters see a padded signal,
+    which pulls the extremum of a beat cut by the edge a few samples inwards: its R, just outside, would be
+    reported just inside. The raw samples are not distorted. A beat whose raw energy peaks inside the strip is
+    kept there; one whose energy still rises into the edge sample is kept only when that sample already reaches
+    most of the record's typical R summit (the R is then within about a sample of it), else its R is outside.
+    """
+    n = x.shape[1]
+    half = max(int(round(_REFINE_S * fs)), 1)
+    zone = 2 * half  # an edge candidate may have been moved up to ``half`` inwards by the wide-band refinement
+    near = (best < zone) | (best > n - 1 - zone)
+    if not near.any():
+        return best
+    inner = best[~near]
+    if len(inner) == 0:
+        return best
+    summit = np.median(_raw_energy(x, w, level, inner, fs))
+    keep = np.ones(len(best), dtype=bool)
+    sides = {}  # per end: sample indices from the edge inwards, and their raw energy (computed once)
+    for k in np.nonzero(near)[0]:
+        end = int(best[k] >= zone)
+        if end not in sides:
+            side = np.arange(0, zone + 1) if end == 0 else np.arange(n - 1, n - 2 - zone, -1)
+            side = side[(side >= 0) & (side < n)]
+            sides[end] = side, _raw_energy(x, w, level, side, fs)
+        side, e = sides[end]
+        j = int(np.argmax(e))
+        if e[j] < (_EDGE_SUMMIT if j == 0 else _INNER_SUMMIT) * summit:
+            keep[k] = False
+        best[k] = side[j]
+    return best[keep]
 
 
 def detect_rpeaks(sig: np.ndarray, fs: float) -> np.ndarray:
@@ -197,6 +295,15 @@ def detect_rpeaks(sig: np.ndarray, fs: float) -> np.ndarray:
     # Beats found by the search-back are not T-wave checked again: a premature ventricular beat is wide, so weak in
     # the QRS band, comes early, and is followed by a compensatory pause, exactly the gap the search-back fills.
     peaks = _searchback(peaks, cand, heights, levels, fs)
+    if _EDGE:
+        # A beat cut by an edge is only partly inside the integration window, so its envelope peak is lower:
+        # edge candidates get the search-back threshold here and are then judged on the raw samples (_edge_beats).
+        half = max(int(round(_REFINE_S * fs)), 1)
+        at_edge = ((cand < half) | (cand > n - 1 - half)) & (heights >= _SEARCHBACK * levels)
+        extra = cand[at_edge]
+        if len(peaks):
+            extra = extra[np.min(np.abs(extra[:, None] - peaks[None, :]), axis=1) >= dist]
+        peaks = np.sort(np.concatenate([peaks, extra]))
     peaks = _refine(peaks, x, w, fs)
     # After refinement two beats can sit closer than the refractory period; keep the stronger.
     if len(peaks) > 1:

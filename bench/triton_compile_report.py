@@ -1,0 +1,134 @@
+"""Compile every Triton kernel for a GPU architecture without a GPU, and report registers, spills and shared
+memory per kernel, dtype, head dim and tile config (the compiled-code review of the Triton backend).
+
+Triton compiles to PTX and runs its bundled ``ptxas`` on any machine; only launching needs a device. The
+interpreter (``TRITON_INTERPRET=1``) skips compilation, so this is also the check that catches what it cannot
+(for example globals that are not constexpr). Run: ``python bench/triton_compile_report.py [--arch 90]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Under the interpreter ``triton.jit`` returns interpreted functions, which cannot be compiled.
+    os.environ.pop("TRITON_INTERPRET")
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from clear_kernels.triton_kernels import backward, common, forward  # noqa: E402
+
+DATA_PTRS = {"Q", "K", "V", "Out", "GradOut", "GradQ", "GradK", "GradV"}
+STAT_PTRS = {"Lse", "Delta"}
+INT_ARGS = {"L", "H", "NUM_GROUPS", "MAX_SUMMARY", "N"}
+FLOAT_ARGS = {"scale", "qk_scale"}
+TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+KERNELS = {
+    "fwd_segment_rows": (forward._fwd_segment_rows, common.TILE_CONFIGS),
+    "fwd_summary_rows": (forward._fwd_summary_rows, common.ROW_CONFIGS),
+    "bwd_delta": (backward._bwd_delta, None),
+    "bwd_segment_dq": (backward._bwd_segment_dq, common.TILE_CONFIGS),
+    "bwd_segment_dkdv": (backward._bwd_segment_dkdv, common.TILE_CONFIGS),
+    "bwd_summary": (backward._bwd_summary, common.ROW_CONFIGS),
+}
+
+
+def _signature(fn, dtype: str) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in DATA_PTRS:
+            sig[name] = "*" + TRITON_DTYPE[dtype]
+        elif name in STAT_PTRS:
+            sig[name] = "*fp32"
+        elif name in INT_ARGS:
+            sig[name] = "i32"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name[0].isupper() and name not in ("D", "BLOCK_D", "F32", "BLOCK_M", "BLOCK_N", "ROWS"):
+            sig[name] = "*i32"  # layout tensors
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers, stack and local bytes from ``cuobjdump --dump-resource-usage`` (register spills show up as a
+    per-thread stack frame)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {key.lower(): int(value) for key, value in found.items()}
+
+
+def compile_one(name: str, dtype: str, head_dim: int, config, arch: int) -> dict:
+    jitted, _ = KERNELS[name]
+    fn = jitted.fn if isinstance(jitted, triton.runtime.Autotuner) else jitted  # the JITFunction
+    consts = {"D": head_dim, "BLOCK_D": common.block_d(head_dim)}
+    if "F32" in fn.arg_names:
+        consts["F32"] = dtype == "float32"
+    if "ROWS" in fn.arg_names:
+        consts["ROWS"] = backward.DELTA_ROWS
+    options = {"num_warps": 4, "num_stages": 1}
+    if config is not None:
+        consts.update(config.kwargs)
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, _signature(fn, dtype), consts), target=GPUTarget("cuda", arch, 32),
+                              options=options)
+    usage = _resource_usage(compiled.asm["cubin"])
+    return {"kernel": name, "dtype": dtype, "head_dim": head_dim, "arch": arch,
+            "config": {k: v for k, v in consts.items() if k.startswith("BLOCK_") and k != "BLOCK_D"},
+            "num_warps": options["num_warps"], "num_stages": options["num_stages"],
+            "registers": usage.get("reg"), "stack_bytes": usage.get("stack"), "local_bytes": usage.get("local"),
+            "shared_bytes": compiled.metadata.shared, "compile_s": round(time.perf_counter() - start, 2)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (80, 90, ...)")
+    parser.add_argument("--dtypes", default="float16,bfloat16,float32")
+    parser.add_argument("--head-dims", default="32,96,256")
+    parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--all-configs", action="store_true", help="every autotune config the pruning keeps")
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.kernels.split(","):
+        _, configs = KERNELS[name]
+        for dtype in args.dtypes.split(","):
+            for head_dim in map(int, args.head_dims.split(",")):
+                chosen = [None]
+                if configs is not None:
+                    q = torch.empty(0, dtype=getattr(torch, dtype))
+                    kept = common._prune_for_head_dim(configs, {"Q": q}, D=head_dim)
+                    chosen = kept if args.all_configs else kept[:1]
+                for config in chosen:
+                    row = compile_one(name, dtype, head_dim, config, args.arch)
+                    rows.append(row)
+                    print(f"{row['kernel']:18s} {dtype:9s} D={head_dim:<4d} {str(row['config']):32s} "
+                          f"w={row['num_warps']} s={row['num_stages']} regs={row['registers']} "
+                          f"stack={row['stack_bytes']}B smem={row['shared_bytes']}B ({row['compile_s']}s)",
+                          flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+// The kernel bodies for one instruction set: AVX-512 (Skylake-X, Ice Lake, Zen 4 and later).
+//
+// Why per-file targets instead of -mavx2 in setup.py: a wheel built with -mavx2 crashes with SIGILL on CPUs
+// without it. Instead the same source (segment_attention_core.h) is compiled here under a target pragma, and
+// segment_attention_cpu.cpp picks the best table the running CPU supports (as ATen does with CPU_CAPABILITY).
+// Only headers included before the pragma are shared with the rest of the library, and they define no
+// functions, so no AVX code can leak into a caller on an older CPU.
+#include <cstdint>
+
+#include "kernel_params.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define CLEAR_ISA_AVAILABLE 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#endif
+#endif
+
+#define CLEAR_ARCH avx512
+#define CLEAR_ARCH_NAME "avx512"
+#define CLEAR_VEC_BYTES 64
+
+namespace clear_cpu {
+namespace CLEAR_ARCH {
+#ifdef CLEAR_ISA_AVAILABLE
+#include "segment_attention_core.h"
+#else
+// Not an x86-64 build: this instruction set does not exist here; the dispatcher never asks for it.
+const KernelTable& kernel_table() {
+  static const KernelTable table{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return table;
+}
+#endif
+}  // namespace CLEAR_ARCH
+}  // namespace clear_cpu
+
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+#endif

@@ -1,0 +1,71 @@
+// Plain-C++ interface between the PyTorch-facing op (segment_attention_cpu.cpp) and the ISA-specific kernel
+// bodies (kernel_isa_*.cpp). It includes no PyTorch header on purpose: the kernel bodies are compiled for
+// several instruction sets in one library, and any inline function they shared with the rest of the library
+// could be emitted with AVX-512 instructions and then picked by the linker for a caller on an older CPU.
+#pragma once
+
+#include <cstdint>
+
+namespace clear_cpu {
+
+enum class DType : int { Float32 = 0, BFloat16 = 1, Float64 = 2 };
+
+// Everything one op call needs; tensors are contiguous, q-like ones [B, H, L, D], lse/delta [B, H, L],
+// layout tensors as documented in clear_kernels/layout.py. Pointers a phase does not use are null.
+struct Params {
+  int64_t batch = 0, heads = 0, length = 0, head_dim = 0, num_groups = 0, max_summary = 0;
+  int64_t max_run = 1;     // longest segment run in the layout: sizes the per-thread scratch
+  int64_t chunk = 64;      // positions per task in the token passes
+  double scale = 1.0;
+  DType dtype = DType::Float32;
+
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* out = nullptr;       // backward: the forward output
+  const void* grad_out = nullptr;  // backward
+  const float* lse = nullptr;      // backward: the forward logsumexp
+
+  void* out_w = nullptr;     // forward outputs
+  float* lse_w = nullptr;
+  void* dq = nullptr;        // backward outputs
+  void* dk = nullptr;
+  void* dv = nullptr;
+  // float64 only: the contract's float32 lse would cost the backward half of its precision, so the backward
+  // recomputes the logsumexp in double (a forward pass writing lse64) and reads it from here.
+  double* lse64 = nullptr;
+  float* delta = nullptr;    // backward scratch [B, H, L]: rowsum(grad_out * out) of summary rows, float32
+  double* delta64 = nullptr; // (float64 runs keep theirs in delta64 so no precision is lost)
+
+  const int32_t* segment = nullptr;
+  const int32_t* group = nullptr;
+  const int32_t* seg_start = nullptr;
+  const int32_t* seg_end = nullptr;
+  const int32_t* group_index = nullptr;
+  const int32_t* group_offsets = nullptr;
+  const int32_t* summary_index = nullptr;
+  const int32_t* summary_offsets = nullptr;
+
+  int64_t chunks_per_row() const { return (length + chunk - 1) / chunk; }
+};
+
+// One instruction set's kernel bodies. Each phase processes tasks [begin, end) with a caller-provided scratch
+// buffer of scratch_bytes(params) bytes; tasks of a phase write disjoint output rows, so phases parallelise
+// over tasks with no synchronisation and every output element is computed in one fixed order.
+struct KernelTable {
+  const char* name;
+  int64_t (*scratch_bytes)(const Params&);
+  // Forward over token tasks (b, h, chunk of positions): runs starting in the chunk, summary rows, padding.
+  void (*forward)(const Params&, int64_t begin, int64_t end, void* scratch);
+  // Backward phase 0 over (b, h): delta = rowsum(grad_out * out) of the summary rows (the runs need them).
+  void (*backward_summary_delta)(const Params&, int64_t begin, int64_t end, void* scratch);
+  // Backward over (b, h) x (chunks + max_summary) tasks: a chunk's task computes dq/dk/dv of the segment runs
+  // starting in it (zeros for padding), a summary slot's task those of a summary token. No dependencies.
+  void (*backward)(const Params&, int64_t begin, int64_t end, void* scratch);
+};
+
+namespace generic { const KernelTable& kernel_table(); }
+namespace avx2 { const KernelTable& kernel_table(); }
+namespace avx512 { const KernelTable& kernel_table(); }
+
+}  // namespace clear_cpu

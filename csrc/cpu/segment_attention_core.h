@@ -1,0 +1,548 @@
+// The CPU segment-attention kernel bodies, compiled once per instruction set (kernel_isa_*.cpp define CLEAR_ARCH
+// and CLEAR_VEC_BYTES, switch the target, then include this file). No PyTorch header may be included here.
+//
+// Work decomposition (every output row is written by exactly one task, in a fixed order: deterministic, no
+// atomics, and independent of the thread count):
+//  * token tasks (b, h, chunk of positions): a chunk owns the segment runs that start in it, its summary rows
+//    (forward) and its padding rows. A run of n queries attends its n keys plus each query's group summary keys;
+//    the run's n x n score block is computed once and reused for dq and for dk/dv of the run's keys.
+//  * summary tasks (b, h, summary slot), backward only: a summary token's dq (it attends its group's list) and
+//    its dk/dv (by the symmetry of the rule, the queries that attend it are the same list).
+// Scores live only in per-thread scratch: one row per query of a run tile, so memory stays O(B*H*L*D).
+
+#include "vector_math.h"
+
+constexpr int32_t kSummary = -1;
+constexpr int32_t kPadding = -2;
+constexpr int64_t kQueryTile = 32;  // query rows of a run processed together (bounds the score tile)
+constexpr int64_t kRows = 24;       // single-row buffers (converted rows of summary tokens and their partners)
+
+// ------------------------------------------------------------------------------------------ element access
+inline float bf16_to_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN stays NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);                   // round to nearest even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// `count` consecutive elements of the input as compute type T: the input itself when it already is T,
+// otherwise converted into `buf`.
+template <typename Src, typename T>
+inline const T* as_compute(const Src* src, int64_t count, T* buf) {
+  if constexpr (SameType<Src, T>::value) {
+    (void)count;
+    (void)buf;
+    return src;
+  } else {
+    for (int64_t i = 0; i < count; ++i) buf[i] = bf16_to_float(src[i]);
+    return buf;
+  }
+}
+
+// dst = src * mult, in the storage type.
+template <typename Src, typename T>
+inline void store_scaled(Src* dst, const T* src, T mult, int64_t D) {
+  if constexpr (SameType<Src, T>::value) {
+    for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * mult;
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = float_to_bf16(src[d] * mult);
+  }
+}
+
+template <typename Src>
+inline void store_zero(Src* dst, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = Src(0);
+}
+
+// -------------------------------------------------------------------------------------------- scratch
+// Carves the per-thread buffer (scratch_elems decides its size; both must list the same pieces).
+template <typename T>
+struct Scratch {
+  T *q, *k, *v, *dout, *dq, *dk, *dv;  // max_run rows each
+  T* rows;                             // kRows single rows (summary tokens and their partners)
+  T* acc;                              // 3 single rows (accumulators of a summary task)
+  T *scores, *dscores;                 // score tiles; `scores` also holds up to 3 rows of L coefficients
+  T *run_lse, *run_delta;              // max_run each
+
+  static int64_t tile_elems(const Params& p) { return kQueryTile * (p.max_run + p.max_summary); }
+  static int64_t round_up(int64_t n) { return (n + 15) / 16 * 16; }  // keeps every piece 64-byte aligned
+  static int64_t elems(const Params& p) {
+    const int64_t D = p.head_dim, R = p.max_run;
+    const int64_t tile = round_up(tile_elems(p));
+    const int64_t long_tile = tile > round_up(3 * p.length) ? tile : round_up(3 * p.length);
+    return 7 * round_up(R * D) + (kRows + 3) * round_up(D) + long_tile + tile + 2 * round_up(R);
+  }
+
+  Scratch(const Params& p, void* raw) {
+    const int64_t D = p.head_dim, R = p.max_run;
+    T* cur = static_cast<T*>(raw);
+    auto take = [&cur](int64_t n) {
+      T* out = cur;
+      cur += round_up(n);
+      return out;
+    };
+    q = take(R * D);
+    k = take(R * D);
+    v = take(R * D);
+    dout = take(R * D);
+    dq = take(R * D);
+    dk = take(R * D);
+    dv = take(R * D);
+    rows = cur;
+    cur += kRows * round_up(D);
+    acc = cur;
+    cur += 3 * round_up(D);
+    const int64_t tile = tile_elems(p);
+    scores = take(tile > 3 * p.length ? tile : 3 * p.length);
+    dscores = take(tile);
+    run_lse = take(R);
+    run_delta = take(R);
+  }
+  T* row(int i, const Params& p) const { return rows + i * round_up(p.head_dim); }
+};
+
+// ------------------------------------------------------------------------------------------ layout access
+struct LayoutRow {
+  const Params& p;
+  int64_t b;
+  const int32_t* segment() const { return p.segment + b * p.length; }
+  const int32_t* group() const { return p.group + b * p.length; }
+  const int32_t* seg_start() const { return p.seg_start + b * p.length; }
+  const int32_t* seg_end() const { return p.seg_end + b * p.length; }
+  // The non-padding tokens of group g, and the summary tokens of group g.
+  const int32_t* group_list(int64_t g, int64_t* count) const {
+    const int32_t* off = p.group_offsets + b * (p.num_groups + 1);
+    *count = off[g + 1] - off[g];
+    return p.group_index + b * p.length + off[g];
+  }
+  const int32_t* summary_list(int64_t g, int64_t* count) const {
+    const int32_t* off = p.summary_offsets + b * (p.num_groups + 1);
+    *count = off[g + 1] - off[g];
+    return p.summary_index + b * p.max_summary + off[g];
+  }
+  int64_t num_summary() const { return p.summary_offsets[b * (p.num_groups + 1) + p.num_groups]; }
+};
+
+// The logsumexp of row t of head bh in compute precision (see Params::lse64).
+template <typename T>
+inline T row_lse(const Params& p, int64_t bh, int64_t t) {
+  if constexpr (SameType<T, double>::value)
+    if (p.lse64) return p.lse64[bh * p.length + t];
+  return static_cast<T>(p.lse[bh * p.length + t]);
+}
+
+template <typename T>
+inline void write_lse(const Params& p, int64_t row, T value) {
+  p.lse_w[row] = static_cast<float>(value);
+  if constexpr (SameType<T, double>::value)
+    if (p.lse64) p.lse64[row] = value;
+}
+
+template <typename T>
+inline T* delta_buffer(const Params& p) {
+  if constexpr (SameType<T, double>::value) return p.delta64;
+  else return p.delta;
+}
+
+// Scaled scores of `rows` query rows (stride D) against n contiguous keys into s[i * ld + j].
+template <typename T>
+inline void score_block(const T* qrows, int64_t rows, const T* keys, int64_t n, int64_t D, T scale, T* s,
+                        int64_t ld) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4)
+    for (int64_t j = 0; j < n; ++j) dot4(qrows + i * D, D, keys + j * D, D, s + i * ld + j, ld);
+  for (; i < rows; ++i)
+    for (int64_t j = 0; j < n; ++j) s[i * ld + j] = dot(qrows + i * D, keys + j * D, D);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) s[r * ld + j] *= scale;
+}
+
+// ------------------------------------------------------------------------------------------------ forward
+template <typename Src, typename T>
+void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, int64_t r1, Scratch<T>& s) {
+  const int64_t D = p.head_dim, L = p.length, n = r1 - r0;
+  const T scale = static_cast<T>(p.scale);
+  const Src* q = static_cast<const Src*>(p.q) + bh * L * D;
+  const Src* k = static_cast<const Src*>(p.k) + bh * L * D;
+  const Src* v = static_cast<const Src*>(p.v) + bh * L * D;
+  Src* out = static_cast<Src*>(p.out_w) + bh * L * D;
+  const T* K = as_compute(k + r0 * D, n * D, s.k);
+  const T* V = as_compute(v + r0 * D, n * D, s.v);
+  const int64_t ld = n + p.max_summary;
+  T* acc = s.acc;
+  for (int64_t i0 = r0; i0 < r1; i0 += kQueryTile) {
+    const int64_t rows = (r1 - i0 < kQueryTile) ? r1 - i0 : kQueryTile;
+    const T* Q = as_compute(q + i0 * D, rows * D, s.q);
+    score_block(Q, rows, K, n, D, scale, s.scores, ld);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t t = i0 + i;
+      T* srow = s.scores + i * ld;
+      int64_t ns;
+      const int32_t* sums = lay.summary_list(lay.group()[t], &ns);
+      for (int64_t u = 0; u < ns; ++u) {
+        const T* ks = as_compute(k + int64_t(sums[u]) * D, D, s.row(0, p));
+        srow[n + u] = scale * dot(Q + i * D, ks, D);
+      }
+      const int64_t m = n + ns;
+      T mx = srow[0];
+      for (int64_t j = 1; j < m; ++j) mx = srow[j] > mx ? srow[j] : mx;
+      const T sum = exp_shift_sum(srow, m, mx);
+      combine_rows(acc, false, srow, 1, V, D, n, D);
+      for (int64_t u = 0; u < ns; ++u) axpy(acc, srow[n + u], as_compute(v + int64_t(sums[u]) * D, D, s.row(1, p)), D);
+      store_scaled(out + t * D, acc, T(1) / sum, D);
+      write_lse<T>(p, bh * L + t, mx + log_scalar(sum));
+    }
+  }
+}
+
+// A summary query attends every token of its group: the group's index list, gathered row by row.
+template <typename Src, typename T>
+void forward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int64_t t, Scratch<T>& s) {
+  const int64_t D = p.head_dim, L = p.length;
+  const T scale = static_cast<T>(p.scale);
+  const Src* q = static_cast<const Src*>(p.q) + bh * L * D;
+  const Src* k = static_cast<const Src*>(p.k) + bh * L * D;
+  const Src* v = static_cast<const Src*>(p.v) + bh * L * D;
+  Src* out = static_cast<Src*>(p.out_w) + bh * L * D;
+  int64_t m;
+  const int32_t* keys = lay.group_list(lay.group()[t], &m);
+  if (m == 0) {  // cannot happen for a well-formed layout (a summary token is in its own group's list)
+    store_zero(out + t * D, D);
+    write_lse<T>(p, bh * L + t, T(0));
+    return;
+  }
+  const T* Q = as_compute(q + t * D, D, s.row(0, p));
+  T* srow = s.scores;
+  // Keys four at a time: one pass over q for four scores, one read-modify-write of acc for four value rows.
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    const T* kr[4];
+    for (int u = 0; u < 4; ++u) kr[u] = as_compute(k + int64_t(keys[j + u]) * D, D, s.row(1 + u, p));
+    dot4p(kr[0], kr[1], kr[2], kr[3], Q, D, srow + j);
+    for (int u = 0; u < 4; ++u) srow[j + u] *= scale;
+  }
+  for (; j < m; ++j) srow[j] = scale * dot(Q, as_compute(k + int64_t(keys[j]) * D, D, s.row(1, p)), D);
+  T mx = srow[0];
+  for (int64_t i = 1; i < m; ++i) mx = srow[i] > mx ? srow[i] : mx;
+  const T sum = exp_shift_sum(srow, m, mx);
+  T* acc = s.acc;
+  if constexpr (SameType<Src, T>::value) {
+    // Output slices stay in registers while the gathered value rows stream through.
+    combine_rows_at(acc, false, srow, 1, GatheredRows<T>{v, keys, D}, m, D);
+  } else {  // bfloat16: rows are converted one block at a time
+    zero(acc, D);
+    for (j = 0; j + 4 <= m; j += 4) {
+      const T* vr[4];
+      for (int u = 0; u < 4; ++u) vr[u] = as_compute(v + int64_t(keys[j + u]) * D, D, s.row(1 + u, p));
+      axpy4(acc, srow + j, vr[0], vr[1], vr[2], vr[3], D);
+    }
+    for (; j < m; ++j) axpy(acc, srow[j], as_compute(v + int64_t(keys[j]) * D, D, s.row(1, p)), D);
+  }
+  store_scaled(out + t * D, acc, T(1) / sum, D);
+  write_lse<T>(p, bh * L + t, mx + log_scalar(sum));
+}
+
+template <typename Src, typename T>
+void forward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
+  Scratch<T> s(p, raw);
+  const int64_t chunks = p.chunks_per_row(), L = p.length, D = p.head_dim;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / chunks, c = task % chunks;
+    const LayoutRow lay{p, bh / p.heads};
+    const int64_t t1 = (c + 1) * p.chunk < L ? (c + 1) * p.chunk : L;
+    for (int64_t t = c * p.chunk; t < t1; ++t) {
+      const int32_t seg = lay.segment()[t];
+      if (seg == kPadding) {
+        store_zero(static_cast<Src*>(p.out_w) + (bh * L + t) * D, D);
+        write_lse<T>(p, bh * L + t, T(0));
+      } else if (seg == kSummary) {
+        forward_summary_row<Src, T>(p, lay, bh, t, s);
+      } else if (lay.seg_start()[t] == t) {
+        forward_run<Src, T>(p, lay, bh, t, lay.seg_end()[t], s);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- backward
+template <typename Src, typename T>
+void summary_delta_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
+  Scratch<T> s(p, raw);
+  const int64_t D = p.head_dim, L = p.length;
+  T* delta = delta_buffer<T>(p);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const LayoutRow lay{p, bh / p.heads};
+    const Src* o = static_cast<const Src*>(p.out) + bh * L * D;
+    const Src* dout = static_cast<const Src*>(p.grad_out) + bh * L * D;
+    const int64_t count = lay.num_summary();
+    for (int64_t u = 0; u < count; ++u) {
+      const int64_t t = p.summary_index[lay.b * p.max_summary + u];
+      delta[bh * L + t] = dot(as_compute(dout + t * D, D, s.row(0, p)), as_compute(o + t * D, D, s.row(1, p)), D);
+    }
+  }
+}
+
+template <typename Src, typename T>
+void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, int64_t r1, Scratch<T>& s) {
+  const int64_t D = p.head_dim, L = p.length, n = r1 - r0;
+  const T scale = static_cast<T>(p.scale);
+  const int64_t base = bh * L * D;
+  const Src* q = static_cast<const Src*>(p.q) + base;
+  const Src* k = static_cast<const Src*>(p.k) + base;
+  const Src* v = static_cast<const Src*>(p.v) + base;
+  const Src* o = static_cast<const Src*>(p.out) + base;
+  const Src* dout = static_cast<const Src*>(p.grad_out) + base;
+  const T* delta = delta_buffer<T>(p) + bh * L;  // summary rows only (phase 0)
+
+  const T* Q = as_compute(q + r0 * D, n * D, s.q);
+  const T* K = as_compute(k + r0 * D, n * D, s.k);
+  const T* V = as_compute(v + r0 * D, n * D, s.v);
+  const T* dO = as_compute(dout + r0 * D, n * D, s.dout);
+  for (int64_t i = 0; i < n; ++i) {
+    const T d = dot(dO + i * D, as_compute(o + (r0 + i) * D, D, s.row(0, p)), D);
+    s.run_delta[i] = d;
+    s.run_lse[i] = row_lse<T>(p, bh, r0 + i);
+  }
+
+  // Segment part: the n x n block, one query tile at a time. P = exp(S - lse), dS = P * (dP - delta).
+  const int64_t ld = n;
+  for (int64_t i0 = 0; i0 < n; i0 += kQueryTile) {
+    const int64_t rows = (n - i0 < kQueryTile) ? n - i0 : kQueryTile;
+    T* P = s.scores;
+    T* dS = s.dscores;
+    score_block(Q + i0 * D, rows, K, n, D, scale, P, ld);
+    score_block(dO + i0 * D, rows, V, n, D, T(1), dS, ld);
+    for (int64_t i = 0; i < rows; ++i) {
+      T* prow = P + i * ld;
+      T* dsrow = dS + i * ld;
+      exp_shift_sum(prow, n, s.run_lse[i0 + i]);
+      const T di = s.run_delta[i0 + i];
+      for (int64_t j = 0; j < n; ++j) dsrow[j] = prow[j] * (dsrow[j] - di);
+      combine_rows(s.dq + (i0 + i) * D, false, dsrow, 1, K, D, n, D);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      combine_rows(s.dk + j * D, i0 > 0, dS + j, ld, Q + i0 * D, D, rows, D);
+      combine_rows(s.dv + j * D, i0 > 0, P + j, ld, dO + i0 * D, D, rows, D);
+    }
+  }
+
+  // Summary keys of each query's group add to its dq.
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t ns;
+    const int32_t* sums = lay.summary_list(lay.group()[r0 + i], &ns);
+    for (int64_t u = 0; u < ns; ++u) {
+      const T* ks = as_compute(k + int64_t(sums[u]) * D, D, s.row(0, p));
+      const T* vs = as_compute(v + int64_t(sums[u]) * D, D, s.row(1, p));
+      const T pr = exp_scalar(scale * dot(Q + i * D, ks, D) - s.run_lse[i]);
+      const T ds = pr * (dot(dO + i * D, vs, D) - s.run_delta[i]);
+      axpy(s.dq + i * D, ds, ks, D);
+    }
+  }
+  // Summary queries of each key's group add to its dk and dv (their delta comes from phase 0).
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t ns;
+    const int32_t* sums = lay.summary_list(lay.group()[r0 + j], &ns);
+    for (int64_t u = 0; u < ns; ++u) {
+      const int64_t sq = sums[u];
+      const T* qs = as_compute(q + sq * D, D, s.row(0, p));
+      const T* dos = as_compute(dout + sq * D, D, s.row(1, p));
+      const T pr = exp_scalar(scale * dot(qs, K + j * D, D) - row_lse<T>(p, bh, sq));
+      const T ds = pr * (dot(dos, V + j * D, D) - delta[sq]);
+      axpy(s.dk + j * D, ds, qs, D);
+      axpy(s.dv + j * D, pr, dos, D);
+    }
+  }
+
+  Src* dq = static_cast<Src*>(p.dq) + base;
+  Src* dk = static_cast<Src*>(p.dk) + base;
+  Src* dv = static_cast<Src*>(p.dv) + base;
+  for (int64_t i = 0; i < n; ++i) {
+    store_scaled(dq + (r0 + i) * D, s.dq + i * D, scale, D);
+    store_scaled(dk + (r0 + i) * D, s.dk + i * D, scale, D);
+    store_scaled(dv + (r0 + i) * D, s.dv + i * D, T(1), D);
+  }
+}
+
+template <typename Src, typename T>
+void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
+  Scratch<T> s(p, raw);
+  const int64_t chunks = p.chunks_per_row(), L = p.length, D = p.head_dim;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / chunks, c = task % chunks;
+    const LayoutRow lay{p, bh / p.heads};
+    const int64_t t1 = (c + 1) * p.chunk < L ? (c + 1) * p.chunk : L;
+    for (int64_t t = c * p.chunk; t < t1; ++t) {
+      const int32_t seg = lay.segment()[t];
+      if (seg == kPadding) {
+        const int64_t row = (bh * L + t) * D;
+        store_zero(static_cast<Src*>(p.dq) + row, D);
+        store_zero(static_cast<Src*>(p.dk) + row, D);
+        store_zero(static_cast<Src*>(p.dv) + row, D);
+      } else if (seg >= 0 && lay.seg_start()[t] == t) {
+        backward_run<Src, T>(p, lay, bh, t, lay.seg_end()[t], s);
+      }
+    }
+  }
+}
+
+// A summary token t and each token x of its group: t attends x (dq of t) and x attends t (dk/dv of t).
+template <typename Src, typename T>
+void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
+  Scratch<T> s(p, raw);
+  const int64_t D = p.head_dim, L = p.length, S = p.max_summary;
+  const T scale = static_cast<T>(p.scale);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / S, slot = task % S;
+    const LayoutRow lay{p, bh / p.heads};
+    if (slot >= lay.num_summary()) continue;  // this row has fewer summary tokens than max_summary
+    const int64_t t = p.summary_index[lay.b * S + slot];
+    const int64_t base = bh * L * D;
+    const Src* q = static_cast<const Src*>(p.q) + base;
+    const Src* k = static_cast<const Src*>(p.k) + base;
+    const Src* v = static_cast<const Src*>(p.v) + base;
+    const Src* dout = static_cast<const Src*>(p.grad_out) + base;
+    const Src* o = static_cast<const Src*>(p.out) + base;
+    const T* delta = delta_buffer<T>(p) + bh * L;  // summary rows only (phase 0)
+
+    const T* qt = as_compute(q + t * D, D, s.row(0, p));
+    const T* kt = as_compute(k + t * D, D, s.row(1, p));
+    const T* vt = as_compute(v + t * D, D, s.row(2, p));
+    const T* dot_ = as_compute(dout + t * D, D, s.row(3, p));
+    const T lse_t = row_lse<T>(p, bh, t), delta_t = delta[t];
+    T* dq = s.acc;
+    T* dk = s.acc + Scratch<T>::round_up(D);
+    T* dv = s.acc + 2 * Scratch<T>::round_up(D);
+    zero(dq, D);
+    zero(dk, D);
+    zero(dv, D);
+    int64_t m;
+    const int32_t* members = lay.group_list(lay.group()[t], &m);
+    // float32/float64: the members' coefficients first, then three gathered sums (see below); bfloat16
+    // accumulates block by block from converted rows instead.
+    T* coef_q = s.scores;
+    T* coef_k = s.scores + L;
+    T* coef_v = s.scores + 2 * L;
+    // Members four at a time (see forward_summary_row); the tail one by one, with the same arithmetic.
+    int64_t u = 0;
+    for (; u + 4 <= m; u += 4) {
+      const T *qx[4], *kx[4], *vx[4], *dox[4];
+      for (int r = 0; r < 4; ++r) {
+        const int64_t x = members[u + r];
+        qx[r] = as_compute(q + x * D, D, s.row(4 + r, p));
+        kx[r] = as_compute(k + x * D, D, s.row(8 + r, p));
+        vx[r] = as_compute(v + x * D, D, s.row(12 + r, p));
+        dox[r] = as_compute(dout + x * D, D, s.row(16 + r, p));
+      }
+      // The members' delta = rowsum(dO * O), recomputed here so that this phase need not wait for the runs'.
+      T delta_x[4];
+      for (int r = 0; r < 4; ++r)
+        delta_x[r] = dot(dox[r], as_compute(o + int64_t(members[u + r]) * D, D, s.row(20 + r, p)), D);
+      T s_tx[4], dp_tx[4], s_xt[4], dp_xt[4], c_q[4], c_k[4], c_v[4];
+      dot4p(kx[0], kx[1], kx[2], kx[3], qt, D, s_tx);
+      dot4p(vx[0], vx[1], vx[2], vx[3], dot_, D, dp_tx);
+      dot4p(qx[0], qx[1], qx[2], qx[3], kt, D, s_xt);
+      dot4p(dox[0], dox[1], dox[2], dox[3], vt, D, dp_xt);
+      T probs[8];  // the eight exponentials of the block in one vector call
+      for (int r = 0; r < 4; ++r) {
+        probs[r] = scale * s_tx[r] - lse_t;
+        probs[4 + r] = scale * s_xt[r] - row_lse<T>(p, bh, members[u + r]);
+      }
+      exp_shift_sum(probs, 8, T(0));
+      for (int r = 0; r < 4; ++r) {
+        c_q[r] = probs[r] * (dp_tx[r] - delta_t);
+        c_k[r] = probs[4 + r] * (dp_xt[r] - delta_x[r]);
+        c_v[r] = probs[4 + r];
+      }
+      if constexpr (SameType<Src, T>::value) {
+        for (int r = 0; r < 4; ++r) {
+          coef_q[u + r] = c_q[r];
+          coef_k[u + r] = c_k[r];
+          coef_v[u + r] = c_v[r];
+        }
+      } else {
+        axpy4(dq, c_q, kx[0], kx[1], kx[2], kx[3], D);
+        axpy4(dk, c_k, qx[0], qx[1], qx[2], qx[3], D);
+        axpy4(dv, c_v, dox[0], dox[1], dox[2], dox[3], D);
+      }
+    }
+    for (; u < m; ++u) {
+      const int64_t x = members[u];
+      const T* qx = as_compute(q + x * D, D, s.row(4, p));
+      const T* kx = as_compute(k + x * D, D, s.row(5, p));
+      const T* vx = as_compute(v + x * D, D, s.row(6, p));
+      const T* dox = as_compute(dout + x * D, D, s.row(7, p));
+      const T p_tx = exp_scalar(scale * dot(qt, kx, D) - lse_t);
+      const T c_q = p_tx * (dot(dot_, vx, D) - delta_t);
+      const T p_xt = exp_scalar(scale * dot(qx, kt, D) - row_lse<T>(p, bh, x));
+      const T delta_x = dot(dox, as_compute(o + x * D, D, s.row(20, p)), D);
+      const T c_k = p_xt * (dot(dox, vt, D) - delta_x);
+      if constexpr (SameType<Src, T>::value) {
+        coef_q[u] = c_q;
+        coef_k[u] = c_k;
+        coef_v[u] = p_xt;
+      } else {
+        axpy(dq, c_q, kx, D);
+        axpy(dk, c_k, qx, D);
+        axpy(dv, p_xt, dox, D);
+      }
+    }
+    if constexpr (SameType<Src, T>::value) {
+      // Second pass: each gradient row is one register-resident sum over the gathered member rows.
+      combine_rows_at(dq, false, coef_q, 1, GatheredRows<T>{k, members, D}, m, D);
+      combine_rows_at(dk, false, coef_k, 1, GatheredRows<T>{q, members, D}, m, D);
+      combine_rows_at(dv, false, coef_v, 1, GatheredRows<T>{dout, members, D}, m, D);
+    }
+    Src* gq = static_cast<Src*>(p.dq) + base;
+    Src* gk = static_cast<Src*>(p.dk) + base;
+    Src* gv = static_cast<Src*>(p.dv) + base;
+    store_scaled(gq + t * D, dq, scale, D);
+    store_scaled(gk + t * D, dk, scale, D);
+    store_scaled(gv + t * D, dv, T(1), D);
+  }
+}
+
+// Phases A and B as one task list: neither reads what the other writes, so one parallel region covers both.
+// Tasks are ordered head by head, a head's run chunks then its summary slots, so that the summary tasks find
+// the head's rows still in cache from its runs (a summary token's group is spread over the whole sequence).
+template <typename Src, typename T>
+void backward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
+  const int64_t chunks = p.chunks_per_row(), per_head = chunks + p.max_summary;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / per_head, local = task % per_head;
+    if (local < chunks) backward_run_tasks<Src, T>(p, bh * chunks + local, bh * chunks + local + 1, raw);
+    else backward_summary_tasks<Src, T>(p, bh * p.max_summary + local - chunks, bh * p.max_summary + local - chunks + 1, raw);
+  }
+}
+
+// ------------------------------------------------------------------------------------- dtype dispatch
+// Storage type -> compute type: float32 and bfloat16 (stored as raw uint16_t) compute in float, float64 in double.
+#define CLEAR_DISPATCH_DTYPE(FN, ...)                          \
+  switch (p.dtype) {                                           \
+    case DType::Float32: FN<float, float>(__VA_ARGS__); break; \
+    case DType::BFloat16: FN<uint16_t, float>(__VA_ARGS__); break; \
+    case DType::Float64: FN<double, double>(__VA_ARGS__); break; \
+  }
+
+inline int64_t scratch_bytes(const Params& p) {
+  if (p.dtype == DType::Float64) return Scratch<double>::elems(p) * int64_t(sizeof(double));
+  return Scratch<float>::elems(p) * int64_t(sizeof(float));
+}
+inline void run_forward(const Params& p, int64_t b, int64_t e, void* s) { CLEAR_DISPATCH_DTYPE(forward_tasks, p, b, e, s) }
+inline void run_summary_delta(const Params& p, int64_t b, int64_t e, void* s) {
+  CLEAR_DISPATCH_DTYPE(summary_delta_tasks, p, b, e, s)
+}
+inline void run_backward(const Params& p, int64_t b, int64_t e, void* s) { CLEAR_DISPATCH_DTYPE(backward_tasks, p, b, e, s) }
+#undef CLEAR_DISPATCH_DTYPE
+
+const KernelTable& kernel_table() {
+  static const KernelTable table{CLEAR_ARCH_NAME, &scratch_bytes, &run_forward, &run_summary_delta, &run_backward};
+  return table;
+}

@@ -1,0 +1,218 @@
+"""The C++ CPU kernel (backend "cpu", op pair clear_kernels::native_*): parity with the float64 dense reference,
+determinism, input checks of the registered op, and the torch.library / autograd / torch.compile integration."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import clear_kernels
+from clear_kernels import SegmentLayout, native, ops, segment_attention
+from attention_cases import check_parity, conduction_layout, layout_cases, random_layout
+
+pytestmark = pytest.mark.skipif(not native.has_kernel("CPU"), reason=f"no CPU kernel: {native.EXTENSION_ERROR}")
+
+CASES = layout_cases()
+FWD = ops.op("native", "fwd")
+BWD = ops.op("native", "bwd")
+
+
+def _supported_isas() -> list[str]:
+    """Every kernel table this CPU can run (the op raises for one it cannot)."""
+    found = []
+    q = torch.randn(1, 1, 4, 16)
+    layout = SegmentLayout.block_diagonal([[4]])
+    for isa in ("generic", "avx2", "avx512"):
+        os.environ["CLEAR_KERNELS_CPU_ISA"] = isa
+        try:
+            FWD(q, q, q, *layout.kernel_args(), 0.25)
+            found.append(isa)
+        except RuntimeError:
+            pass
+        finally:
+            del os.environ["CLEAR_KERNELS_CPU_ISA"]
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_parity_layout_cases(name, dtype):
+    check_parity("cpu", CASES[name], heads=2, head_dim=32, dtype=dtype, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 96, 128])
+@pytest.mark.parametrize("name", ["conduction", "random_mixed", "long_runs"])
+def test_parity_head_dims(name, head_dim, dtype):
+    check_parity("cpu", CASES[name], heads=2, head_dim=head_dim, dtype=dtype, seed=head_dim)
+
+
+def test_parity_head_dim_256_and_odd():
+    check_parity("cpu", CASES["many_summary"], heads=1, head_dim=256, dtype=torch.float32)
+    check_parity("cpu", CASES["random_mixed"], heads=1, head_dim=23, dtype=torch.float32)  # scalar tails
+
+
+@pytest.mark.parametrize("isa", _supported_isas())
+def test_parity_every_instruction_set(isa, monkeypatch):
+    monkeypatch.setenv("CLEAR_KERNELS_CPU_ISA", isa)
+    for name in ("conduction", "many_summary", "one_long_segment"):
+        for head_dim in (17, 96):
+            check_parity("cpu", CASES[name], head_dim=head_dim, dtype=torch.float32)
+        check_parity("cpu", CASES[name], head_dim=80, dtype=torch.bfloat16)
+        check_parity("cpu", CASES[name], head_dim=40, dtype=torch.float64)
+
+
+def test_parity_long_records_and_custom_scale():
+    # A conduction layout with many beats (long summary rows) and a run longer than one query tile (32).
+    check_parity("cpu", conduction_layout(7, batch=2, leads=3, beats=40, p_valid=0.9), head_dim=48)
+    check_parity("cpu", SegmentLayout.block_diagonal([[3, 65, 1], [100, 0, 0]]), head_dim=32, scale=0.3)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), length=st.integers(1, 70), groups=st.integers(1, 4),
+       max_seg=st.integers(1, 40), p_summary=st.floats(0.0, 0.6), p_pad=st.floats(0.0, 0.5),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_parity_random_layouts(seed, length, groups, max_seg, p_summary, p_pad, dtype):
+    layout = random_layout(seed, batch=2, length=length, num_groups=groups, max_seg=max_seg, p_summary=p_summary,
+                           p_pad=p_pad)
+    check_parity("cpu", layout, heads=2, head_dim=16 + 8 * (seed % 4), dtype=dtype, seed=seed)
+
+
+# -------------------------------------------------------------------------------------------- determinism
+def _fwd_bwd(q, k, v, dout, layout):
+    out, lse = FWD(q, k, v, *layout.kernel_args(), 0.125)
+    return (out, lse) + tuple(BWD(dout, q, k, v, out, lse, *layout.kernel_args(), 0.125))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitwise_deterministic(dtype):
+    layout = conduction_layout(3, batch=3, leads=12, beats=20)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(3, 4, layout.seq_len, 64, generator=gen).to(dtype) for _ in range(4))
+    first = _fwd_bwd(q, k, v, dout, layout)
+    for _ in range(3):
+        for a, b in zip(first, _fwd_bwd(q, k, v, dout, layout)):
+            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.bfloat16 else a, b.view(torch.uint8)
+                               if b.dtype == torch.bfloat16 else b)
+    # Each output row is computed by one task in a fixed order, so even another thread count gives the same bits.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for a, b in zip(first, _fwd_bwd(q, k, v, dout, layout)):
+            assert torch.equal(a.float(), b.float())
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------- input checks
+def _good_args(dtype=torch.float32):
+    layout = CASES["many_summary"]  # both rows hold segments and summary tokens
+    q = torch.randn(layout.batch_size, 2, layout.seq_len, 16, dtype=dtype)
+    return q, q.clone(), q.clone(), list(layout.kernel_args())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("noncontiguous_q", "q must be contiguous"),
+    ("float16", "supports float32, bfloat16 and float64"),
+    ("k_shape", "k must have the shape of q"),
+    ("v_dtype", "v has dtype"),
+    ("q_3d", "q must be [B, H, L, D]"),
+    ("layout_int64", "layout tensor segment must be int32"),
+    ("layout_batch", "layout tensor group must be [B=2"),
+    ("seg_end_out_of_range", "do not contain it"),
+    ("group_out_of_range", "is outside [0, num_groups"),
+    ("summary_index_not_summary", "is not a summary token"),
+    ("group_index_out_of_range", "is not a non-padding token"),
+])
+def test_bad_inputs_raise_clearly(case, message):
+    q, k, v, lay = _good_args()
+    if case == "noncontiguous_q":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    elif case == "float16":
+        q, k, v = q.half(), k.half(), v.half()
+    elif case == "k_shape":
+        k = k[:, :1].contiguous()
+    elif case == "v_dtype":
+        v = v.double()
+    elif case == "q_3d":
+        q = q[0]
+    elif case == "layout_int64":
+        lay[0] = lay[0].long()
+    elif case == "layout_batch":
+        lay[1] = lay[1][:1].contiguous()
+    elif case == "seg_end_out_of_range":
+        seg_end = lay[3].clone()
+        t = int(torch.nonzero(lay[0][0] >= 0)[0])
+        seg_end[0, t] = q.shape[2] + 5
+        lay[3] = seg_end
+    elif case == "group_out_of_range":
+        group = lay[1].clone()
+        group[0, 0] = 99
+        lay[1] = group
+    elif case == "summary_index_not_summary":
+        summary_index = lay[6].clone()
+        t = int(torch.nonzero(lay[0][0] >= 0)[0])
+        summary_index[0, 0] = t
+        lay[6] = summary_index
+    elif case == "group_index_out_of_range":
+        group_index = lay[4].clone()
+        group_index[0, 0] = 10_000
+        lay[4] = group_index
+    with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        FWD(q, k, v, *lay, 0.25)
+
+
+def test_bad_backward_inputs_raise_clearly():
+    q, k, v, lay = _good_args()
+    out, lse = FWD(q, k, v, *lay, 0.25)
+    with pytest.raises(RuntimeError, match="lse must be a contiguous float32"):
+        BWD(out, q, k, v, out, lse.double(), *lay, 0.25)
+    with pytest.raises(RuntimeError, match="grad_out must have the shape of q"):
+        BWD(out[:, :1].contiguous(), q, k, v, out, lse, *lay, 0.25)
+
+
+# ---------------------------------------------------------------------------- torch.library integration
+def test_opcheck_native_ops():
+    layout = CASES["conduction"]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(layout.batch_size, 2, layout.seq_len, 16, generator=gen, requires_grad=True)
+               for _ in range(3))
+    torch.library.opcheck(FWD, (q, k, v, *layout.kernel_args(), 0.25))
+    out, lse = FWD(q.detach(), k.detach(), v.detach(), *layout.kernel_args(), 0.25)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(BWD, (dout, q.detach(), k.detach(), v.detach(), out, lse, *layout.kernel_args(), 0.25))
+
+
+def test_gradcheck_float64():
+    layout = random_layout(11, batch=2, length=14, num_groups=2, p_summary=0.2)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 14, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: segment_attention(a, b, c, layout, backend="cpu"), (q, k, v))
+
+
+def test_auto_picks_cpu_and_matches_explicit():
+    layout = CASES["conduction"]
+    q = torch.randn(layout.batch_size, 2, layout.seq_len, 32)
+    assert clear_kernels.dispatch.select("auto", q).name == "cpu"
+    assert torch.equal(segment_attention(q, q, q, layout), segment_attention(q, q, q, layout, backend="cpu"))
+
+
+def test_torch_compile_fullgraph():
+    layout = CASES["conduction"]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(layout.batch_size, 2, layout.seq_len, 32, generator=gen, requires_grad=True)
+               for _ in range(3))
+
+    def f(q, k, v):
+        return (segment_attention(q * 2.0, k, v, layout, backend="cpu") ** 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    want = torch.autograd.grad(f(q, k, v), (q, k, v))
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b)
