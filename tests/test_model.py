@@ -113,12 +113,16 @@ def test_sparse_and_dense_agree_in_float32():
     torch.manual_seed(4)
     state = CLEAR(tiny_config()).state_dict()
     tokens, valid, time = token_batch(3, seed=5)
-    outs = []
+    mask = random_mask(valid, 0.8, torch.Generator().manual_seed(6))
+    outs, grads = [], []
     for impl in ("sparse", "dense"):
         model = CLEAR(tiny_config(attn_impl=impl))
         model.load_state_dict(state)
         outs.append(model.forward_features(tokens, valid, time))
+        grads.append(torch.autograd.grad(model(tokens, valid, time, mask)["loss"], list(model.parameters())))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for gs, gd in zip(*grads):
+        torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-6)
 
 
 def test_mask_draws_the_ratio_per_sample_and_never_padding():
