@@ -55,7 +55,7 @@ def time_step(preset: str, impl: str, batch, device, warmup: int, repeats: int, 
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "times_s": times, "params": count_parameters(model),
-            "loss": float(loss)}
+            "loss": float(loss.detach())}
 
 
 def main() -> None:
