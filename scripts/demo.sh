@@ -4,4 +4,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
-exec "$PY" bench/quick_compare.py "$@"
+exec "$VENV/bin/clear-hug" demo "$@"
