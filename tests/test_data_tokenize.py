@@ -80,6 +80,21 @@ def test_missing_and_flat_leads_are_invalid():
     assert bt.valid[0].sum() == 11 and np.all(bt.valid.sum(1)[[0, 1, 3, 5, 6, 11]] == 11)
 
 
+def test_lead_flat_for_part_of_the_strip_gives_invalid_tokens_there():
+    x, r = toy_ecg(250, [0.8] * 10, n_leads=12)
+    half = x.shape[1] // 2
+    x[7, half:] = 0.3  # V2's electrode comes loose halfway: a constant level, not a flat lead
+    bt = tokenize_beats(x, 250)
+    assert not bt.flat[7]
+    late = bt.rpeaks * 250 // 100 > half + 60  # beats whose whole window lies in the constant part
+    early = bt.rpeaks * 250 // 100 < half - 60
+    n = min(len(bt.rpeaks), bt.valid.shape[1])
+    assert late[:n].any() and early[:n].any()
+    assert not bt.valid[7, :n][late[:n]].any() and bt.valid[7, :n][early[:n]].all()
+    assert np.all(bt.tokens[7, :n][late[:n]] == 0)
+    assert bt.valid[6, :n].all()
+
+
 def test_no_beats_raises():
     with pytest.raises(NoBeatsError):
         tokenize_beats(np.zeros((12, 1000), np.float32), 100)

@@ -19,6 +19,7 @@ from .rpeaks import detect_rpeaks
 TOKEN_LEN = 96
 R_INDEX = TOKEN_LEN // 2  # 48: samples [r-48, r+48) of the strip, R at index 48
 _EPS = 1e-6
+_FLAT_SPAN_MV = 1e-3
 
 
 class NoBeatsError(ValueError):
@@ -30,7 +31,7 @@ class BeatTokens:
     """Heartbeat tokens of one record (or, from ``tokenize_records``, a batch with a leading record axis).
 
     tokens  float32 [12, max_beats, 96]  z-normalised beat windows, zeros where invalid
-    valid   bool    [12, max_beats]      beat exists and the lead is present and not flat
+    valid   bool    [12, max_beats]      beat exists, the lead is present and not flat, the window not constant
     time    int64   [12, max_beats]      the second of the strip the beat's R peak falls in (0 where invalid)
     rpeaks  int64   [n_beats]            R peaks at 100 Hz (all detected, not only the first max_beats)
     flat    bool    [12]                 leads judged flat, disconnected or missing
@@ -120,7 +121,8 @@ def tokenize_beats(
     # Gather every window at once: sample index of token position k of beat j is r_j - 48 + k.
     idx = rb[:, None] + (np.arange(TOKEN_LEN) - R_INDEX)[None, :]  # [nb, 96]
     inside = (idx >= sb[:, None]) & (idx < eb[:, None])
-    win = y[:, np.clip(idx, 0, n - 1)] * inside[None]  # [12, nb, 96]
+    raw = y[:, np.clip(idx, 0, n - 1)]  # [12, nb, 96]
+    win = raw * inside[None]
     mean = win.mean(axis=-1, keepdims=True)
     std = win.std(axis=-1, keepdims=True)
     win = np.where(std > _EPS, (win - mean) / np.maximum(std, _EPS), 0.0)
@@ -128,7 +130,11 @@ def tokenize_beats(
     tokens = np.zeros((NUM_LEADS, max_beats, TOKEN_LEN), dtype=np.float32)
     valid = np.zeros((NUM_LEADS, max_beats), dtype=bool)
     time = np.zeros((NUM_LEADS, max_beats), dtype=np.int64)
-    valid[:, :nb] = ~flat[:, None]
+    # A lead can also go flat for part of a strip (a loose electrode): a window whose own samples span less than
+    # a microvolt (below any ECG's quantisation step; resampling ripple on a constant is ~0.05 uV) carries no beat.
+    held = np.where(inside[None], raw, np.nan)
+    alive = (np.nanmax(held, axis=-1) - np.nanmin(held, axis=-1)) > _FLAT_SPAN_MV  # [12, nb]
+    valid[:, :nb] = ~flat[:, None] & alive
     tokens[:, :nb] = np.where(valid[:, :nb, None], win, 0.0)
     time[:, :nb] = np.where(valid[:, :nb], (rb // TARGET_FS)[None, :], 0)
     return BeatTokens(tokens=tokens, valid=valid, time=time, rpeaks=r, flat=flat)
