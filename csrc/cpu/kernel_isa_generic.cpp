@@ -15,16 +15,4 @@
 #define CLEAR_ARCH_NAME "generic"
 #define CLEAR_VEC_BYTES 16
 
-namespace clear_cpu {
-namespace CLEAR_ARCH {
-#ifdef CLEAR_ISA_AVAILABLE
-#include "segment_attention_core.h"
-#else
-// Not an x86-64 build: this instruction set does not exist here; the dispatcher never asks for it.
-const KernelTable& kernel_table() {
-  static const KernelTable table{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  return table;
-}
-#endif
-}  // namespace CLEAR_ARCH
-}  // namespace clear_cpu
+#include "kernel_isa_body.inc"
