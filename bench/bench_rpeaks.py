@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,14 +19,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clear_hug.data.readers import read_record  # noqa: E402
+from clear_hug.data.readers import read_record, shared_ecg_dir  # noqa: E402
 from clear_hug.data.rpeaks import BEAT_SYMBOLS, detect_rpeaks, match_beats  # noqa: E402
 from clear_hug.data.tokenize import tokenize_beats  # noqa: E402
-
-
-def default_ecg_dir() -> Path:
-    env = os.environ.get("CLEAR_HUG_ECG_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "ecg"
 
 
 def score(base: str):
@@ -52,7 +46,7 @@ def line(name, tp, fn, fp, extra=""):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ecg-dir", type=Path, default=default_ecg_dir())
+    ap.add_argument("--ecg-dir", type=Path, default=shared_ecg_dir())
     ap.add_argument("--repeat", type=int, default=5, help="passes over the cinc2021 records for the speed figure")
     ap.add_argument("--synthetic", type=int, default=1000, metavar="N",
                     help="also score the detector on N synthetic records per class and rhythm (0: skip)")

@@ -25,13 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from clear_hug.data.leads import LEADS  # noqa: E402
 from clear_hug.data.preprocess import preprocess  # noqa: E402
-from clear_hug.data.readers import read_record  # noqa: E402
+from clear_hug.data.readers import read_record, shared_ecg_dir  # noqa: E402
 from clear_hug.data.tokenize import beat_windows, tokenize_beats  # noqa: E402
-
-
-def default_ecg_dir() -> Path:
-    env = os.environ.get("CLEAR_HUG_ECG_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "ecg"
 
 
 def plot(record_path: str, out: Path, max_beats: int = 15, bandpass: bool = True) -> Path:
@@ -68,7 +63,7 @@ def plot(record_path: str, out: Path, max_beats: int = 15, bandpass: bool = True
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--record", default="HR06000", help="a record name in <ecg-dir>/cinc2021 (or a path)")
-    ap.add_argument("--ecg-dir", type=Path, default=default_ecg_dir())
+    ap.add_argument("--ecg-dir", type=Path, default=shared_ecg_dir())
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-bandpass", action="store_true")
     args = ap.parse_args(argv)

@@ -41,6 +41,16 @@ _KERNEL_FIELDS = (
 )
 
 
+def mask_from_ids(segment: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """``[B, L, L]`` bool: the attention rule of SPEC §2.1 evaluated on every pair of ``[B, L]`` ids."""
+    sq, sk = segment[:, :, None], segment[:, None, :]
+    gq, gk = group[:, :, None], group[:, None, :]
+    real = (sq != PADDING) & (sk != PADDING)
+    same_segment = (sq >= 0) & (sq == sk)
+    summary_pair = (gq == gk) & ((sq == SUMMARY) | (sk == SUMMARY))
+    return real & (same_segment | summary_pair)
+
+
 def _sorted_positions(key_group: torch.Tensor) -> torch.Tensor:
     """Positions sorted by (key_group, position): a stable sort of the per-token group key."""
     return torch.sort(key_group, dim=1, stable=True).indices.to(torch.int32)
@@ -251,12 +261,7 @@ class SegmentLayout:
 
     def materialize(self) -> torch.Tensor:
         """The dense ``[B, L, L]`` bool mask (True = may attend), for tests and dense baselines only."""
-        sq, sk = self.segment[:, :, None], self.segment[:, None, :]
-        gq, gk = self.group[:, :, None], self.group[:, None, :]
-        real = (sq != PADDING) & (sk != PADDING)
-        same_segment = (sq >= 0) & (sq == sk)
-        summary_pair = (gq == gk) & ((sq == SUMMARY) | (sk == SUMMARY))
-        return real & (same_segment | summary_pair)
+        return mask_from_ids(self.segment, self.group)
 
     def to(self, device: Union[str, torch.device]) -> "SegmentLayout":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -10,15 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, ops
-from .layout import PADDING, SUMMARY
-
-
-def mask_from_ids(segment: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """``[B, L, L]`` bool: the attention rule of SPEC §2.1 evaluated on every pair."""
-    sq, sk = segment[:, :, None], segment[:, None, :]
-    gq, gk = group[:, :, None], group[:, None, :]
-    real = (sq != PADDING) & (sk != PADDING)
-    return real & (((sq >= 0) & (sq == sk)) | ((gq == gk) & ((sq == SUMMARY) | (sk == SUMMARY))))
+from .layout import mask_from_ids
 
 
 def masked_attention(q, k, v, mask, scale):

@@ -11,12 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
-def ecg_dir() -> Path:
-    env = os.environ.get("CLEAR_HUG_ECG_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "ecg"
+from clear_hug.data.readers import shared_ecg_dir as ecg_dir
 
 
 def need_ecg(sub: str) -> Path:
