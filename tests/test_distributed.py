@@ -80,7 +80,13 @@ def test_two_process_ddp_matches_gradient_averaging(tmp_path):
     # Logged losses are all-reduced, so both ranks report the same numbers.
     assert h0["steps"] == h1["steps"] and len(h0["steps"]) == 2 * 2  # 14 records / 2 ranks / batch 4 -> 2 steps
     assert len(ckpt["mask_generator"]) == WORLD
-    state, losses = _simulate(_args(out_dir))
+    # Same thread count as the workers, so the reference run sums in the same order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state, losses = _simulate(_args(out_dir))
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(torch.tensor(h0["steps"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     for k, v in state.items():
         torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-4, atol=1e-5)
