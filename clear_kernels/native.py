@@ -72,3 +72,17 @@ else:
         "dense reference. Reinstall with `pip install --no-build-isolation .` to build it.",
         RuntimeWarning, stacklevel=2,
     )
+
+
+def cpu_output_cache(release: bool = False) -> dict[str, int]:
+    """State of the CPU op's output cache; with ``release=True`` it first frees every cached block.
+
+    The CPU kernel keeps the memory of its large outputs (``out``, ``dq``, ``dk``, ``dv``; 1 MiB and up) when the
+    tensors are freed and reuses it for the next output of the same size: fresh pages from the OS would cost as
+    much time to fault in as the attention itself. At most ``CLEAR_KERNELS_CPU_CACHE_MB`` MiB (default 1024, 0
+    turns the cache off) are kept free. Returns ``{"free_bytes", "free_blocks", "live_bytes"}``.
+    """
+    if EXTENSION_ERROR is not None:
+        raise RuntimeError(f"clear_kernels: {EXTENSION_ERROR}")
+    free_bytes, free_blocks, live_bytes = torch.ops.clear_kernels.cpu_output_cache(release)
+    return {"free_bytes": free_bytes, "free_blocks": free_blocks, "live_bytes": live_bytes}

@@ -10,6 +10,10 @@
 #include "kernel_params.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>  // the streaming stores of vector_math.h (intrinsics carry their own target attributes)
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
 #define CLEAR_ISA_AVAILABLE 1
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)

@@ -9,6 +9,10 @@
 
 #include "kernel_params.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>  // the streaming stores of vector_math.h (intrinsics carry their own target attributes)
+#endif
+
 #define CLEAR_ISA_AVAILABLE 1
 
 #define CLEAR_ARCH generic

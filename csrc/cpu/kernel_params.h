@@ -15,7 +15,7 @@ enum class DType : int { Float32 = 0, BFloat16 = 1, Float64 = 2 };
 struct Params {
   int64_t batch = 0, heads = 0, length = 0, head_dim = 0, num_groups = 0, max_summary = 0;
   int64_t max_run = 1;     // longest segment run in the layout: sizes the per-thread scratch
-  int64_t chunk = 64;      // positions per task in the token passes
+  int64_t chunk = 256;     // positions per task in the token passes
   double scale = 1.0;
   DType dtype = DType::Float32;
 
@@ -55,7 +55,8 @@ struct Params {
 struct KernelTable {
   const char* name;
   int64_t (*scratch_bytes)(const Params&);
-  // Forward over token tasks (b, h, chunk of positions): runs starting in the chunk, summary rows, padding.
+  // Forward over (b, h) x (chunks + max_summary) tasks: a chunk's task computes the segment runs starting in it
+  // (zeros for padding), a summary slot's task the row of a summary token.
   void (*forward)(const Params&, int64_t begin, int64_t end, void* scratch);
   // Backward phase 0 over (b, h): delta = rowsum(grad_out * out) of the summary rows (the runs need them).
   void (*backward_summary_delta)(const Params&, int64_t begin, int64_t end, void* scratch);

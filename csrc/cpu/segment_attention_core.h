@@ -51,7 +51,7 @@ inline const T* as_compute(const Src* src, int64_t count, T* buf) {
 template <typename Src, typename T>
 inline void store_scaled(Src* dst, const T* src, T mult, int64_t D) {
   if constexpr (SameType<Src, T>::value) {
-    for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * mult;
+    scale_row_out(dst, src, mult, D);
   } else {
     for (int64_t d = 0; d < D; ++d) dst[d] = float_to_bf16(src[d] * mult);
   }
@@ -72,8 +72,10 @@ struct Scratch {
   T *scores, *dscores;                 // score tiles; `scores` also holds up to 3 rows of L coefficients
   T *run_lse, *run_delta;              // max_run each
 
-  static int64_t tile_elems(const Params& p) { return kQueryTile * (p.max_run + p.max_summary); }
+  // Score rows are padded to whole vectors (exp_shift_sum overwrites up to the next multiple of kExpPad).
   static int64_t round_up(int64_t n) { return (n + 15) / 16 * 16; }  // keeps every piece 64-byte aligned
+  static int64_t row_stride(int64_t n) { return round_up(n); }
+  static int64_t tile_elems(const Params& p) { return kQueryTile * row_stride(p.max_run + p.max_summary); }
   static int64_t elems(const Params& p) {
     const int64_t D = p.head_dim, R = p.max_run;
     const int64_t tile = round_up(tile_elems(p));
@@ -176,7 +178,7 @@ void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, 
   Src* out = static_cast<Src*>(p.out_w) + bh * L * D;
   const T* K = as_compute(k + r0 * D, n * D, s.k);
   const T* V = as_compute(v + r0 * D, n * D, s.v);
-  const int64_t ld = n + p.max_summary;
+  const int64_t ld = Scratch<T>::row_stride(n + p.max_summary);
   T* acc = s.acc;
   for (int64_t i0 = r0; i0 < r1; i0 += kQueryTile) {
     const int64_t rows = (r1 - i0 < kQueryTile) ? r1 - i0 : kQueryTile;
@@ -250,26 +252,32 @@ void forward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int6
   write_lse<T>(p, bh * L + t, mx + log_scalar(sum));
 }
 
+// Tasks per head: its run chunks, then its summary slots, so that a summary row (whose keys are spread over the
+// whole sequence) finds the head's keys and values already in cache from the runs.
 template <typename Src, typename T>
 void forward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
   Scratch<T> s(p, raw);
-  const int64_t chunks = p.chunks_per_row(), L = p.length, D = p.head_dim;
+  const int64_t chunks = p.chunks_per_row(), per_head = chunks + p.max_summary, L = p.length, D = p.head_dim;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t bh = task / chunks, c = task % chunks;
+    const int64_t bh = task / per_head, c = task % per_head;
     const LayoutRow lay{p, bh / p.heads};
+    if (c >= chunks) {
+      const int64_t slot = c - chunks;
+      if (slot < lay.num_summary()) forward_summary_row<Src, T>(p, lay, bh, p.summary_index[lay.b * p.max_summary + slot], s);
+      continue;
+    }
     const int64_t t1 = (c + 1) * p.chunk < L ? (c + 1) * p.chunk : L;
     for (int64_t t = c * p.chunk; t < t1; ++t) {
       const int32_t seg = lay.segment()[t];
       if (seg == kPadding) {
         store_zero(static_cast<Src*>(p.out_w) + (bh * L + t) * D, D);
         write_lse<T>(p, bh * L + t, T(0));
-      } else if (seg == kSummary) {
-        forward_summary_row<Src, T>(p, lay, bh, t, s);
-      } else if (lay.seg_start()[t] == t) {
+      } else if (seg >= 0 && lay.seg_start()[t] == t) {
         forward_run<Src, T>(p, lay, bh, t, lay.seg_end()[t], s);
       }
     }
   }
+  stream_fence();
 }
 
 // ----------------------------------------------------------------------------------------------- backward
@@ -313,7 +321,7 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
   }
 
   // Segment part: the n x n block, one query tile at a time. P = exp(S - lse), dS = P * (dP - delta).
-  const int64_t ld = n;
+  const int64_t ld = Scratch<T>::row_stride(n);
   for (int64_t i0 = 0; i0 < n; i0 += kQueryTile) {
     const int64_t rows = (n - i0 < kQueryTile) ? n - i0 : kQueryTile;
     T* P = s.scores;
@@ -450,7 +458,7 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
       dot4p(vx[0], vx[1], vx[2], vx[3], dot_, D, dp_tx);
       dot4p(qx[0], qx[1], qx[2], qx[3], kt, D, s_xt);
       dot4p(dox[0], dox[1], dox[2], dox[3], vt, D, dp_xt);
-      T probs[8];  // the eight exponentials of the block in one vector call
+      T probs[kExpPad];  // the eight exponentials of the block in one vector call (padded for exp_shift_sum)
       for (int r = 0; r < 4; ++r) {
         probs[r] = scale * s_tx[r] - lse_t;
         probs[4 + r] = scale * s_xt[r] - row_lse<T>(p, bh, members[u + r]);
@@ -520,6 +528,7 @@ void backward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
     if (local < chunks) backward_run_tasks<Src, T>(p, bh * chunks + local, bh * chunks + local + 1, raw);
     else backward_summary_tasks<Src, T>(p, bh * p.max_summary + local - chunks, bh * p.max_summary + local - chunks + 1, raw);
   }
+  stream_fence();
 }
 
 // ------------------------------------------------------------------------------------- dtype dispatch

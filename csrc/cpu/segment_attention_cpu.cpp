@@ -18,10 +18,7 @@
 #include <string>
 
 #include "kernel_params.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "output_cache.h"
 
 namespace clear_cpu {
 namespace {
@@ -184,25 +181,9 @@ void fill_layout(Params& p, const at::Tensor& q, const at::Tensor& segment, cons
 }
 
 // Outputs are NaN-filled under CLEAR_KERNELS_POISON_OUTPUTS=1 (the tests), so an unwritten row fails parity.
-// Large outputs are fresh mmap'd memory: first-touch page faults (4 KiB each) cost as much as the kernel itself
-// at CLEAR's sizes. Asking for transparent huge pages before the first write cuts them 512-fold; it is only
-// advice (ignored where THP is off) and PyTorch does the same under THP_MEM_ALLOC_ENABLE=1.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
+// Their memory comes from the output cache (output_cache.h): fresh pages would cost as much as the kernel.
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-  advise_huge_pages(t);
+  at::Tensor t = cached_empty(sizes, options);
   const char* poison = std::getenv("CLEAR_KERNELS_POISON_OUTPUTS");
   if (poison && std::strcmp(poison, "1") == 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
@@ -250,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> native_fwd_cpu(const at::Tensor& q, const at:
   p.out_w = out.data_ptr();
   p.lse_w = lse.data_ptr<float>();
   const KernelTable& table = kernel_table();
-  run_phase(table, p, p.batch * p.heads * p.chunks_per_row(), table.forward);
+  run_phase(table, p, p.batch * p.heads * (p.chunks_per_row() + p.max_summary), table.forward);
   return {out, lse};
 }
 
@@ -300,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
     f.out_w = scratch_out.data_ptr();
     f.lse_w = scratch_lse.data_ptr<float>();
     f.lse64 = lse64.data_ptr<double>();
-    run_phase(table, f, bh * f.chunks_per_row(), table.forward);
+    run_phase(table, f, bh * (f.chunks_per_row() + f.max_summary), table.forward);
     p.lse64 = f.lse64;
   }
   // Phase 0 (summary rows' delta, which the run tasks read) must finish first; it is little work, so it runs
