@@ -34,6 +34,9 @@ struct Params {
   // float64 only: the contract's float32 lse would cost the backward half of its precision, so the backward
   // recomputes the logsumexp in double (a forward pass writing lse64) and reads it from here.
   double* lse64 = nullptr;
+  // Backward scratch [B, H, chunks, max_summary, 3, D] in the compute type (float, or double for float64): each
+  // run chunk's share of each summary token's dq, dk and dv, added up in chunk order by phase 2 (deterministic).
+  void* summary_partials = nullptr;
   float* delta = nullptr;    // backward scratch [B, H, L]: rowsum(grad_out * out) of summary rows, float32
   double* delta64 = nullptr; // (float64 runs keep theirs in delta64 so no precision is lost)
 
@@ -60,9 +63,11 @@ struct KernelTable {
   void (*forward)(const Params&, int64_t begin, int64_t end, void* scratch);
   // Backward phase 0 over (b, h): delta = rowsum(grad_out * out) of the summary rows (the runs need them).
   void (*backward_summary_delta)(const Params&, int64_t begin, int64_t end, void* scratch);
-  // Backward over (b, h) x (chunks + max_summary) tasks: a chunk's task computes dq/dk/dv of the segment runs
-  // starting in it (zeros for padding), a summary slot's task those of a summary token. No dependencies.
-  void (*backward)(const Params&, int64_t begin, int64_t end, void* scratch);
+  // Backward phase 1 over (b, h) x chunks tasks: dq/dk/dv of the segment runs starting in the chunk (zeros for
+  // padding) and the chunk's partial sums of its summary tokens' gradients (Params::summary_partials).
+  void (*backward_runs)(const Params&, int64_t begin, int64_t end, void* scratch);
+  // Backward phase 2 over (b, h) x max_summary tasks: a summary token's dq/dk/dv from the partial sums.
+  void (*backward_summaries)(const Params&, int64_t begin, int64_t end, void* scratch);
 };
 
 namespace generic { const KernelTable& kernel_table(); }

@@ -167,6 +167,13 @@ inline void score_block(const T* qrows, int64_t rows, const T* keys, int64_t n, 
     for (int64_t j = 0; j < n; ++j) s[r * ld + j] *= scale;
 }
 
+// Asks for the cache lines of one row of D elements ahead of its use (a gathered row the prefetchers cannot guess).
+template <typename Src>
+inline void prefetch_row(const Src* row, int64_t D) {
+  const char* c = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * int64_t(sizeof(Src)); b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
 // ------------------------------------------------------------------------------------------------ forward
 template <typename Src, typename T>
 void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, int64_t r1, Scratch<T>& s) {
@@ -224,8 +231,19 @@ void forward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int6
   const T* Q = as_compute(q + t * D, D, s.row(0, p));
   T* srow = s.scores;
   // Keys four at a time: one pass over q for four scores, one read-modify-write of acc for four value rows.
+  // The group's rows are scattered over the sequence (a lead's tokens, one per heartbeat): without asking for
+  // them ahead, each gathered row waits a full memory latency.
+  constexpr int64_t kAhead = 8;
+  for (int64_t u = 0; u < kAhead && u < m; ++u) {
+    prefetch_row(k + int64_t(keys[u]) * D, D);
+    prefetch_row(v + int64_t(keys[u]) * D, D);
+  }
   int64_t j = 0;
   for (; j + 4 <= m; j += 4) {
+    for (int64_t u = j + kAhead; u < j + kAhead + 4 && u < m; ++u) {
+      prefetch_row(k + int64_t(keys[u]) * D, D);
+      prefetch_row(v + int64_t(keys[u]) * D, D);  // for the second pass below
+    }
     const T* kr[4];
     for (int u = 0; u < 4; ++u) kr[u] = as_compute(k + int64_t(keys[j + u]) * D, D, s.row(1 + u, p));
     dot4p(kr[0], kr[1], kr[2], kr[3], Q, D, srow + j);
@@ -298,8 +316,18 @@ void summary_delta_tasks(const Params& p, int64_t begin, int64_t end, void* raw)
   }
 }
 
+// The partial sums that one run chunk of head bh leaves for the summary token in slot `slot`: its dq, dk and dv
+// contributions from the chunk's heartbeat tokens (unscaled), three rows of D.
+template <typename T>
+inline T* summary_partial(const Params& p, int64_t bh, int64_t chunk, int64_t slot) {
+  T* base = static_cast<T*>(p.summary_partials);
+  return base + ((bh * p.chunks_per_row() + chunk) * p.max_summary + slot) * 3 * p.head_dim;
+}
+
+// dq/dk/dv of the run [r0, r1) of head bh, and the run's share of its group summary tokens' gradients (added to
+// the chunk's partial sums `part`, indexed by summary slot).
 template <typename Src, typename T>
-void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, int64_t r1, Scratch<T>& s) {
+void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, int64_t r1, T* part, Scratch<T>& s) {
   const int64_t D = p.head_dim, L = p.length, n = r1 - r0;
   const T scale = static_cast<T>(p.scale);
   const int64_t base = bh * L * D;
@@ -342,30 +370,39 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
     }
   }
 
-  // Summary keys of each query's group add to its dq.
+  // Each token x of the run and each summary token t of its group, both ways round, while x's rows are hot:
+  // x attends t (x's dq; t's dk and dv) and t attends x (x's dk and dv; t's dq). The summary tokens' shares go
+  // to the chunk's partial sums, which the summary tasks add up in chunk order.
+  const int32_t* slots = p.summary_index + lay.b * p.max_summary;
   for (int64_t i = 0; i < n; ++i) {
     int64_t ns;
     const int32_t* sums = lay.summary_list(lay.group()[r0 + i], &ns);
+    const T* qx = Q + i * D;
+    const T* kx = K + i * D;
+    const T* vx = V + i * D;
+    const T* dox = dO + i * D;
     for (int64_t u = 0; u < ns; ++u) {
-      const T* ks = as_compute(k + int64_t(sums[u]) * D, D, s.row(0, p));
-      const T* vs = as_compute(v + int64_t(sums[u]) * D, D, s.row(1, p));
-      const T pr = exp_scalar(scale * dot(Q + i * D, ks, D) - s.run_lse[i]);
-      const T ds = pr * (dot(dO + i * D, vs, D) - s.run_delta[i]);
-      axpy(s.dq + i * D, ds, ks, D);
-    }
-  }
-  // Summary queries of each key's group add to its dk and dv (their delta comes from phase 0).
-  for (int64_t j = 0; j < n; ++j) {
-    int64_t ns;
-    const int32_t* sums = lay.summary_list(lay.group()[r0 + j], &ns);
-    for (int64_t u = 0; u < ns; ++u) {
-      const int64_t sq = sums[u];
-      const T* qs = as_compute(q + sq * D, D, s.row(0, p));
-      const T* dos = as_compute(dout + sq * D, D, s.row(1, p));
-      const T pr = exp_scalar(scale * dot(qs, K + j * D, D) - row_lse<T>(p, bh, sq));
-      const T ds = pr * (dot(dos, V + j * D, D) - delta[sq]);
-      axpy(s.dk + j * D, ds, qs, D);
-      axpy(s.dv + j * D, pr, dos, D);
+      const int64_t t = sums[u];
+      const T* qt = as_compute(q + t * D, D, s.row(0, p));
+      const T* kt = as_compute(k + t * D, D, s.row(1, p));
+      const T* vt = as_compute(v + t * D, D, s.row(2, p));
+      const T* dot_ = as_compute(dout + t * D, D, s.row(3, p));
+      T prod[4];  // q_x.k_t, q_t.k_x, dO_x.v_t, dO_t.v_x
+      dot4_pairs(qx, kt, qt, kx, dox, vt, dot_, vx, D, prod);
+      T probs[kExpPad];
+      probs[0] = scale * prod[0] - s.run_lse[i];
+      probs[1] = scale * prod[1] - row_lse<T>(p, bh, t);
+      exp_shift_sum(probs, 2, T(0));
+      const T p_xt = probs[0], p_tx = probs[1];
+      const T ds_xt = p_xt * (prod[2] - s.run_delta[i]);
+      const T ds_tx = p_tx * (prod[3] - delta[t]);
+      axpy(s.dq + i * D, ds_xt, kt, D);
+      axpy(s.dk + i * D, ds_tx, qt, D);
+      axpy(s.dv + i * D, p_tx, dot_, D);
+      T* acc = part + (sums + u - slots) * 3 * D;
+      axpy(acc, ds_tx, kx, D);         // t's dq
+      axpy(acc + D, ds_xt, qx, D);     // t's dk
+      axpy(acc + 2 * D, p_xt, dox, D); // t's dv
     }
   }
 
@@ -379,6 +416,8 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
   }
 }
 
+// Backward phase 1 over (b, h, chunk) tasks: the runs that start in the chunk (zeros for padding rows), and the
+// chunk's partial sums for every summary slot of the row (zeroed first: a chunk may hold no token of a group).
 template <typename Src, typename T>
 void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
   Scratch<T> s(p, raw);
@@ -386,6 +425,8 @@ void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bh = task / chunks, c = task % chunks;
     const LayoutRow lay{p, bh / p.heads};
+    T* part = p.max_summary > 0 ? summary_partial<T>(p, bh, c, 0) : nullptr;
+    if (part) zero(part, p.max_summary * 3 * D);
     const int64_t t1 = (c + 1) * p.chunk < L ? (c + 1) * p.chunk : L;
     for (int64_t t = c * p.chunk; t < t1; ++t) {
       const int32_t seg = lay.segment()[t];
@@ -395,17 +436,19 @@ void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) 
         store_zero(static_cast<Src*>(p.dk) + row, D);
         store_zero(static_cast<Src*>(p.dv) + row, D);
       } else if (seg >= 0 && lay.seg_start()[t] == t) {
-        backward_run<Src, T>(p, lay, bh, t, lay.seg_end()[t], s);
+        backward_run<Src, T>(p, lay, bh, t, lay.seg_end()[t], part, s);
       }
     }
   }
+  stream_fence();
 }
 
-// A summary token t and each token x of its group: t attends x (dq of t) and x attends t (dk/dv of t).
+// Backward phase 2 over (b, h, summary slot) tasks: a summary token's gradients are the chunks' partial sums
+// (added in chunk order) plus its pairs with the summary tokens of its group, itself included.
 template <typename Src, typename T>
 void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
   Scratch<T> s(p, raw);
-  const int64_t D = p.head_dim, L = p.length, S = p.max_summary;
+  const int64_t D = p.head_dim, L = p.length, S = p.max_summary, chunks = p.chunks_per_row();
   const T scale = static_cast<T>(p.scale);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bh = task / S, slot = task % S;
@@ -417,96 +460,46 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
     const Src* k = static_cast<const Src*>(p.k) + base;
     const Src* v = static_cast<const Src*>(p.v) + base;
     const Src* dout = static_cast<const Src*>(p.grad_out) + base;
-    const Src* o = static_cast<const Src*>(p.out) + base;
-    const T* delta = delta_buffer<T>(p) + bh * L;  // summary rows only (phase 0)
+    const T* delta = delta_buffer<T>(p) + bh * L;
+
+    T* dq = s.acc;
+    T* dk = s.acc + Scratch<T>::round_up(D);
+    T* dv = s.acc + 2 * Scratch<T>::round_up(D);
+    const T* first = summary_partial<T>(p, bh, 0, slot);
+    for (int64_t d = 0; d < D; ++d) {
+      dq[d] = first[d];
+      dk[d] = first[D + d];
+      dv[d] = first[2 * D + d];
+    }
+    for (int64_t c = 1; c < chunks; ++c) {
+      const T* part = summary_partial<T>(p, bh, c, slot);
+      axpy(dq, T(1), part, D);
+      axpy(dk, T(1), part + D, D);
+      axpy(dv, T(1), part + 2 * D, D);
+    }
 
     const T* qt = as_compute(q + t * D, D, s.row(0, p));
     const T* kt = as_compute(k + t * D, D, s.row(1, p));
     const T* vt = as_compute(v + t * D, D, s.row(2, p));
     const T* dot_ = as_compute(dout + t * D, D, s.row(3, p));
-    const T lse_t = row_lse<T>(p, bh, t), delta_t = delta[t];
-    T* dq = s.acc;
-    T* dk = s.acc + Scratch<T>::round_up(D);
-    T* dv = s.acc + 2 * Scratch<T>::round_up(D);
-    zero(dq, D);
-    zero(dk, D);
-    zero(dv, D);
-    int64_t m;
-    const int32_t* members = lay.group_list(lay.group()[t], &m);
-    // float32/float64: the members' coefficients first, then three gathered sums (see below); bfloat16
-    // accumulates block by block from converted rows instead.
-    T* coef_q = s.scores;
-    T* coef_k = s.scores + L;
-    T* coef_v = s.scores + 2 * L;
-    // Members four at a time (see forward_summary_row); the tail one by one, with the same arithmetic.
-    int64_t u = 0;
-    for (; u + 4 <= m; u += 4) {
-      const T *qx[4], *kx[4], *vx[4], *dox[4];
-      for (int r = 0; r < 4; ++r) {
-        const int64_t x = members[u + r];
-        qx[r] = as_compute(q + x * D, D, s.row(4 + r, p));
-        kx[r] = as_compute(k + x * D, D, s.row(8 + r, p));
-        vx[r] = as_compute(v + x * D, D, s.row(12 + r, p));
-        dox[r] = as_compute(dout + x * D, D, s.row(16 + r, p));
-      }
-      // The members' delta = rowsum(dO * O), recomputed here so that this phase need not wait for the runs'.
-      T delta_x[4];
-      for (int r = 0; r < 4; ++r)
-        delta_x[r] = dot(dox[r], as_compute(o + int64_t(members[u + r]) * D, D, s.row(20 + r, p)), D);
-      T s_tx[4], dp_tx[4], s_xt[4], dp_xt[4], c_q[4], c_k[4], c_v[4];
-      dot4p(kx[0], kx[1], kx[2], kx[3], qt, D, s_tx);
-      dot4p(vx[0], vx[1], vx[2], vx[3], dot_, D, dp_tx);
-      dot4p(qx[0], qx[1], qx[2], qx[3], kt, D, s_xt);
-      dot4p(dox[0], dox[1], dox[2], dox[3], vt, D, dp_xt);
-      T probs[kExpPad];  // the eight exponentials of the block in one vector call (padded for exp_shift_sum)
-      for (int r = 0; r < 4; ++r) {
-        probs[r] = scale * s_tx[r] - lse_t;
-        probs[4 + r] = scale * s_xt[r] - row_lse<T>(p, bh, members[u + r]);
-      }
-      exp_shift_sum(probs, 8, T(0));
-      for (int r = 0; r < 4; ++r) {
-        c_q[r] = probs[r] * (dp_tx[r] - delta_t);
-        c_k[r] = probs[4 + r] * (dp_xt[r] - delta_x[r]);
-        c_v[r] = probs[4 + r];
-      }
-      if constexpr (SameType<Src, T>::value) {
-        for (int r = 0; r < 4; ++r) {
-          coef_q[u + r] = c_q[r];
-          coef_k[u + r] = c_k[r];
-          coef_v[u + r] = c_v[r];
-        }
-      } else {
-        axpy4(dq, c_q, kx[0], kx[1], kx[2], kx[3], D);
-        axpy4(dk, c_k, qx[0], qx[1], qx[2], qx[3], D);
-        axpy4(dv, c_v, dox[0], dox[1], dox[2], dox[3], D);
-      }
-    }
-    for (; u < m; ++u) {
-      const int64_t x = members[u];
-      const T* qx = as_compute(q + x * D, D, s.row(4, p));
-      const T* kx = as_compute(k + x * D, D, s.row(5, p));
-      const T* vx = as_compute(v + x * D, D, s.row(6, p));
-      const T* dox = as_compute(dout + x * D, D, s.row(7, p));
-      const T p_tx = exp_scalar(scale * dot(qt, kx, D) - lse_t);
-      const T c_q = p_tx * (dot(dot_, vx, D) - delta_t);
-      const T p_xt = exp_scalar(scale * dot(qx, kt, D) - row_lse<T>(p, bh, x));
-      const T delta_x = dot(dox, as_compute(o + x * D, D, s.row(20, p)), D);
-      const T c_k = p_xt * (dot(dox, vt, D) - delta_x);
-      if constexpr (SameType<Src, T>::value) {
-        coef_q[u] = c_q;
-        coef_k[u] = c_k;
-        coef_v[u] = p_xt;
-      } else {
-        axpy(dq, c_q, kx, D);
-        axpy(dk, c_k, qx, D);
-        axpy(dv, p_xt, dox, D);
-      }
-    }
-    if constexpr (SameType<Src, T>::value) {
-      // Second pass: each gradient row is one register-resident sum over the gathered member rows.
-      combine_rows_at(dq, false, coef_q, 1, GatheredRows<T>{k, members, D}, m, D);
-      combine_rows_at(dk, false, coef_k, 1, GatheredRows<T>{q, members, D}, m, D);
-      combine_rows_at(dv, false, coef_v, 1, GatheredRows<T>{dout, members, D}, m, D);
+    const T lse_t = row_lse<T>(p, bh, t);
+    int64_t ns;
+    const int32_t* sums = lay.summary_list(lay.group()[t], &ns);
+    for (int64_t u = 0; u < ns; ++u) {
+      const int64_t y = sums[u];
+      const T* qy = as_compute(q + y * D, D, s.row(4, p));
+      const T* ky = as_compute(k + y * D, D, s.row(5, p));
+      const T* vy = as_compute(v + y * D, D, s.row(6, p));
+      const T* doy = as_compute(dout + y * D, D, s.row(7, p));
+      T probs[kExpPad];
+      probs[0] = scale * dot(qt, ky, D) - lse_t;              // t attends y
+      probs[1] = scale * dot(qy, kt, D) - row_lse<T>(p, bh, y);  // y attends t
+      exp_shift_sum(probs, 2, T(0));
+      const T ds_ty = probs[0] * (dot(dot_, vy, D) - delta[t]);
+      const T ds_yt = probs[1] * (dot(doy, vt, D) - delta[y]);
+      axpy(dq, ds_ty, ky, D);
+      axpy(dk, ds_yt, qy, D);
+      axpy(dv, probs[1], doy, D);
     }
     Src* gq = static_cast<Src*>(p.dq) + base;
     Src* gk = static_cast<Src*>(p.dk) + base;
@@ -514,19 +507,6 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
     store_scaled(gq + t * D, dq, scale, D);
     store_scaled(gk + t * D, dk, scale, D);
     store_scaled(gv + t * D, dv, T(1), D);
-  }
-}
-
-// Phases A and B as one task list: neither reads what the other writes, so one parallel region covers both.
-// Tasks are ordered head by head, a head's run chunks then its summary slots, so that the summary tasks find
-// the head's rows still in cache from its runs (a summary token's group is spread over the whole sequence).
-template <typename Src, typename T>
-void backward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
-  const int64_t chunks = p.chunks_per_row(), per_head = chunks + p.max_summary;
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t bh = task / per_head, local = task % per_head;
-    if (local < chunks) backward_run_tasks<Src, T>(p, bh * chunks + local, bh * chunks + local + 1, raw);
-    else backward_summary_tasks<Src, T>(p, bh * p.max_summary + local - chunks, bh * p.max_summary + local - chunks + 1, raw);
   }
   stream_fence();
 }
@@ -548,10 +528,16 @@ inline void run_forward(const Params& p, int64_t b, int64_t e, void* s) { CLEAR_
 inline void run_summary_delta(const Params& p, int64_t b, int64_t e, void* s) {
   CLEAR_DISPATCH_DTYPE(summary_delta_tasks, p, b, e, s)
 }
-inline void run_backward(const Params& p, int64_t b, int64_t e, void* s) { CLEAR_DISPATCH_DTYPE(backward_tasks, p, b, e, s) }
+inline void run_backward_runs(const Params& p, int64_t b, int64_t e, void* s) {
+  CLEAR_DISPATCH_DTYPE(backward_run_tasks, p, b, e, s)
+}
+inline void run_backward_summaries(const Params& p, int64_t b, int64_t e, void* s) {
+  CLEAR_DISPATCH_DTYPE(backward_summary_tasks, p, b, e, s)
+}
 #undef CLEAR_DISPATCH_DTYPE
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{CLEAR_ARCH_NAME, &scratch_bytes, &run_forward, &run_summary_delta, &run_backward};
+  static const KernelTable table{CLEAR_ARCH_NAME,         &scratch_bytes,       &run_forward, &run_summary_delta,
+                                 &run_backward_runs, &run_backward_summaries};
   return table;
 }

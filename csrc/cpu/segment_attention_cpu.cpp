@@ -296,7 +296,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
       run_phase(table, p, bh, table.backward_summary_delta);
     }
   }
-  run_phase(table, p, bh * (p.chunks_per_row() + p.max_summary), table.backward);
+  at::Tensor partials;
+  if (p.max_summary > 0) {
+    // Through the output cache too: megabytes of fresh pages per call would cost more than the sums themselves.
+    partials = cached_empty({p.batch, p.heads, p.chunks_per_row(), p.max_summary, 3, p.head_dim},
+                            q.options().dtype(p.dtype == DType::Float64 ? at::kDouble : at::kFloat));
+    p.summary_partials = partials.data_ptr();
+  }
+  run_phase(table, p, bh * p.chunks_per_row(), table.backward_runs);
+  if (p.max_summary > 0) run_phase(table, p, bh * p.max_summary, table.backward_summaries);
   return {dq, dk, dv};
 }
 

@@ -121,27 +121,33 @@ inline void reduce4(typename Vec<T>::V s0, typename Vec<T>::V s1, typename Vec<T
   out[3] = Vec<T>::hsum(s3);
 }
 
-// out[r] = a_r . b for four vectors a_r against one vector b: b is loaded once for four products.
+// out[r] = a_r . b_r for four pairs of vectors: four independent accumulators, one reduction tree for all.
 template <typename T>
-inline void dot4p(const T* a0, const T* a1, const T* a2, const T* a3, const T* b, int64_t D, T* out) {
+inline void dot4_pairs(const T* a0, const T* b0, const T* a1, const T* b1, const T* a2, const T* b2, const T* a3,
+                       const T* b3, int64_t D, T* out) {
   using VT = Vec<T>;
   constexpr int W = VT::W;
   typename VT::V s0{}, s1{}, s2{}, s3{};
   int64_t d = 0;
   for (; d + W <= D; d += W) {
-    const auto bv = VT::load(b + d);
-    s0 += VT::load(a0 + d) * bv;
-    s1 += VT::load(a1 + d) * bv;
-    s2 += VT::load(a2 + d) * bv;
-    s3 += VT::load(a3 + d) * bv;
+    s0 += VT::load(a0 + d) * VT::load(b0 + d);
+    s1 += VT::load(a1 + d) * VT::load(b1 + d);
+    s2 += VT::load(a2 + d) * VT::load(b2 + d);
+    s3 += VT::load(a3 + d) * VT::load(b3 + d);
   }
   reduce4<T>(s0, s1, s2, s3, out);
   for (; d < D; ++d) {
-    out[0] += a0[d] * b[d];
-    out[1] += a1[d] * b[d];
-    out[2] += a2[d] * b[d];
-    out[3] += a3[d] * b[d];
+    out[0] += a0[d] * b0[d];
+    out[1] += a1[d] * b1[d];
+    out[2] += a2[d] * b2[d];
+    out[3] += a3[d] * b3[d];
   }
+}
+
+// out[r] = a_r . b for four vectors a_r against one vector b (b's loads are shared once inlined).
+template <typename T>
+inline void dot4p(const T* a0, const T* a1, const T* a2, const T* a3, const T* b, int64_t D, T* out) {
+  dot4_pairs(a0, b, a1, b, a2, b, a3, b, D, out);
 }
 
 // out[r * out_stride] = a_r . b for four rows a_r with stride lda.
