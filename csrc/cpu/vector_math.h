@@ -62,7 +62,8 @@ struct Vec {
     return v;
   }
   static inline void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
-  static inline V splat(T x) { return V{} + x; }
+  // x - 0 is exactly x (x + 0 is not, for x = -0), so the compiler emits a bare broadcast.
+  static inline V splat(T x) { return x - V{}; }
   static inline T hsum(V v) { return reduce_lanes(v); }
 };
 
