@@ -280,6 +280,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for n, impl in enumerate(sorted({r["impl"] for r in rows})):
@@ -290,6 +291,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                         label=f"{impl} {'fwd' if key == 'fwd_ms' else 'fwd+bwd'}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    beats = sorted({r["beats"] for r in rows})  # label the measured lengths, not powers of ten
+    ax.set_xticks(beats, [str(b) for b in beats])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("beats per record (L = 12 + 12 x beats)")
     ax.set_ylabel("median time (ms)")
     ax.set_title(title, fontsize=9)
@@ -298,6 +302,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown_report(payload: dict) -> str:
+    """The table of a run, headed by the machine and versions it ran on (bench/results/<stem>.md)."""
+    info = payload["machine"]
+    where = info["cpu"] if info.get("device", "cpu") == "cpu" else info.get("gpu")
+    head = (f"{where}, {info['threads']} threads, torch {info['torch']}, triton {info['triton']}, "
+            f"{payload['dtype']}, median of {payload['repeats']} repeats, commit {info['git_commit'][:10]}"
+            f"{' (dirty)' if info.get('git_dirty') else ''}")
+    return head + "\n\n" + table(payload["results"] + payload["sweep"]) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -337,10 +351,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     payload = {"machine": info, "dtype": args.dtype, "repeats": repeats, "quick": args.quick,
                "results": rows, "sweep": sweep_rows}
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown_report(payload))
     if sweep_rows:
         plot(sweep_rows, RESULTS / f"{stem}.png",
              f"B=8, H=8, D=96, {args.dtype}, {info['threads']} threads, {info['cpu'] if device == 'cpu' else info.get('gpu')}")
-    print(f"\nwrote {RESULTS / stem}.json" + (" and .png" if sweep_rows else ""))
+    print(f"\nwrote {RESULTS / stem}.json, .md" + (" and .png" if sweep_rows else ""))
     return 0
 
 

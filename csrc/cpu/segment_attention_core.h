@@ -3,11 +3,14 @@
 //
 // Work decomposition (every output row is written by exactly one task, in a fixed order: deterministic, no
 // atomics, and independent of the thread count):
-//  * token tasks (b, h, chunk of positions): a chunk owns the segment runs that start in it, its summary rows
-//    (forward) and its padding rows. A run of n queries attends its n keys plus each query's group summary keys;
-//    the run's n x n score block is computed once and reused for dq and for dk/dv of the run's keys.
-//  * summary tasks (b, h, summary slot), backward only: a summary token's dq (it attends its group's list) and
-//    its dk/dv (by the symmetry of the rule, the queries that attend it are the same list).
+//  * run tasks (b, h, chunk of positions): a chunk owns the segment runs that start in it and its padding rows.
+//    A run of n queries attends its n keys plus each query's group summary keys; the run's n x n score block is
+//    computed once and reused for dq and for dk/dv of the run's keys. While it runs, the next run's rows are
+//    prefetched, one row per row processed.
+//  * summary tasks (b, h, summary slot): a summary token's row. The forward gathers its group's keys and values
+//    (after the head's runs, so they are in cache). The backward does not gather: each run task adds its tokens'
+//    share of their summary tokens' dq/dk/dv to per-chunk partial sums while the rows are hot, and the summary
+//    task adds those up in chunk order, plus the token's pairs with the other summary tokens of its group.
 // Scores live only in per-thread scratch: one row per query of a run tile, so memory stays O(B*H*L*D).
 
 #include "vector_math.h"
@@ -15,7 +18,7 @@
 constexpr int32_t kSummary = -1;
 constexpr int32_t kPadding = -2;
 constexpr int64_t kQueryTile = 32;  // query rows of a run processed together (bounds the score tile)
-constexpr int64_t kRows = 24;       // single-row buffers (converted rows of summary tokens and their partners)
+constexpr int64_t kRows = 8;        // single-row buffers (converted rows of summary tokens and their partners)
 
 // ------------------------------------------------------------------------------------------ element access
 inline float bf16_to_float(uint16_t x) {
