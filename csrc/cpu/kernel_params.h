@@ -15,6 +15,7 @@ enum class DType : int { Float32 = 0, BFloat16 = 1, Float64 = 2 };
 struct Params {
   int64_t batch = 0, heads = 0, length = 0, head_dim = 0, num_groups = 0, max_summary = 0;
   int64_t max_run = 1;     // longest segment run in the layout: sizes the per-thread scratch
+  int64_t max_group_summary = 0;  // most summary tokens in one group (a run's pairs with summary tokens)
   int64_t chunk = 256;     // positions per task in the token passes
   double scale = 1.0;
   DType dtype = DType::Float32;

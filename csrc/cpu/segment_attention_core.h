@@ -72,18 +72,22 @@ struct Scratch {
   T *q, *k, *v, *dout, *dq, *dk, *dv;  // max_run rows each
   T* rows;                             // kRows single rows (summary tokens and their partners)
   T* acc;                              // 3 single rows (accumulators of a summary task)
-  T *scores, *dscores;                 // score tiles; `scores` also holds up to 3 rows of L coefficients
+  T *scores, *dscores;                 // score tiles; `scores` also holds one row of L scores
   T *run_lse, *run_delta;              // max_run each
+  T* pairs;                            // 4 x pair_cap: a run's pairs with its summary tokens (backward)
+  int64_t pair_cap;
 
   // Score rows are padded to whole vectors (exp_shift_sum overwrites up to the next multiple of kExpPad).
   static int64_t round_up(int64_t n) { return (n + 15) / 16 * 16; }  // keeps every piece 64-byte aligned
   static int64_t row_stride(int64_t n) { return round_up(n); }
   static int64_t tile_elems(const Params& p) { return kQueryTile * row_stride(p.max_run + p.max_summary); }
+  static int64_t pair_capacity(const Params& p) { return round_up(p.max_run * p.max_group_summary); }
   static int64_t elems(const Params& p) {
     const int64_t D = p.head_dim, R = p.max_run;
     const int64_t tile = round_up(tile_elems(p));
-    const int64_t long_tile = tile > round_up(3 * p.length) ? tile : round_up(3 * p.length);
-    return 7 * round_up(R * D) + (kRows + 3) * round_up(D) + long_tile + tile + 2 * round_up(R);
+    const int64_t long_tile = tile > round_up(p.length) ? tile : round_up(p.length);
+    return 7 * round_up(R * D) + (kRows + 3) * round_up(D) + long_tile + tile + 2 * round_up(R) +
+           4 * pair_capacity(p);
   }
 
   Scratch(const Params& p, void* raw) {
@@ -106,10 +110,12 @@ struct Scratch {
     acc = cur;
     cur += 3 * round_up(D);
     const int64_t tile = tile_elems(p);
-    scores = take(tile > 3 * p.length ? tile : 3 * p.length);
+    scores = take(tile > p.length ? tile : p.length);
     dscores = take(tile);
     run_lse = take(R);
     run_delta = take(R);
+    pair_cap = pair_capacity(p);
+    pairs = take(4 * pair_cap);
   }
   T* row(int i, const Params& p) const { return rows + i * round_up(p.head_dim); }
 };
@@ -350,7 +356,6 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
   const Src* q = static_cast<const Src*>(p.q) + base;
   const Src* k = static_cast<const Src*>(p.k) + base;
   const Src* v = static_cast<const Src*>(p.v) + base;
-  const Src* o = static_cast<const Src*>(p.out) + base;
   const Src* dout = static_cast<const Src*>(p.grad_out) + base;
   const T* delta = delta_buffer<T>(p) + bh * L;  // summary rows only (phase 0)
 
@@ -358,10 +363,42 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
   const T* K = as_compute(k + r0 * D, n * D, s.k);
   const T* V = as_compute(v + r0 * D, n * D, s.v);
   const T* dO = as_compute(dout + r0 * D, n * D, s.dout);
+  for (int64_t i = 0; i < n; ++i) s.run_lse[i] = row_lse<T>(p, bh, r0 + i);
+
+  // The pairs of each token x of the run with each summary token t of its group, both ways round: x attends t
+  // and t attends x. First their scores and probabilities (the exponentials in two vector calls), because x's
+  // delta needs them: delta_x = rowsum(dO_x * O_x) = sum over x's keys of P * dP, computed from the
+  // probabilities at hand instead of reading O from memory.
+  T* arg_xt = s.pairs;  // becomes p_xt
+  T* arg_tx = s.pairs + s.pair_cap;  // becomes p_tx
+  T* dp_xt = s.pairs + 2 * s.pair_cap;
+  T* dp_tx = s.pairs + 3 * s.pair_cap;
+  int64_t pairs = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const T d = dot(dO + i * D, as_compute(o + (r0 + i) * D, D, s.row(0, p)), D);
-    s.run_delta[i] = d;
-    s.run_lse[i] = row_lse<T>(p, bh, r0 + i);
+    int64_t ns;
+    const int32_t* sums = lay.summary_list(lay.group()[r0 + i], &ns);
+    for (int64_t u = 0; u < ns; ++u, ++pairs) {
+      const int64_t t = sums[u];
+      T prod[4];  // q_x.k_t, q_t.k_x, dO_x.v_t, dO_t.v_x
+      dot4_pairs(Q + i * D, as_compute(k + t * D, D, s.row(0, p)), as_compute(q + t * D, D, s.row(1, p)), K + i * D,
+                 dO + i * D, as_compute(v + t * D, D, s.row(2, p)), as_compute(dout + t * D, D, s.row(3, p)),
+                 V + i * D, D, prod);
+      arg_xt[pairs] = scale * prod[0] - s.run_lse[i];
+      arg_tx[pairs] = scale * prod[1] - row_lse<T>(p, bh, t);
+      dp_xt[pairs] = prod[2];
+      dp_tx[pairs] = prod[3];
+    }
+  }
+  if (pairs > 0) {
+    exp_shift_sum(arg_xt, pairs, T(0));
+    exp_shift_sum(arg_tx, pairs, T(0));
+  }
+  for (int64_t i = 0, pr = 0; i < n; ++i) {
+    int64_t ns;
+    lay.summary_list(lay.group()[r0 + i], &ns);
+    T d = T(0);
+    for (int64_t u = 0; u < ns; ++u, ++pr) d += arg_xt[pr] * dp_xt[pr];
+    s.run_delta[i] = d;  // the summary keys' share; the run keys' share is added below
   }
 
   // Segment part: the n x n block, one query tile at a time. P = exp(S - lse), dS = P * (dP - delta).
@@ -376,56 +413,43 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
       prefetch_next_run(q, r0 + i0 + i, n, L, D);
       prefetch_next_run(k, r0 + i0 + i, n, L, D);
       prefetch_next_run(v, r0 + i0 + i, n, L, D);
+      prefetch_next_run(dout, r0 + i0 + i, n, L, D);
       T* prow = P + i * ld;
       T* dsrow = dS + i * ld;
       exp_shift_sum(prow, n, s.run_lse[i0 + i]);
-      const T di = s.run_delta[i0 + i];
+      const T di = s.run_delta[i0 + i] + dot_padded(prow, dsrow, n);
+      s.run_delta[i0 + i] = di;
       for (int64_t j = 0; j < n; ++j) dsrow[j] = prow[j] * (dsrow[j] - di);
       combine_rows(s.dq + (i0 + i) * D, false, dsrow, 1, K, D, n, D);
     }
     for (int64_t j = 0; j < n; ++j) {
-      if (i0 == 0) {
-        prefetch_next_run(o, r0 + j, n, L, D);
-        prefetch_next_run(dout, r0 + j, n, L, D);
-      }
       combine_rows(s.dk + j * D, i0 > 0, dS + j, ld, Q + i0 * D, D, rows, D);
       combine_rows(s.dv + j * D, i0 > 0, P + j, ld, dO + i0 * D, D, rows, D);
     }
   }
 
-  // Each token x of the run and each summary token t of its group, both ways round, while x's rows are hot:
-  // x attends t (x's dq; t's dk and dv) and t attends x (x's dk and dv; t's dq). The summary tokens' shares go
-  // to the chunk's partial sums, which the summary tasks add up in chunk order.
+  // Then the pairs' gradients: x's dq (x attends t), x's dk and dv (t attends x), and the summary tokens'
+  // shares, added to the chunk's partial sums (indexed by summary slot) which the summary tasks add up in chunk
+  // order.
   const int32_t* slots = p.summary_index + lay.b * p.max_summary;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0, pr = 0; i < n; ++i) {
     int64_t ns;
     const int32_t* sums = lay.summary_list(lay.group()[r0 + i], &ns);
-    const T* qx = Q + i * D;
-    const T* kx = K + i * D;
-    const T* vx = V + i * D;
-    const T* dox = dO + i * D;
-    for (int64_t u = 0; u < ns; ++u) {
+    for (int64_t u = 0; u < ns; ++u, ++pr) {
       const int64_t t = sums[u];
+      const T p_xt = arg_xt[pr], p_tx = arg_tx[pr];
+      const T ds_xt = p_xt * (dp_xt[pr] - s.run_delta[i]);
+      const T ds_tx = p_tx * (dp_tx[pr] - delta[t]);
       const T* qt = as_compute(q + t * D, D, s.row(0, p));
       const T* kt = as_compute(k + t * D, D, s.row(1, p));
-      const T* vt = as_compute(v + t * D, D, s.row(2, p));
       const T* dot_ = as_compute(dout + t * D, D, s.row(3, p));
-      T prod[4];  // q_x.k_t, q_t.k_x, dO_x.v_t, dO_t.v_x
-      dot4_pairs(qx, kt, qt, kx, dox, vt, dot_, vx, D, prod);
-      T probs[kExpPad];
-      probs[0] = scale * prod[0] - s.run_lse[i];
-      probs[1] = scale * prod[1] - row_lse<T>(p, bh, t);
-      exp_shift_sum(probs, 2, T(0));
-      const T p_xt = probs[0], p_tx = probs[1];
-      const T ds_xt = p_xt * (prod[2] - s.run_delta[i]);
-      const T ds_tx = p_tx * (prod[3] - delta[t]);
       axpy(s.dq + i * D, ds_xt, kt, D);
       axpy(s.dk + i * D, ds_tx, qt, D);
       axpy(s.dv + i * D, p_tx, dot_, D);
       T* acc = part + (sums + u - slots) * 3 * D;
-      axpy(acc, ds_tx, kx, D);         // t's dq
-      axpy(acc + D, ds_xt, qx, D);     // t's dk
-      axpy(acc + 2 * D, p_xt, dox, D); // t's dv
+      axpy(acc, ds_tx, K + i * D, D);           // t's dq
+      axpy(acc + D, ds_xt, Q + i * D, D);       // t's dk
+      axpy(acc + 2 * D, p_xt, dO + i * D, D);   // t's dv
     }
   }
 

@@ -94,7 +94,7 @@ void check_index(const at::Tensor& t, const char* name, int64_t batch, int64_t c
 // a malformed layout is an error instead of an out-of-bounds read or two tasks writing one row. O(B * L).
 void check_layout_values(Params& p) {
   const int64_t L = p.length, G = p.num_groups, S = p.max_summary;
-  int64_t max_run = 1;
+  int64_t max_run = 1, max_group_summary = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     const int32_t* seg = p.segment + b * L;
     const int32_t* grp = p.group + b * L;
@@ -124,6 +124,7 @@ void check_layout_values(Params& p) {
     const int32_t* soff = p.summary_offsets + b * (G + 1);
     TORCH_CHECK(goff[0] == 0 && soff[0] == 0, "native op (CPU): group_offsets and summary_offsets must start at 0");
     for (int64_t g = 0; g < G; ++g) {
+      max_group_summary = std::max<int64_t>(max_group_summary, soff[g + 1] - soff[g]);
       TORCH_CHECK(goff[g] <= goff[g + 1] && goff[g + 1] <= L, "native op (CPU): group_offsets[", b,
                   "] must be non-decreasing and <= L=", L);
       TORCH_CHECK(soff[g] <= soff[g + 1] && soff[g + 1] <= S, "native op (CPU): summary_offsets[", b,
@@ -145,6 +146,7 @@ void check_layout_values(Params& p) {
                 " summary tokens but segment holds ", summaries);
   }
   p.max_run = max_run;
+  p.max_group_summary = max_group_summary;
 }
 
 void fill_layout(Params& p, const at::Tensor& q, const at::Tensor& segment, const at::Tensor& group,

@@ -84,6 +84,26 @@ inline T dot(const T* a, const T* b, int64_t D) {
   return s;
 }
 
+// a . b over d < n for rows padded to whole vectors (like exp_shift_sum's): the last, partial vector is loaded
+// whole and its lanes past n are masked out, so short rows (a heartbeat's 12 keys) take one vector step
+// instead of a chain of scalar FMAs. Lanes past n may hold anything, NaN included.
+template <typename T>
+inline T dot_padded(const T* a, const T* b, int64_t n) {
+  using VT = Vec<T>;
+  using V = typename VT::V;
+  constexpr int W = VT::W;
+  V acc{};
+  int64_t d = 0;
+  for (; d + W <= n; d += W) acc += VT::load(a + d) * VT::load(b + d);
+  if (d < n) {
+    V lane{};
+    for (int l = 0; l < W; ++l) lane[l] = T(l);
+    const V prod = VT::load(a + d) * VT::load(b + d);
+    acc += lane < VT::splat(T(n - d)) ? prod : V{};
+  }
+  return VT::hsum(acc);
+}
+
 template <typename A, typename B>
 struct SameType {
   static constexpr bool value = false;
