@@ -210,6 +210,40 @@ void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, 
     const int64_t rows = (r1 - i0 < kQueryTile) ? r1 - i0 : kQueryTile;
     const T* Q = as_compute(q + i0 * D, rows * D, s.q);
     score_block(Q, rows, K, n, D, scale, s.scores, ld);
+    // The tile's scores against its summary keys, four (query, key) pairs per call so that four dot products
+    // share one reduction tree. Incomplete groups repeat their first pair: every pair gets the same arithmetic.
+    {
+      const T* qa[4];
+      const T* kb[4];
+      T* dst[4];
+      int pending = 0;
+      auto flush = [&]() {
+        for (int r = pending; r < 4; ++r) {
+          qa[r] = qa[0];
+          kb[r] = kb[0];
+        }
+        T res[4];
+        dot4_pairs(qa[0], kb[0], qa[1], kb[1], qa[2], kb[2], qa[3], kb[3], D, res);
+        for (int r = 0; r < pending; ++r) *dst[r] = scale * res[r];
+        pending = 0;
+      };
+      for (int64_t i = 0; i < rows; ++i) {
+        int64_t ns;
+        const int32_t* sums = lay.summary_list(lay.group()[i0 + i], &ns);
+        for (int64_t u = 0; u < ns; ++u) {
+          if constexpr (SameType<Src, T>::value) {
+            qa[pending] = Q + i * D;
+            kb[pending] = k + int64_t(sums[u]) * D;
+            dst[pending] = s.scores + i * ld + n + u;
+            if (++pending == 4) flush();
+          } else {  // bfloat16: each summary row is converted into its own buffer first
+            const T* ks = as_compute(k + int64_t(sums[u]) * D, D, s.row(0, p));
+            s.scores[i * ld + n + u] = scale * dot(Q + i * D, ks, D);
+          }
+        }
+      }
+      if (pending > 0) flush();
+    }
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t t = i0 + i;
       prefetch_next_run(q, t, n, L, D);
@@ -218,16 +252,18 @@ void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, 
       T* srow = s.scores + i * ld;
       int64_t ns;
       const int32_t* sums = lay.summary_list(lay.group()[t], &ns);
-      for (int64_t u = 0; u < ns; ++u) {
-        const T* ks = as_compute(k + int64_t(sums[u]) * D, D, s.row(0, p));
-        srow[n + u] = scale * dot(Q + i * D, ks, D);
-      }
       const int64_t m = n + ns;
       T mx = srow[0];
       for (int64_t j = 1; j < m; ++j) mx = srow[j] > mx ? srow[j] : mx;
       const T sum = exp_shift_sum(srow, m, mx);
-      combine_rows(acc, false, srow, 1, V, D, n, D);
-      for (int64_t u = 0; u < ns; ++u) axpy(acc, srow[n + u], as_compute(v + int64_t(sums[u]) * D, D, s.row(1, p)), D);
+      if constexpr (SameType<Src, T>::value) {
+        // The run's value rows and the summary tokens' in one register-resident sum.
+        combine_rows_at(acc, false, srow, 1, RunThenGathered<T>{V, v, sums, n, D}, m, D);
+      } else {
+        combine_rows(acc, false, srow, 1, V, D, n, D);
+        for (int64_t u = 0; u < ns; ++u)
+          axpy(acc, srow[n + u], as_compute(v + int64_t(sums[u]) * D, D, s.row(1, p)), D);
+      }
       store_scaled(out + t * D, acc, T(1) / sum, D);
       write_lse<T>(p, bh * L + t, mx + log_scalar(sum));
     }

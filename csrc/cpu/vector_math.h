@@ -264,6 +264,17 @@ struct GatheredRows {
   const T* operator()(int64_t j) const { return base + int64_t(index[j]) * D; }
 };
 
+// ... or a run's n contiguous rows followed by rows gathered by index (a query's keys: its heartbeat, then its
+// group's summary tokens).
+template <typename T>
+struct RunThenGathered {
+  const T* run;
+  const T* base;
+  const int32_t* index;
+  int64_t n, D;
+  const T* operator()(int64_t j) const { return j < n ? run + j * D : base + int64_t(index[j - n]) * D; }
+};
+
 template <typename T>
 inline void combine_rows(T* out, bool accumulate, const T* coef, int64_t cs, const T* rows, int64_t rs, int64_t m,
                          int64_t D) {
