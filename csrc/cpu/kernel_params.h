@@ -10,7 +10,7 @@ namespace clear_cpu {
 
 enum class DType : int { Float32 = 0, BFloat16 = 1, Float64 = 2 };
 
-// Everything one op call needs; tensors are contiguous, q-like ones [B, H, L, D], lse/delta [B, H, L],
+// Everything one op call needs; tensors are contiguous, q-like ones [B, H, L, D], lse [B, H, L],
 // layout tensors as documented in clear_kernels/layout.py. Pointers a phase does not use are null.
 struct Params {
   int64_t batch = 0, heads = 0, length = 0, head_dim = 0, num_groups = 0, max_summary = 0;
@@ -38,8 +38,6 @@ struct Params {
   // Backward scratch [B, H, chunks, max_summary, 3, D] in the compute type (float, or double for float64): each
   // run chunk's share of each summary token's dq, dk and dv, added up in chunk order by phase 2 (deterministic).
   void* summary_partials = nullptr;
-  float* delta = nullptr;    // backward scratch [B, H, L]: rowsum(grad_out * out) of summary rows, float32
-  double* delta64 = nullptr; // (float64 runs keep theirs in delta64 so no precision is lost)
 
   const int32_t* segment = nullptr;
   const int32_t* group = nullptr;
@@ -62,8 +60,6 @@ struct KernelTable {
   // Forward over (b, h) x (chunks + max_summary) tasks: a chunk's task computes the segment runs starting in it
   // (zeros for padding), a summary slot's task the row of a summary token.
   void (*forward)(const Params&, int64_t begin, int64_t end, void* scratch);
-  // Backward phase 0 over (b, h): delta = rowsum(grad_out * out) of the summary rows (the runs need them).
-  void (*backward_summary_delta)(const Params&, int64_t begin, int64_t end, void* scratch);
   // Backward phase 1 over (b, h) x chunks tasks: dq/dk/dv of the segment runs starting in the chunk (zeros for
   // padding) and the chunk's partial sums of its summary tokens' gradients (Params::summary_partials).
   void (*backward_runs)(const Params&, int64_t begin, int64_t end, void* scratch);

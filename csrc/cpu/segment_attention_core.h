@@ -18,7 +18,7 @@
 constexpr int32_t kSummary = -1;
 constexpr int32_t kPadding = -2;
 constexpr int64_t kQueryTile = 32;  // query rows of a run processed together (bounds the score tile)
-constexpr int64_t kRows = 8;        // single-row buffers (converted rows of summary tokens and their partners)
+constexpr int64_t kRows = 10;       // single-row buffers (converted rows of summary tokens and their partners)
 
 // ------------------------------------------------------------------------------------------ element access
 inline float bf16_to_float(uint16_t x) {
@@ -76,6 +76,7 @@ struct Scratch {
   T *run_lse, *run_delta;              // max_run each
   T* pairs;                            // 4 x pair_cap: a run's pairs with its summary tokens (backward)
   int64_t pair_cap;
+  T* summary_delta;                    // max_summary: rowsum(dO * O) of the row's summary tokens, by slot
 
   // Score rows are padded to whole vectors (exp_shift_sum overwrites up to the next multiple of kExpPad).
   static int64_t round_up(int64_t n) { return (n + 15) / 16 * 16; }  // keeps every piece 64-byte aligned
@@ -87,7 +88,7 @@ struct Scratch {
     const int64_t tile = round_up(tile_elems(p));
     const int64_t long_tile = tile > round_up(p.length) ? tile : round_up(p.length);
     return 7 * round_up(R * D) + (kRows + 3) * round_up(D) + long_tile + tile + 2 * round_up(R) +
-           4 * pair_capacity(p);
+           4 * pair_capacity(p) + round_up(p.max_summary);
   }
 
   Scratch(const Params& p, void* raw) {
@@ -116,6 +117,7 @@ struct Scratch {
     run_delta = take(R);
     pair_cap = pair_capacity(p);
     pairs = take(4 * pair_cap);
+    summary_delta = take(p.max_summary);
   }
   T* row(int i, const Params& p) const { return rows + i * round_up(p.head_dim); }
 };
@@ -157,11 +159,6 @@ inline void write_lse(const Params& p, int64_t row, T value) {
     if (p.lse64) p.lse64[row] = value;
 }
 
-template <typename T>
-inline T* delta_buffer(const Params& p) {
-  if constexpr (SameType<T, double>::value) return p.delta64;
-  else return p.delta;
-}
 
 // Scaled scores of `rows` query rows (stride D) against n contiguous keys into s[i * ld + j].
 template <typename T>
@@ -357,20 +354,18 @@ void forward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
 }
 
 // ----------------------------------------------------------------------------------------------- backward
+// delta = rowsum(dO * O) of every summary token of head bh's row, by slot, into the task's scratch. Every task
+// that needs them computes them itself (the same dot products, so the same bits): no phase has to wait for
+// another, and a row holds few summary tokens.
 template <typename Src, typename T>
-void summary_delta_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
-  Scratch<T> s(p, raw);
+void load_summary_delta(const Params& p, const LayoutRow& lay, int64_t bh, Scratch<T>& s) {
   const int64_t D = p.head_dim, L = p.length;
-  T* delta = delta_buffer<T>(p);
-  for (int64_t bh = begin; bh < end; ++bh) {
-    const LayoutRow lay{p, bh / p.heads};
-    const Src* o = static_cast<const Src*>(p.out) + bh * L * D;
-    const Src* dout = static_cast<const Src*>(p.grad_out) + bh * L * D;
-    const int64_t count = lay.num_summary();
-    for (int64_t u = 0; u < count; ++u) {
-      const int64_t t = p.summary_index[lay.b * p.max_summary + u];
-      delta[bh * L + t] = dot(as_compute(dout + t * D, D, s.row(0, p)), as_compute(o + t * D, D, s.row(1, p)), D);
-    }
+  const Src* o = static_cast<const Src*>(p.out) + bh * L * D;
+  const Src* dout = static_cast<const Src*>(p.grad_out) + bh * L * D;
+  const int64_t count = lay.num_summary();
+  for (int64_t u = 0; u < count; ++u) {
+    const int64_t t = p.summary_index[lay.b * p.max_summary + u];
+    s.summary_delta[u] = dot(as_compute(dout + t * D, D, s.row(0, p)), as_compute(o + t * D, D, s.row(1, p)), D);
   }
 }
 
@@ -393,8 +388,6 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
   const Src* k = static_cast<const Src*>(p.k) + base;
   const Src* v = static_cast<const Src*>(p.v) + base;
   const Src* dout = static_cast<const Src*>(p.grad_out) + base;
-  const T* delta = delta_buffer<T>(p) + bh * L;  // summary rows only (phase 0)
-
   const T* Q = as_compute(q + r0 * D, n * D, s.q);
   const T* K = as_compute(k + r0 * D, n * D, s.k);
   const T* V = as_compute(v + r0 * D, n * D, s.v);
@@ -475,7 +468,7 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
       const int64_t t = sums[u];
       const T p_xt = arg_xt[pr], p_tx = arg_tx[pr];
       const T ds_xt = p_xt * (dp_xt[pr] - s.run_delta[i]);
-      const T ds_tx = p_tx * (dp_tx[pr] - delta[t]);
+      const T ds_tx = p_tx * (dp_tx[pr] - s.summary_delta[sums + u - slots]);
       const T* qt = as_compute(q + t * D, D, s.row(0, p));
       const T* kt = as_compute(k + t * D, D, s.row(1, p));
       const T* dot_ = as_compute(dout + t * D, D, s.row(3, p));
@@ -509,7 +502,10 @@ void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) 
     const int64_t bh = task / chunks, c = task % chunks;
     const LayoutRow lay{p, bh / p.heads};
     T* part = p.max_summary > 0 ? summary_partial<T>(p, bh, c, 0) : nullptr;
-    if (part) zero(part, p.max_summary * 3 * D);
+    if (part) {
+      zero(part, p.max_summary * 3 * D);
+      load_summary_delta<Src, T>(p, lay, bh, s);
+    }
     const int64_t t1 = (c + 1) * p.chunk < L ? (c + 1) * p.chunk : L;
     for (int64_t t = c * p.chunk; t < t1; ++t) {
       const int32_t seg = lay.segment()[t];
@@ -543,7 +539,12 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
     const Src* k = static_cast<const Src*>(p.k) + base;
     const Src* v = static_cast<const Src*>(p.v) + base;
     const Src* dout = static_cast<const Src*>(p.grad_out) + base;
-    const T* delta = delta_buffer<T>(p) + bh * L;
+    const Src* o = static_cast<const Src*>(p.out) + base;
+    // rowsum(dO * O) of a summary row (the same dot product as load_summary_delta's, so the same bits).
+    auto row_delta = [&](int64_t x) {
+      return dot(as_compute(dout + x * D, D, s.row(8, p)), as_compute(o + x * D, D, s.row(9, p)), D);
+    };
+    const T delta_t = row_delta(t);
 
     T* dq = s.acc;
     T* dk = s.acc + Scratch<T>::round_up(D);
@@ -570,6 +571,7 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
     const int32_t* sums = lay.summary_list(lay.group()[t], &ns);
     for (int64_t u = 0; u < ns; ++u) {
       const int64_t y = sums[u];
+      const T delta_y = y == t ? delta_t : row_delta(y);
       const T* qy = as_compute(q + y * D, D, s.row(4, p));
       const T* ky = as_compute(k + y * D, D, s.row(5, p));
       const T* vy = as_compute(v + y * D, D, s.row(6, p));
@@ -578,8 +580,8 @@ void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* r
       probs[0] = scale * dot(qt, ky, D) - lse_t;              // t attends y
       probs[1] = scale * dot(qy, kt, D) - row_lse<T>(p, bh, y);  // y attends t
       exp_shift_sum(probs, 2, T(0));
-      const T ds_ty = probs[0] * (dot(dot_, vy, D) - delta[t]);
-      const T ds_yt = probs[1] * (dot(doy, vt, D) - delta[y]);
+      const T ds_ty = probs[0] * (dot(dot_, vy, D) - delta_t);
+      const T ds_yt = probs[1] * (dot(doy, vt, D) - delta_y);
       axpy(dq, ds_ty, ky, D);
       axpy(dk, ds_yt, qy, D);
       axpy(dv, probs[1], doy, D);
@@ -608,9 +610,6 @@ inline int64_t scratch_bytes(const Params& p) {
   return Scratch<float>::elems(p) * int64_t(sizeof(float));
 }
 inline void run_forward(const Params& p, int64_t b, int64_t e, void* s) { CLEAR_DISPATCH_DTYPE(forward_tasks, p, b, e, s) }
-inline void run_summary_delta(const Params& p, int64_t b, int64_t e, void* s) {
-  CLEAR_DISPATCH_DTYPE(summary_delta_tasks, p, b, e, s)
-}
 inline void run_backward_runs(const Params& p, int64_t b, int64_t e, void* s) {
   CLEAR_DISPATCH_DTYPE(backward_run_tasks, p, b, e, s)
 }
@@ -620,7 +619,7 @@ inline void run_backward_summaries(const Params& p, int64_t b, int64_t e, void* 
 #undef CLEAR_DISPATCH_DTYPE
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{CLEAR_ARCH_NAME,         &scratch_bytes,       &run_forward, &run_summary_delta,
-                                 &run_backward_runs, &run_backward_summaries};
+  static const KernelTable table{CLEAR_ARCH_NAME, &scratch_bytes, &run_forward, &run_backward_runs,
+                                 &run_backward_summaries};
   return table;
 }

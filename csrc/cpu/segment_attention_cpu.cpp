@@ -257,9 +257,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
   at::Tensor dq = new_output(q.sizes(), q.options());
   at::Tensor dk = new_output(q.sizes(), q.options());
   at::Tensor dv = new_output(q.sizes(), q.options());
-  // rowsum(grad_out * out) per row, in the compute precision; rows never read are never written.
-  at::Tensor delta = at::empty({p.batch, p.heads, p.length},
-                               q.options().dtype(p.dtype == DType::Float64 ? at::kDouble : at::kFloat));
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -269,8 +266,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  if (p.dtype == DType::Float64) p.delta64 = delta.data_ptr<double>();
-  else p.delta = delta.data_ptr<float>();
   const KernelTable& table = kernel_table();
   const int64_t bh = p.batch * p.heads;
   at::Tensor lse64;
@@ -285,18 +280,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
     f.lse64 = lse64.data_ptr<double>();
     run_phase(table, f, bh * (f.chunks_per_row() + f.max_summary), table.forward);
     p.lse64 = f.lse64;
-  }
-  // Phase 0 (summary rows' delta, which the run tasks read) must finish first; it is little work, so it runs
-  // in this thread unless it is large: every parallel region is a barrier, and on a busy machine a barrier
-  // can wait a whole scheduler tick for a descheduled thread.
-  if (p.max_summary > 0) {
-    if (bh * p.max_summary * p.head_dim < (int64_t(1) << 22)) {
-      std::unique_ptr<char[]> raw(new char[table.scratch_bytes(p) + 64]);
-      table.backward_summary_delta(p, 0, bh, reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) &
-                                                                     ~uintptr_t(63)));
-    } else {
-      run_phase(table, p, bh, table.backward_summary_delta);
-    }
   }
   at::Tensor partials;
   if (p.max_summary > 0) {
