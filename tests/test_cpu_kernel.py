@@ -73,6 +73,15 @@ def test_parity_long_records_and_custom_scale():
     check_parity("cpu", SegmentLayout.block_diagonal([[3, 65, 1], [100, 0, 0]]), head_dim=32, scale=0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_parity_rows_of_several_chunks(dtype):
+    # Rows longer than one task chunk (256 positions): the summary tokens' gradients are then summed from
+    # several chunks' partial sums by separate tasks, not finished by the run task itself.
+    check_parity("cpu", conduction_layout(11, batch=2, leads=4, beats=80, p_valid=0.85), head_dim=32, dtype=dtype)
+    check_parity("cpu", random_layout(12, length=600, num_groups=3, max_seg=20, p_summary=0.15, p_pad=0.1),
+                 head_dim=40, dtype=dtype)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), length=st.integers(1, 70), groups=st.integers(1, 4),
        max_seg=st.integers(1, 40), p_summary=st.floats(0.0, 0.6), p_pad=st.floats(0.0, 0.5),
@@ -89,9 +98,10 @@ def _fwd_bwd(q, k, v, dout, layout):
     return (out, lse) + tuple(BWD(dout, q, k, v, out, lse, *layout.kernel_args(), 0.125))
 
 
+@pytest.mark.parametrize("beats", [20, 40], ids=["one_chunk", "two_chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bitwise_deterministic(dtype):
-    layout = conduction_layout(3, batch=3, leads=12, beats=20)
+def test_bitwise_deterministic(dtype, beats):
+    layout = conduction_layout(3, batch=3, leads=12, beats=beats)  # L = 252 or 492: one or two task chunks
     gen = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(3, 4, layout.seq_len, 64, generator=gen).to(dtype) for _ in range(4))
     first = _fwd_bwd(q, k, v, dout, layout)

@@ -77,6 +77,7 @@ struct Scratch {
   T* pairs;                            // 4 x pair_cap: a run's pairs with its summary tokens (backward)
   int64_t pair_cap;
   T* summary_delta;                    // max_summary: rowsum(dO * O) of the row's summary tokens, by slot
+  T* row_partials;                     // max_summary x 3 x D: the partial sums of a row of one chunk
 
   // Score rows are padded to whole vectors (exp_shift_sum overwrites up to the next multiple of kExpPad).
   static int64_t round_up(int64_t n) { return (n + 15) / 16 * 16; }  // keeps every piece 64-byte aligned
@@ -88,7 +89,7 @@ struct Scratch {
     const int64_t tile = round_up(tile_elems(p));
     const int64_t long_tile = tile > round_up(p.length) ? tile : round_up(p.length);
     return 7 * round_up(R * D) + (kRows + 3) * round_up(D) + long_tile + tile + 2 * round_up(R) +
-           4 * pair_capacity(p) + round_up(p.max_summary);
+           4 * pair_capacity(p) + round_up(p.max_summary) + round_up(p.max_summary * 3 * D);
   }
 
   Scratch(const Params& p, void* raw) {
@@ -118,6 +119,7 @@ struct Scratch {
     pair_cap = pair_capacity(p);
     pairs = take(4 * pair_cap);
     summary_delta = take(p.max_summary);
+    row_partials = take(p.max_summary * 3 * D);
   }
   T* row(int i, const Params& p) const { return rows + i * round_up(p.head_dim); }
 };
@@ -369,10 +371,12 @@ void load_summary_delta(const Params& p, const LayoutRow& lay, int64_t bh, Scrat
   }
 }
 
-// The partial sums that one run chunk of head bh leaves for the summary token in slot `slot`: its dq, dk and dv
-// contributions from the chunk's heartbeat tokens (unscaled), three rows of D.
+// The partial sums that run chunk `chunk` of head bh leaves for the summary token in slot `slot`: its dq, dk
+// and dv contributions from the chunk's heartbeat tokens (unscaled), three rows of D. A row of one chunk keeps
+// them in the task's scratch (its summary rows are finished by the same task); longer rows share a buffer.
 template <typename T>
-inline T* summary_partial(const Params& p, int64_t bh, int64_t chunk, int64_t slot) {
+inline T* summary_partial(const Params& p, const Scratch<T>& s, int64_t bh, int64_t chunk, int64_t slot) {
+  if (p.chunks_per_row() == 1) return s.row_partials + slot * 3 * p.head_dim;
   T* base = static_cast<T*>(p.summary_partials);
   return base + ((bh * p.chunks_per_row() + chunk) * p.max_summary + slot) * 3 * p.head_dim;
 }
@@ -492,8 +496,76 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
   }
 }
 
+// A summary token's gradients: the run chunks' partial sums (added in chunk order) plus its pairs with the
+// summary tokens of its group, itself included.
+template <typename Src, typename T>
+void backward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int64_t slot, Scratch<T>& s) {
+  const int64_t D = p.head_dim, L = p.length, S = p.max_summary, chunks = p.chunks_per_row();
+  const T scale = static_cast<T>(p.scale);
+  const int64_t t = p.summary_index[lay.b * S + slot];
+  const int64_t base = bh * L * D;
+  const Src* q = static_cast<const Src*>(p.q) + base;
+  const Src* k = static_cast<const Src*>(p.k) + base;
+  const Src* v = static_cast<const Src*>(p.v) + base;
+  const Src* dout = static_cast<const Src*>(p.grad_out) + base;
+  const Src* o = static_cast<const Src*>(p.out) + base;
+  // rowsum(dO * O) of a summary row (the same dot product as load_summary_delta's, so the same bits).
+  auto row_delta = [&](int64_t x) {
+    return dot(as_compute(dout + x * D, D, s.row(8, p)), as_compute(o + x * D, D, s.row(9, p)), D);
+  };
+  const T delta_t = row_delta(t);
+
+  T* dq = s.acc;
+  T* dk = s.acc + Scratch<T>::round_up(D);
+  T* dv = s.acc + 2 * Scratch<T>::round_up(D);
+  const T* first = summary_partial<T>(p, s, bh, 0, slot);
+  for (int64_t d = 0; d < D; ++d) {
+    dq[d] = first[d];
+    dk[d] = first[D + d];
+    dv[d] = first[2 * D + d];
+  }
+  for (int64_t c = 1; c < chunks; ++c) {
+    const T* part = summary_partial<T>(p, s, bh, c, slot);
+    axpy(dq, T(1), part, D);
+    axpy(dk, T(1), part + D, D);
+    axpy(dv, T(1), part + 2 * D, D);
+  }
+
+  const T* qt = as_compute(q + t * D, D, s.row(0, p));
+  const T* kt = as_compute(k + t * D, D, s.row(1, p));
+  const T* vt = as_compute(v + t * D, D, s.row(2, p));
+  const T* dot_ = as_compute(dout + t * D, D, s.row(3, p));
+  const T lse_t = row_lse<T>(p, bh, t);
+  int64_t ns;
+  const int32_t* sums = lay.summary_list(lay.group()[t], &ns);
+  for (int64_t u = 0; u < ns; ++u) {
+    const int64_t y = sums[u];
+    const T delta_y = y == t ? delta_t : row_delta(y);
+    const T* qy = as_compute(q + y * D, D, s.row(4, p));
+    const T* ky = as_compute(k + y * D, D, s.row(5, p));
+    const T* vy = as_compute(v + y * D, D, s.row(6, p));
+    const T* doy = as_compute(dout + y * D, D, s.row(7, p));
+    T probs[kExpPad];
+    probs[0] = scale * dot(qt, ky, D) - lse_t;              // t attends y
+    probs[1] = scale * dot(qy, kt, D) - row_lse<T>(p, bh, y);  // y attends t
+    exp_shift_sum(probs, 2, T(0));
+    const T ds_ty = probs[0] * (dot(dot_, vy, D) - delta_t);
+    const T ds_yt = probs[1] * (dot(doy, vt, D) - delta_y);
+    axpy(dq, ds_ty, ky, D);
+    axpy(dk, ds_yt, qy, D);
+    axpy(dv, probs[1], doy, D);
+  }
+  Src* gq = static_cast<Src*>(p.dq) + base;
+  Src* gk = static_cast<Src*>(p.dk) + base;
+  Src* gv = static_cast<Src*>(p.dv) + base;
+  store_scaled(gq + t * D, dq, scale, D);
+  store_scaled(gk + t * D, dk, scale, D);
+  store_scaled(gv + t * D, dv, T(1), D);
+}
+
 // Backward phase 1 over (b, h, chunk) tasks: the runs that start in the chunk (zeros for padding rows), and the
-// chunk's partial sums for every summary slot of the row (zeroed first: a chunk may hold no token of a group).
+// chunk's partial sums for every summary slot of the row (zeroed first: a chunk may hold no token of a group);
+// in a row of one chunk, then its summary rows as well.
 template <typename Src, typename T>
 void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
   Scratch<T> s(p, raw);
@@ -501,7 +573,7 @@ void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bh = task / chunks, c = task % chunks;
     const LayoutRow lay{p, bh / p.heads};
-    T* part = p.max_summary > 0 ? summary_partial<T>(p, bh, c, 0) : nullptr;
+    T* part = p.max_summary > 0 ? summary_partial<T>(p, s, bh, c, 0) : nullptr;
     if (part) {
       zero(part, p.max_summary * 3 * D);
       load_summary_delta<Src, T>(p, lay, bh, s);
@@ -518,80 +590,21 @@ void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) 
         backward_run<Src, T>(p, lay, bh, t, lay.seg_end()[t], part, s);
       }
     }
+    if (chunks == 1)
+      for (int64_t slot = 0; slot < lay.num_summary(); ++slot) backward_summary_row<Src, T>(p, lay, bh, slot, s);
   }
   stream_fence();
 }
 
-// Backward phase 2 over (b, h, summary slot) tasks: a summary token's gradients are the chunks' partial sums
-// (added in chunk order) plus its pairs with the summary tokens of its group, itself included.
+// Backward phase 2 over (b, h, summary slot) tasks, for rows of more than one chunk (a row of one chunk has its
+// summary rows done by its run task, while its rows are still in cache).
 template <typename Src, typename T>
 void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
   Scratch<T> s(p, raw);
-  const int64_t D = p.head_dim, L = p.length, S = p.max_summary, chunks = p.chunks_per_row();
-  const T scale = static_cast<T>(p.scale);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t bh = task / S, slot = task % S;
+    const int64_t bh = task / p.max_summary, slot = task % p.max_summary;
     const LayoutRow lay{p, bh / p.heads};
-    if (slot >= lay.num_summary()) continue;  // this row has fewer summary tokens than max_summary
-    const int64_t t = p.summary_index[lay.b * S + slot];
-    const int64_t base = bh * L * D;
-    const Src* q = static_cast<const Src*>(p.q) + base;
-    const Src* k = static_cast<const Src*>(p.k) + base;
-    const Src* v = static_cast<const Src*>(p.v) + base;
-    const Src* dout = static_cast<const Src*>(p.grad_out) + base;
-    const Src* o = static_cast<const Src*>(p.out) + base;
-    // rowsum(dO * O) of a summary row (the same dot product as load_summary_delta's, so the same bits).
-    auto row_delta = [&](int64_t x) {
-      return dot(as_compute(dout + x * D, D, s.row(8, p)), as_compute(o + x * D, D, s.row(9, p)), D);
-    };
-    const T delta_t = row_delta(t);
-
-    T* dq = s.acc;
-    T* dk = s.acc + Scratch<T>::round_up(D);
-    T* dv = s.acc + 2 * Scratch<T>::round_up(D);
-    const T* first = summary_partial<T>(p, bh, 0, slot);
-    for (int64_t d = 0; d < D; ++d) {
-      dq[d] = first[d];
-      dk[d] = first[D + d];
-      dv[d] = first[2 * D + d];
-    }
-    for (int64_t c = 1; c < chunks; ++c) {
-      const T* part = summary_partial<T>(p, bh, c, slot);
-      axpy(dq, T(1), part, D);
-      axpy(dk, T(1), part + D, D);
-      axpy(dv, T(1), part + 2 * D, D);
-    }
-
-    const T* qt = as_compute(q + t * D, D, s.row(0, p));
-    const T* kt = as_compute(k + t * D, D, s.row(1, p));
-    const T* vt = as_compute(v + t * D, D, s.row(2, p));
-    const T* dot_ = as_compute(dout + t * D, D, s.row(3, p));
-    const T lse_t = row_lse<T>(p, bh, t);
-    int64_t ns;
-    const int32_t* sums = lay.summary_list(lay.group()[t], &ns);
-    for (int64_t u = 0; u < ns; ++u) {
-      const int64_t y = sums[u];
-      const T delta_y = y == t ? delta_t : row_delta(y);
-      const T* qy = as_compute(q + y * D, D, s.row(4, p));
-      const T* ky = as_compute(k + y * D, D, s.row(5, p));
-      const T* vy = as_compute(v + y * D, D, s.row(6, p));
-      const T* doy = as_compute(dout + y * D, D, s.row(7, p));
-      T probs[kExpPad];
-      probs[0] = scale * dot(qt, ky, D) - lse_t;              // t attends y
-      probs[1] = scale * dot(qy, kt, D) - row_lse<T>(p, bh, y);  // y attends t
-      exp_shift_sum(probs, 2, T(0));
-      const T ds_ty = probs[0] * (dot(dot_, vy, D) - delta_t);
-      const T ds_yt = probs[1] * (dot(doy, vt, D) - delta_y);
-      axpy(dq, ds_ty, ky, D);
-      axpy(dk, ds_yt, qy, D);
-      axpy(dv, probs[1], doy, D);
-    }
-    Src* gq = static_cast<Src*>(p.dq) + base;
-    Src* gk = static_cast<Src*>(p.dk) + base;
-    Src* gv = static_cast<Src*>(p.dv) + base;
-    store_scaled(gq + t * D, dq, scale, D);
-    store_scaled(gk + t * D, dk, scale, D);
-    store_scaled(gv + t * D, dv, T(1), D);
+    if (slot < lay.num_summary()) backward_summary_row<Src, T>(p, lay, bh, slot, s);
   }
   stream_fence();
 }
