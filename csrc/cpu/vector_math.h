@@ -195,52 +195,41 @@ inline void axpy4(T* out, const T* c, const T* x0, const T* x1, const T* x2, con
   for (; d < D; ++d) out[d] += c[0] * x0[d] + c[1] * x1[d] + c[2] * x2[d] + c[3] * x3[d];
 }
 
-// out (+)= sum_j coef[j * cs] * rows(j)[:] for j < m. The output slice of 4 vectors stays in registers
-// while the m rows stream through, so out is read and written once per call, not once per row.
-template <typename T, typename Rows>
-inline void combine_rows_at(T* out, bool accumulate, const T* coef, int64_t cs, Rows rows, int64_t m, int64_t D) {
+// One slice of NV vectors of combine_rows_at: the NV accumulators stay in registers while the m rows stream
+// through, so out is read and written once per call, not once per row.
+template <int NV, typename T, typename Rows>
+inline void combine_slice(T* out, bool accumulate, const T* coef, int64_t cs, Rows rows, int64_t m, int64_t d) {
   using VT = Vec<T>;
   using V = typename VT::V;
   constexpr int W = VT::W;
+  V a[NV];
+  for (int x = 0; x < NV; ++x) a[x] = accumulate ? VT::load(out + d + x * W) : V{};
+  for (int64_t j = 0; j < m; ++j) {
+    const V c = VT::splat(coef[j * cs]);
+    const T* r = rows(j) + d;
+    for (int x = 0; x < NV; ++x) a[x] += c * VT::load(r + x * W);
+  }
+  for (int x = 0; x < NV; ++x) VT::store(out + d + x * W, a[x]);
+}
+
+// out (+)= sum_j coef[j * cs] * rows(j)[:] for j < m, in slices of up to eight vectors: a head dim of 96 floats
+// (six AVX-512 vectors) is one pass over the rows, not a pass of four vectors and another of two.
+template <typename T, typename Rows>
+inline void combine_rows_at(T* out, bool accumulate, const T* coef, int64_t cs, Rows rows, int64_t m, int64_t D) {
+  constexpr int W = Vec<T>::W;
   int64_t d = 0;
-  for (; d + 4 * W <= D; d += 4 * W) {
-    V a0{}, a1{}, a2{}, a3{};
-    if (accumulate) {
-      a0 = VT::load(out + d);
-      a1 = VT::load(out + d + W);
-      a2 = VT::load(out + d + 2 * W);
-      a3 = VT::load(out + d + 3 * W);
-    }
-    for (int64_t j = 0; j < m; ++j) {
-      const V c = VT::splat(coef[j * cs]);
-      const T* r = rows(j) + d;
-      a0 += c * VT::load(r);
-      a1 += c * VT::load(r + W);
-      a2 += c * VT::load(r + 2 * W);
-      a3 += c * VT::load(r + 3 * W);
-    }
-    VT::store(out + d, a0);
-    VT::store(out + d + W, a1);
-    VT::store(out + d + 2 * W, a2);
-    VT::store(out + d + 3 * W, a3);
+  for (; d + 8 * W <= D; d += 8 * W) combine_slice<8>(out, accumulate, coef, cs, rows, m, d);
+  switch ((D - d) / W) {
+    case 7: combine_slice<7>(out, accumulate, coef, cs, rows, m, d); break;
+    case 6: combine_slice<6>(out, accumulate, coef, cs, rows, m, d); break;
+    case 5: combine_slice<5>(out, accumulate, coef, cs, rows, m, d); break;
+    case 4: combine_slice<4>(out, accumulate, coef, cs, rows, m, d); break;
+    case 3: combine_slice<3>(out, accumulate, coef, cs, rows, m, d); break;
+    case 2: combine_slice<2>(out, accumulate, coef, cs, rows, m, d); break;
+    case 1: combine_slice<1>(out, accumulate, coef, cs, rows, m, d); break;
+    default: break;
   }
-  // Head dims like 96 or 80 leave two or one vectors after the 4-vector slices: take two at a time.
-  for (; d + 2 * W <= D; d += 2 * W) {
-    V a0 = accumulate ? VT::load(out + d) : V{};
-    V a1 = accumulate ? VT::load(out + d + W) : V{};
-    for (int64_t j = 0; j < m; ++j) {
-      const V c = VT::splat(coef[j * cs]);
-      a0 += c * VT::load(rows(j) + d);
-      a1 += c * VT::load(rows(j) + d + W);
-    }
-    VT::store(out + d, a0);
-    VT::store(out + d + W, a1);
-  }
-  for (; d + W <= D; d += W) {
-    V a = accumulate ? VT::load(out + d) : V{};
-    for (int64_t j = 0; j < m; ++j) a += VT::splat(coef[j * cs]) * VT::load(rows(j) + d);
-    VT::store(out + d, a);
-  }
+  d += (D - d) / W * W;
   for (; d < D; ++d) {
     T a = accumulate ? out[d] : T(0);
     for (int64_t j = 0; j < m; ++j) a += coef[j * cs] * rows(j)[d];
