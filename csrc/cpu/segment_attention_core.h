@@ -631,7 +631,7 @@ inline void run_backward_summaries(const Params& p, int64_t b, int64_t e, void* 
 }
 #undef CLEAR_DISPATCH_DTYPE
 
-const KernelTable& kernel_table() {
+const KernelTable& make_kernel_table() {
   static const KernelTable table{CLEAR_ARCH_NAME, &scratch_bytes, &run_forward, &run_backward_runs,
                                  &run_backward_summaries};
   return table;
