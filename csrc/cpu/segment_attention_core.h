@@ -161,7 +161,6 @@ inline void write_lse(const Params& p, int64_t row, T value) {
     if (p.lse64) p.lse64[row] = value;
 }
 
-
 // Scaled scores of `rows` query rows (stride D) against n contiguous keys into s[i * ld + j].
 template <typename T>
 inline void score_block(const T* qrows, int64_t rows, const T* keys, int64_t n, int64_t D, T scale, T* s,
@@ -338,7 +337,8 @@ void forward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
     const LayoutRow lay{p, bh / p.heads};
     if (c >= chunks) {
       const int64_t slot = c - chunks;
-      if (slot < lay.num_summary()) forward_summary_row<Src, T>(p, lay, bh, p.summary_index[lay.b * p.max_summary + slot], s);
+      if (slot < lay.num_summary())
+        forward_summary_row<Src, T>(p, lay, bh, p.summary_index[lay.b * p.max_summary + slot], s);
       continue;
     }
     const int64_t t1 = (c + 1) * p.chunk < L ? (c + 1) * p.chunk : L;
