@@ -389,10 +389,5 @@ inline double exp_shift_sum(double* x, int64_t m, double shift) {
   return s;
 }
 
-inline float exp_scalar(float x) {
-  // Through the vector path as well, so a probability recomputed in the backward matches the forward's bits.
-  return exp_vec(Vec<float>::splat(x))[0];
-}
-inline double exp_scalar(double x) { return __builtin_exp(x); }
 inline float log_scalar(float x) { return __builtin_logf(x); }
 inline double log_scalar(double x) { return __builtin_log(x); }
