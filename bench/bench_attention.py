@@ -304,11 +304,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def machine_name(info: dict) -> str:
+    """The processor a run was timed on: the CPU model, or the GPU for a CUDA run."""
+    return info["cpu"] if info.get("device", "cpu") == "cpu" else info.get("gpu")
+
+
 def markdown_report(payload: dict) -> str:
     """The table of a run, headed by the machine and versions it ran on (bench/results/<stem>.md)."""
     info = payload["machine"]
-    where = info["cpu"] if info.get("device", "cpu") == "cpu" else info.get("gpu")
-    head = (f"{where}, {info['threads']} threads, torch {info['torch']}, triton {info['triton']}, "
+    head = (f"{machine_name(info)}, {info['threads']} threads, torch {info['torch']}, triton {info['triton']}, "
             f"{payload['dtype']}, median of {payload['repeats']} repeats, commit {info['git_commit'][:10]}"
             f"{' (dirty)' if info.get('git_dirty') else ''}")
     return head + "\n\n" + table(payload["results"] + payload["sweep"]) + "\n"
@@ -354,7 +358,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     (RESULTS / f"{stem}.md").write_text(markdown_report(payload))
     if sweep_rows:
         plot(sweep_rows, RESULTS / f"{stem}.png",
-             f"B=8, H=8, D=96, {args.dtype}, {info['threads']} threads, {info['cpu'] if device == 'cpu' else info.get('gpu')}")
+             f"B=8, H=8, D=96, {args.dtype}, {info['threads']} threads, {machine_name(info)}")
     print(f"\nwrote {RESULTS / stem}.json, .md" + (" and .png" if sweep_rows else ""))
     return 0
 

@@ -80,6 +80,10 @@ def test_parity_rows_of_several_chunks(dtype):
     check_parity("cpu", conduction_layout(11, batch=2, leads=4, beats=80, p_valid=0.85), head_dim=32, dtype=dtype)
     check_parity("cpu", random_layout(12, length=600, num_groups=3, max_seg=20, p_summary=0.15, p_pad=0.1),
                  head_dim=40, dtype=dtype)
+    # 20 summary slots x 3 heads x 2 rows: the summary phase's blocks of tasks then straddle heads, so a task list
+    # must reload the summary tokens' deltas when it moves to the next head (small groups make the error show).
+    check_parity("cpu", conduction_layout(11, batch=2, leads=20, beats=13, p_valid=0.85), heads=3, head_dim=32,
+                 dtype=dtype)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,7 +19,6 @@ import numpy as np
 from .leads import LEADS, NUM_LEADS, map_leads
 from .snomed import snomed_name
 
-
 ECG_DIR_ENV = "CLEAR_HUG_ECG_DIR"
 
 
@@ -27,6 +26,7 @@ def shared_ecg_dir() -> Path:
     """The folder of real test records: ``$CLEAR_HUG_ECG_DIR``, else ``shared/ecg`` beside a source checkout."""
     env = os.environ.get(ECG_DIR_ENV)
     return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "ecg"
+
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_IDS = {name: i for i, name in enumerate(SPLIT_NAMES)}

@@ -35,8 +35,9 @@ struct Params {
   // float64 only: the contract's float32 lse would cost the backward half of its precision, so the backward
   // recomputes the logsumexp in double (a forward pass writing lse64) and reads it from here.
   double* lse64 = nullptr;
-  // Backward scratch [B, H, chunks, max_summary, 3, D] in the compute type (float, or double for float64): each
-  // run chunk's share of each summary token's dq, dk and dv, added up in chunk order by phase 2 (deterministic).
+  // Backward scratch [B, H, chunks, max_summary, 3, D] in the compute type (float, or double for float64), only
+  // when summary_phase(): each run chunk's share of each summary token's dq, dk and dv, added up in chunk order
+  // by phase 2 (deterministic).
   void* summary_partials = nullptr;
 
   const int32_t* segment = nullptr;
@@ -49,6 +50,9 @@ struct Params {
   const int32_t* summary_offsets = nullptr;
 
   int64_t chunks_per_row() const { return (length + chunk - 1) / chunk; }
+  // Whether the backward needs its separate summary phase: a row of one chunk has its summary rows finished by
+  // its run task (partial sums in the task's scratch); longer rows share Params::summary_partials.
+  bool summary_phase() const { return max_summary > 0 && chunks_per_row() > 1; }
 };
 
 // One instruction set's kernel bodies. Each phase processes tasks [begin, end) with a caller-provided scratch
@@ -63,7 +67,8 @@ struct KernelTable {
   // Backward phase 1 over (b, h) x chunks tasks: dq/dk/dv of the segment runs starting in the chunk (zeros for
   // padding) and the chunk's partial sums of its summary tokens' gradients (Params::summary_partials).
   void (*backward_runs)(const Params&, int64_t begin, int64_t end, void* scratch);
-  // Backward phase 2 over (b, h) x max_summary tasks: a summary token's dq/dk/dv from the partial sums.
+  // Backward phase 2 over (b, h) x max_summary tasks, only when summary_phase(): a summary token's dq/dk/dv
+  // from the partial sums.
   void (*backward_summaries)(const Params&, int64_t begin, int64_t end, void* scratch);
 };
 

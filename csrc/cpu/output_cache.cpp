@@ -16,7 +16,7 @@
 #include <cstring>
 #include <list>
 #include <mutex>
-#include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>

@@ -18,7 +18,7 @@
 constexpr int32_t kSummary = -1;
 constexpr int32_t kPadding = -2;
 constexpr int64_t kQueryTile = 32;  // query rows of a run processed together (bounds the score tile)
-constexpr int64_t kRows = 10;       // single-row buffers (converted rows of summary tokens and their partners)
+constexpr int64_t kRows = 8;        // single-row buffers (converted rows of summary tokens and their partners)
 
 // ------------------------------------------------------------------------------------------ element access
 inline float bf16_to_float(uint16_t x) {
@@ -376,7 +376,7 @@ void load_summary_delta(const Params& p, const LayoutRow& lay, int64_t bh, Scrat
 // them in the task's scratch (its summary rows are finished by the same task); longer rows share a buffer.
 template <typename T>
 inline T* summary_partial(const Params& p, const Scratch<T>& s, int64_t bh, int64_t chunk, int64_t slot) {
-  if (p.chunks_per_row() == 1) return s.row_partials + slot * 3 * p.head_dim;
+  if (!p.summary_phase()) return s.row_partials + slot * 3 * p.head_dim;
   T* base = static_cast<T*>(p.summary_partials);
   return base + ((bh * p.chunks_per_row() + chunk) * p.max_summary + slot) * 3 * p.head_dim;
 }
@@ -508,12 +508,8 @@ void backward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int
   const Src* k = static_cast<const Src*>(p.k) + base;
   const Src* v = static_cast<const Src*>(p.v) + base;
   const Src* dout = static_cast<const Src*>(p.grad_out) + base;
-  const Src* o = static_cast<const Src*>(p.out) + base;
-  // rowsum(dO * O) of a summary row (the same dot product as load_summary_delta's, so the same bits).
-  auto row_delta = [&](int64_t x) {
-    return dot(as_compute(dout + x * D, D, s.row(8, p)), as_compute(o + x * D, D, s.row(9, p)), D);
-  };
-  const T delta_t = row_delta(t);
+  const int32_t* slots = p.summary_index + lay.b * S;
+  const T delta_t = s.summary_delta[slot];  // load_summary_delta ran for this row in this task
 
   T* dq = s.acc;
   T* dk = s.acc + Scratch<T>::round_up(D);
@@ -540,7 +536,7 @@ void backward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int
   const int32_t* sums = lay.summary_list(lay.group()[t], &ns);
   for (int64_t u = 0; u < ns; ++u) {
     const int64_t y = sums[u];
-    const T delta_y = y == t ? delta_t : row_delta(y);
+    const T delta_y = s.summary_delta[sums + u - slots];
     const T* qy = as_compute(q + y * D, D, s.row(4, p));
     const T* ky = as_compute(k + y * D, D, s.row(5, p));
     const T* vy = as_compute(v + y * D, D, s.row(6, p));
@@ -590,7 +586,7 @@ void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) 
         backward_run<Src, T>(p, lay, bh, t, lay.seg_end()[t], part, s);
       }
     }
-    if (chunks == 1)
+    if (!p.summary_phase())
       for (int64_t slot = 0; slot < lay.num_summary(); ++slot) backward_summary_row<Src, T>(p, lay, bh, slot, s);
   }
   stream_fence();
@@ -601,10 +597,16 @@ void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) 
 template <typename Src, typename T>
 void backward_summary_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
   Scratch<T> s(p, raw);
+  int64_t loaded = -1;  // the head whose summary deltas are in s.summary_delta
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bh = task / p.max_summary, slot = task % p.max_summary;
     const LayoutRow lay{p, bh / p.heads};
-    if (slot < lay.num_summary()) backward_summary_row<Src, T>(p, lay, bh, slot, s);
+    if (slot >= lay.num_summary()) continue;
+    if (bh != loaded) {
+      load_summary_delta<Src, T>(p, lay, bh, s);
+      loaded = bh;
+    }
+    backward_summary_row<Src, T>(p, lay, bh, slot, s);
   }
   stream_fence();
 }

@@ -282,14 +282,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
     p.lse64 = f.lse64;
   }
   at::Tensor partials;
-  if (p.max_summary > 0 && p.chunks_per_row() > 1) {  // rows of one chunk keep theirs in the task's scratch
+  if (p.summary_phase()) {  // rows of one chunk keep theirs in the task's scratch
     // Through the output cache too: megabytes of fresh pages per call would cost more than the sums themselves.
     partials = cached_empty({p.batch, p.heads, p.chunks_per_row(), p.max_summary, 3, p.head_dim},
                             q.options().dtype(p.dtype == DType::Float64 ? at::kDouble : at::kFloat));
     p.summary_partials = partials.data_ptr();
   }
   run_phase(table, p, bh * p.chunks_per_row(), table.backward_runs);
-  if (p.max_summary > 0 && p.chunks_per_row() > 1) run_phase(table, p, bh * p.max_summary, table.backward_summaries);
+  if (p.summary_phase()) run_phase(table, p, bh * p.max_summary, table.backward_summaries);
   return {dq, dk, dv};
 }
 

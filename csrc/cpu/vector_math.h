@@ -65,6 +65,12 @@ struct Vec {
   // x - 0 is exactly x (x + 0 is not, for x = -0), so the compiler emits a bare broadcast.
   static inline V splat(T x) { return x - V{}; }
   static inline T hsum(V v) { return reduce_lanes(v); }
+  // {0, 1, ..., W - 1}: compared with a count, it masks the lanes of a partial last vector.
+  static inline V iota() {
+    V v{};
+    for (int l = 0; l < W; ++l) v[l] = T(l);
+    return v;
+  }
 };
 
 // a . b over d < D: two accumulators to hide the FMA latency, then the scalar tail.
@@ -96,10 +102,8 @@ inline T dot_padded(const T* a, const T* b, int64_t n) {
   int64_t d = 0;
   for (; d + W <= n; d += W) acc += VT::load(a + d) * VT::load(b + d);
   if (d < n) {
-    V lane{};
-    for (int l = 0; l < W; ++l) lane[l] = T(l);
     const V prod = VT::load(a + d) * VT::load(b + d);
-    acc += lane < VT::splat(T(n - d)) ? prod : V{};
+    acc += VT::iota() < VT::splat(T(n - d)) ? prod : V{};
   }
   return VT::hsum(acc);
 }
@@ -371,9 +375,7 @@ inline float exp_shift_sum(float* x, int64_t m, float shift) {
   }
   if (j < m) {
     // Lanes past m get -100 (exp clamps it to exp(-87) ~ 1.6e-38, negligible against the row maximum's 1).
-    V lane{};
-    for (int l = 0; l < W; ++l) lane[l] = float(l);
-    const V e = exp_vec(lane < VT::splat(float(m - j)) ? VT::load(x + j) - sv : VT::splat(-100.0f));
+    const V e = exp_vec(VT::iota() < VT::splat(float(m - j)) ? VT::load(x + j) - sv : VT::splat(-100.0f));
     VT::store(x + j, e);
     acc += e;
   }
