@@ -241,6 +241,8 @@ class SegmentLayout:
 
     @classmethod
     def _build(cls, segment: torch.Tensor, group: torch.Tensor, num_groups: int, max_summary: int) -> "SegmentLayout":
+        if segment.shape[1] > INT32_MAX:  # positions and run ends (up to L) are int32
+            raise ValueError(f"a layout holds at most 2^31 - 1 tokens per row, got L = {segment.shape[1]}")
         seg_start, seg_end, _ = _runs(segment)
         # Sort keys put padding (and, for the summary list, non-summary tokens) after every real group.
         gkey = torch.where(segment == PADDING, num_groups, group)
