@@ -155,6 +155,7 @@ def test_from_ids_rejects_out_of_range_ids(segment, group, match):
 @pytest.mark.parametrize("segment, group, match", [
     ([[0, 0, 2**32 + 7, 2**32 + 7]], [[0, 0, 0, 0]], r"segment ids must be < 2\^31.*segment\[\(0, 2\)\]"),
     ([[0, 2**31, -1]], [[0, 0, 0]], r"segment ids must be < 2\^31.*segment\[\(0, 1\)\]"),
+    ([[0, 0, 2**32 - 1]], [[0, 0, 0]], r"segment ids must be < 2\^31.*segment\[\(0, 2\)\]"),
     ([[0, 1, -1]], [[0, 0, 2**32 - 1]], r"group ids must be < 2\^31.*group\[\(0, 2\)\]"),
     ([[0, 1, 1]], [[2**31, 0, 0]], r"group ids must be < 2\^31.*group\[\(0, 0\)\]"),
 ])
