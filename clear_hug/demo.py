@@ -125,6 +125,7 @@ def plot_reconstructions(model, dataset, path: Path, n: int = 6, seed: int = 0) 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .checkpoint import load_encoder
     from .config import get_config
     from .data.cache import TokenDataset
     from .data.prepare import main as prepare_main
@@ -156,8 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = PretrainArgs(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
                        out_dir=str(out / "pretrain"), resume=False, progress=progress, device=args.device)
     history = pretrain(cfg, splits["train"], run, splits["val"])
-    clear = CLEAR(cfg)
-    clear.load_state_dict(common.load_checkpoint(out / "pretrain" / "last.pt")["model"])
+    clear = load_encoder(out / "pretrain" / "last.pt")
     timings["pretrain_s"] = time.perf_counter() - t0
     print(f"pretrained {args.preset} CLEAR for {args.epochs} epochs in {timings['pretrain_s']:.0f}s: "
           f"val loss {history['epochs'][0].get('val_loss', float('nan')):.3f} -> "

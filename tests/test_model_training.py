@@ -1,11 +1,12 @@
 """Pretraining: checkpoints are atomic and a resumed CPU run repeats the uninterrupted run's losses exactly."""
 
-import os
-
+import pytest
 import torch
 
+from clear_hug import checkpoint
+from clear_hug.checkpoint import load_encoder
 from clear_hug.train import common
-from clear_hug.train.pretrain import PretrainArgs, load_encoder, pretrain
+from clear_hug.train.pretrain import PretrainArgs, pretrain
 from model_fixtures import ListDataset, tiny_config
 
 
@@ -25,8 +26,8 @@ def test_resume_reproduces_the_uninterrupted_losses_bitwise(tmp_path):
     assert len(resumed["steps"]) == len(full["steps"]) == 3 * 2
     assert resumed["steps"] == full["steps"]  # exact float equality, step by step
     assert [e["val_loss"] for e in resumed["epochs"]] == [e["val_loss"] for e in full["epochs"]]
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    a = checkpoint.load_checkpoint(tmp_path / "full" / "last.pt", "pretrain")["model"]
+    b = checkpoint.load_checkpoint(tmp_path / "part" / "last.pt", "pretrain")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # A different seed gives different losses (the equality above is not vacuous).
     other = pretrain(cfg, train, _args(tmp_path / "other", seed=4, epochs=1), val)
@@ -46,7 +47,7 @@ def test_training_lowers_the_loss_and_checkpoint_loads(tmp_path):
 
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
-    common.atomic_save({"x": 1}, path)
+    checkpoint.save_checkpoint(path, "head", {"x": 1})
 
     def broken_save(obj, f):
         with open(f, "wb") as fh:
@@ -54,12 +55,10 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    try:
-        common.atomic_save({"x": 2}, path)
-    except OSError:
-        pass
+    with pytest.raises(OSError, match="disk full"):  # the failure reaches the caller
+        checkpoint.save_checkpoint(path, "head", {"x": 2})
     monkeypatch.undo()
-    assert common.load_checkpoint(path) == {"x": 1}
+    assert checkpoint.load_checkpoint(path, "head") == {"format": checkpoint.FORMAT, "kind": "head", "x": 1}
     assert [f.name for f in tmp_path.iterdir()] == ["ck.pt"]
 
 

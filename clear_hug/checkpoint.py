@@ -1,0 +1,185 @@
+"""Checkpoint files: one versioned format for pretraining runs and trained heads, loaded without running code.
+
+A checkpoint is a dict ``{"format": FORMAT, "kind": "pretrain" | "head", ...}`` of tensors and plain Python
+values (numbers, strings, lists, tuples, dicts, None), written with ``torch.save`` to a temporary file that is
+then renamed over the target (so a killed run never leaves half a file), and read back with
+``torch.load(weights_only=True)``. That loader rebuilds only tensors and plain containers: a crafted file whose
+unpickling would call a function (``__reduce__``) is refused before anything runs. RNG states are therefore
+stored as tensors and lists, never as numpy arrays or opaque tuples.
+
+A head trained on a frozen pretrained encoder does not copy the encoder: it names the pretraining checkpoint by a
+path relative to the head file (so the run folders can be moved or copied together) and by a SHA-256 digest of the
+encoder's weights, checked on load, so a different file at that path is refused instead of silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+FORMAT = 1
+KINDS = ("pretrain", "head")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, not pickle-free, of another format or kind, or inconsistent."""
+
+
+# ------------------------------------------------------------------ files
+def atomic_save(obj: Any, path: os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # only when saving failed
+            tmp.unlink()
+
+
+def save_checkpoint(path: os.PathLike, kind: str, content: dict) -> None:
+    """Write ``content`` (tensors and plain values only) as a checkpoint of ``kind``, atomically."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    reserved = {"format", "kind"} & set(content)
+    if reserved:
+        raise ValueError(f"content must not set {sorted(reserved)}; they are the checkpoint's own fields")
+    atomic_save({"format": FORMAT, "kind": kind, **content}, path)
+
+
+def load_checkpoint(path: os.PathLike, kind: str) -> dict:
+    """Read a checkpoint of ``kind`` with ``weights_only=True`` (no code from the file runs) and check its header."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any global it does not know: a file made with another tool, or a crafted one.
+        # Only torch's one-line reason is kept: its advice to retry with weights_only=False is not ours to give.
+        reason = re.search(r"Unsupported global: [^.]*", str(exc))
+        raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain values (a file "
+                              f"of another program, or a crafted one); "
+                              f"{reason.group(0) if reason else 'not loadable with weights_only=True'}") from exc
+    except Exception as exc:  # torch reports a damaged or foreign file as EOFError, KeyError, RuntimeError...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(f"{path}: not a clear_hug checkpoint (no 'format' field)")
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {state['format']!r} is not supported (this version "
+                              f"reads format {FORMAT})")
+    if state.get("kind") != kind:
+        raise CheckpointError(f"{path}: a {state.get('kind')!r} checkpoint, expected a {kind!r} checkpoint")
+    return state
+
+
+def state_digest(state_dict: dict) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict: the identity of a set of weights."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ RNG states as tensors and lists
+def rng_state() -> dict:
+    """The torch, numpy, python (and CUDA) global RNG states, in a form ``weights_only`` loading accepts."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the states saved by ``rng_state``."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------ models from checkpoints
+def load_encoder(path: os.PathLike, attn_impl: Optional[str] = None, map_location: str = "cpu"):
+    """The CLEAR encoder of a pretraining checkpoint (optionally with another attention implementation)."""
+    from .config import CLEARConfig
+    from .model import CLEAR
+
+    state = load_checkpoint(path, "pretrain")
+    cfg = state["config"] if attn_impl is None else {**state["config"], "attn_impl": attn_impl}
+    model = CLEAR(CLEARConfig.from_dict(cfg))
+    model.load_state_dict(state["model"])
+    return model.to(map_location)
+
+
+def save_head(path: os.PathLike, *, head: str, fusion: str, head_state: dict, class_names: Sequence[str],
+              encoder_config: dict, encoder_state: dict, encoder_file: Optional[os.PathLike] = None,
+              **extra: Any) -> None:
+    """Write a trained head. With ``encoder_file`` (the pretraining checkpoint the frozen encoder came from) the
+    head refers to it by relative path and digest; without it the encoder's weights are stored in the head file.
+    ``extra`` holds plain values kept for the record (run arguments, results)."""
+    path = Path(path)
+    content = {"head": head, "fusion": fusion, "head_state": head_state, "class_names": list(class_names),
+               "encoder_config": dict(encoder_config), "encoder_sha256": state_digest(encoder_state), **extra}
+    if encoder_file is not None:
+        content["encoder_file"] = os.path.relpath(Path(encoder_file).resolve(), path.resolve().parent)
+        content["encoder_state"] = None
+    else:
+        content["encoder_file"] = None
+        content["encoder_state"] = encoder_state
+    save_checkpoint(path, "head", content)
+
+
+def load_classifier(path: os.PathLike, class_names: Optional[Sequence[str]] = None):
+    """A head checkpoint (from ``finetune``) as an encoder + head ``Classifier``.
+
+    With ``class_names`` (those of the data it is about to score), a head trained on other classes is refused.
+    """
+    from .config import CLEARConfig
+    from .heads import Classifier, build_head
+    from .model import CLEAR
+
+    path = Path(path)
+    state = load_checkpoint(path, "head")
+    if class_names is not None and list(class_names) != list(state["class_names"]):
+        raise CheckpointError(f"{path}: the head predicts classes {state['class_names']}, but the data has "
+                              f"classes {list(class_names)}")
+    if state["encoder_state"] is not None:
+        encoder = CLEAR(CLEARConfig.from_dict(state["encoder_config"]))
+        encoder.load_state_dict(state["encoder_state"])
+    else:
+        encoder_path = path.parent / state["encoder_file"]
+        if not encoder_path.is_file():
+            raise CheckpointError(f"{path}: its encoder checkpoint {encoder_path} (stored as "
+                                  f"{state['encoder_file']!r}, relative to the head file) is missing")
+        encoder = load_encoder(encoder_path)
+    digest = state_digest(encoder.state_dict())
+    if digest != state["encoder_sha256"]:
+        raise CheckpointError(f"{path}: the encoder weights found ({digest[:12]}...) are not the ones the head was "
+                              f"trained on ({state['encoder_sha256'][:12]}...)")
+    head = build_head(state["head"], encoder.cfg.enc_dim, len(state["class_names"]), state["fusion"])
+    head.load_state_dict(state["head_state"])
+    return Classifier(encoder, head)
