@@ -74,3 +74,9 @@ def test_warmup_cosine_schedule():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert abs(lrs[14] - 0.01) < 1e-12 and abs(lrs[15] - 0.01) < 1e-12
+
+
+def test_an_empty_validation_set_is_an_error_not_a_zero_loss(tmp_path):
+    empty = torch.utils.data.Subset(ListDataset(4, seed=1), [])
+    with pytest.raises(ValueError, match="val_set is empty"):
+        pretrain(tiny_config(), ListDataset(8, seed=2), _args(tmp_path, epochs=1), empty)
