@@ -131,18 +131,12 @@ def test_prepare_cinc_folder_skips_bad_records(tmp_path, capsys):
     assert ds[j]["labels"][ds.class_names.index("STach")] == 1
 
 
-def test_prepare_synthetic_without_generator(tmp_path, capsys):
-    try:
-        import clear_hug.data.synthetic  # noqa: F401
-    except ImportError:
-        rc = prepare.main(["--source", "synthetic", "--out", str(tmp_path / "s"), "--no-progress"])
-        assert rc == 2 and "synthetic" in capsys.readouterr().err
-    else:
-        rc = prepare.main(["--source", "synthetic", "--n-records", "24", "--out", str(tmp_path / "s"),
-                           "--workers", "1", "--no-progress"])
-        assert rc == 0
-        meta = load_meta(tmp_path / "s")
-        assert meta["n_total"] == 24 and meta["n_records"] + meta["n_skipped"] == 24
+def test_prepare_synthetic(tmp_path):
+    rc = prepare.main(["--source", "synthetic", "--n-records", "24", "--out", str(tmp_path / "s"),
+                       "--workers", "1", "--no-progress"])
+    assert rc == 0
+    meta = load_meta(tmp_path / "s")
+    assert meta["n_total"] == 24 and meta["n_records"] + meta["n_skipped"] == 24
 
 
 def test_prepare_ptbxl_folder(tmp_path):
@@ -163,7 +157,7 @@ def test_prepare_ptbxl_folder(tmp_path):
     assert bool((item["valid"].sum(1) == 11).all())
 
 
-def _fake_generator(with_start: bool):
+def _fake_generator():
     """A stand-in for clear_hug.data.synthetic with the agreed interface (records depend only on seed and index)."""
     import types
 
@@ -183,26 +177,22 @@ def _fake_generator(with_start: bool):
                                      rpeaks=[b for _, b, _ in recs],
                                      splits=np.array([stable_split(f"{seed}-{start + k}") for k in range(n_records)]))
 
-    if not with_start:
-        def generate_dataset(n_records, seed, fs=100, duration_s=10.0, _g=generate_dataset):  # noqa: F811
-            return _g(n_records, seed, fs, duration_s)
     return types.SimpleNamespace(generate_dataset=generate_dataset)
 
 
-def test_synthetic_source_lazy_and_eager_agree(tmp_path, monkeypatch):
+def test_synthetic_source_shards_concatenate_exactly(tmp_path, monkeypatch):
     import sys
 
-    from clear_hug.data.cache import SyntheticSource, synthetic_source
+    from clear_hug.data.cache import synthetic_source
 
+    monkeypatch.setitem(sys.modules, "clear_hug.data.synthetic", _fake_generator())
     outs = {}
-    for lazy in (True, False):
-        monkeypatch.setitem(sys.modules, "clear_hug.data.synthetic", _fake_generator(with_start=lazy))
+    for shard_size in (6, 20):  # shards generated in the workers vs the whole dataset in one call
         src = synthetic_source(20, seed=5, use_true_rpeaks=True)
-        assert isinstance(src, SyntheticSource) == lazy
-        meta = build_cache(src, tmp_path / str(lazy), shard_size=6, progress=False)
+        meta = build_cache(src, tmp_path / str(shard_size), shard_size=shard_size, progress=False)
         assert meta["n_total"] == 20 and meta["skipped_by_kind"] == {"no_beats": 3}  # records 3, 10, 17
-        outs[lazy] = {k: np.load(tmp_path / str(lazy) / f"{k}.npy") for k in
-                      ("tokens", "valid", "labels", "splits", "record_ids")}
-    for k in outs[True]:
-        np.testing.assert_array_equal(outs[True][k], outs[False][k])
-    assert outs[True]["labels"][:, 0].tolist() == [k % 2 for k in range(20) if k % 7 != 3]
+        outs[shard_size] = {k: np.load(tmp_path / str(shard_size) / f"{k}.npy") for k in
+                            ("tokens", "valid", "labels", "splits", "record_ids")}
+    for k in outs[6]:
+        np.testing.assert_array_equal(outs[6][k], outs[20][k])
+    assert outs[6]["labels"][:, 0].tolist() == [k % 2 for k in range(20) if k % 7 != 3]
