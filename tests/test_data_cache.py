@@ -196,3 +196,61 @@ def test_synthetic_source_shards_concatenate_exactly(tmp_path, monkeypatch):
     for k in outs[6]:
         np.testing.assert_array_equal(outs[6][k], outs[20][k])
     assert outs[6]["labels"][:, 0].tolist() == [k % 2 for k in range(20) if k % 7 != 3]
+
+
+def test_prepare_counts_and_skips_any_failing_record(tmp_path, capsys):
+    d = need_ecg("cinc2021")
+    root = tmp_path / "cinc"
+    root.mkdir()
+    for name in ("HR06000", "E07500"):
+        for ext in (".hea", ".mat"):
+            os.symlink(d / (name + ext), root / (name + ext))
+    header = (d / "HR06001.hea").read_text().splitlines()
+    for name, rate in (("RATE_TEXT", "abc"), ("RATE_HUGE", "1e12"), ("RATE_TINY", "0.001")):
+        lines = [f"{name} 12 {rate} 5000"] + [s.replace("HR06001", name) for s in header[1:]]
+        (root / f"{name}.hea").write_text("\n".join(lines) + "\n")
+        os.symlink(d / "HR06001.mat", root / f"{name}.mat")
+    rc = prepare.main(["--source", "cinc", "--root", str(root), "--out", str(tmp_path / "c"), "--workers", "1",
+                       "--no-progress"])
+    assert rc == 0
+    meta = load_meta(tmp_path / "c")
+    assert meta["n_records"] == 2 and meta["skipped_by_kind"] == {"unreadable": 3}
+    reasons = {s["record"]: s["reason"] for s in meta["skipped"]}
+    assert "'abc' is not a number" in reasons["RATE_TEXT"]
+    assert "1e+12 Hz is outside" in reasons["RATE_HUGE"] and "0.001 Hz is outside" in reasons["RATE_TINY"]
+
+
+def test_a_record_failing_in_an_unexpected_way_is_a_counted_skip(tmp_path):
+    src = _fake_source()
+    src.signals = list(src.signals)
+    src.signals[2] = src.signals[2][:5]  # 5 leads where the tokeniser needs 12
+    meta = build_cache(src, tmp_path / "c", shard_size=4, progress=False)
+    assert meta["n_records"] == N - 2 and meta["skipped_by_kind"] == {"no_beats": 1, "failed": 1}
+    failed = [s for s in meta["skipped"] if s["kind"] == "failed"]
+    assert failed[0]["record"] == "fake000002" and "12" in failed[0]["reason"]
+
+
+def test_empty_results_are_errors(tmp_path, capsys):
+    def run(*args):
+        rc = prepare.main([*args, "--out", str(tmp_path / "out"), "--workers", "1", "--no-progress"])
+        return rc, capsys.readouterr()
+
+    (tmp_path / "empty").mkdir()
+    rc, io = run("--source", "cinc", "--root", str(tmp_path / "empty"))
+    assert rc == 2 and "no WFDB records" in io.err
+    ptbxl = write_ptbxl_fixture(tmp_path / "ptbxl")
+    shutil.rmtree(ptbxl / "records500")
+    rc, io = run("--source", "ptbxl", "--root", str(ptbxl), "--sampling-rate", "500")
+    assert rc == 2 and "has no records500/" in io.err
+    scipy_io = pytest.importorskip("scipy.io")
+    cpsc = tmp_path / "cpsc2018"
+    cpsc.mkdir()
+    scipy_io.savemat(cpsc / "A0001.mat", {"ECG": {"sex": "Male", "age": 60, "data": np.zeros((12, 5000))}})
+    rc, io = run("--source", "cinc", "--root", str(cpsc))
+    assert rc == 2 and "original CPSC 2018" in io.err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("X1", "X2"):
+        (broken / f"{name}.hea").write_text("not a header\n")
+    rc, io = run("--source", "cinc", "--root", str(broken))
+    assert rc == 2 and "none of the 2 records" in io.err and not (tmp_path / "out" / "meta.json").exists()

@@ -281,6 +281,10 @@ class PTBXLDataset(RecordIndex):
         for p in (db_path, st_path):
             if not p.exists():
                 raise FileNotFoundError(f"PTB-XL file not found: {p}")
+        folder = root / f"records{sampling_rate}"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"PTB-XL folder {root} has no {folder.name}/ (the records at "
+                                    f"sampling_rate={sampling_rate} Hz)")
         db = pd.read_csv(db_path)
         statements = pd.read_csv(st_path, index_col=0)
         col = "filename_lr" if sampling_rate == 100 else "filename_hr"
@@ -295,6 +299,8 @@ class PTBXLDataset(RecordIndex):
             paths.append(str(root / getattr(row, col)))
             label_sets.append(labels)
             splits.append(0 if fold <= 8 else 1 if fold == 9 else 2)
+        if not paths:
+            raise ValueError(f"{db_path} lists no record with a label for the {task!r} task")
         class_names = sorted({c for s in label_sets for c in s})
         pos = {c: i for i, c in enumerate(class_names)}
         y = np.zeros((len(paths), len(class_names)), dtype=np.float32)
@@ -312,6 +318,17 @@ def stable_split(name: str, val: float = 0.1, test: float = 0.1) -> int:
     return 2 if u < test else 1 if u < test + val else 0
 
 
+def _is_cpsc2018_original(path: Path) -> bool:
+    """Whether a ``.mat`` file is a record of the original CPSC 2018 release (a struct variable named ``ECG``)."""
+    from scipy.io import whosmat
+    from scipy.io.matlab import MatReadError
+
+    try:
+        return any(name == "ECG" and cls == "struct" for name, _, cls in whosmat(str(path)))
+    except (MatReadError, ValueError, OSError):  # not a MATLAB file scipy can list, so not that format
+        return False
+
+
 class CinCFolderDataset(RecordIndex):
     """A folder (searched recursively) of PhysioNet/CinC records labelled by their ``# Dx:`` SNOMED codes.
 
@@ -327,6 +344,16 @@ class CinCFolderDataset(RecordIndex):
         if not root.is_dir():
             raise FileNotFoundError(f"CinC folder not found: {root}")
         headers = sorted(root.rglob("*.hea"))
+        if not headers:
+            mats = sorted(root.rglob("*.mat"))
+            if mats and _is_cpsc2018_original(mats[0]):
+                raise ValueError(
+                    f"{root} holds the original CPSC 2018 release ({mats[0].name}: a MATLAB struct 'ECG', no WFDB "
+                    "headers), which is not read here: it has no header with the sampling rate and its labels "
+                    "are in a separate REFERENCE.csv. Use the PhysioNet/CinC 2020 or 2021 copy of CPSC 2018 "
+                    "(WFDB .hea + .mat with SNOMED codes), e.g. its 'cpsc_2018' folder")
+            raise ValueError(f"{root} holds no WFDB records (no .hea header files)"
+                             + (f"; its {len(mats)} .mat files have no headers" if mats else ""))
         ids, paths, label_sets, splits = [], [], [], []
         for h in headers:
             base = str(h)[:-4]
