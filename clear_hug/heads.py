@@ -1,11 +1,11 @@
-"""Downstream heads on the 12 lead summary outputs ``[B, 12, E]`` of the encoder (SPEC §3.3)."""
+"""Downstream heads on the 12 lead summary outputs ``[B, 12, E]`` of the encoder (docs/clear_hug.md, Heads)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-# Lead order I, II, III, aVR, aVL, aVF, V1-V6 (SPEC §3.1).
+# Lead order I, II, III, aVR, aVL, aVF, V1-V6, the order of every lead axis in the package (data/leads.py).
 LEAD_GROUPS = {"limb": (0, 1, 2), "augmented": (3, 4, 5), "chest": (6, 7, 8, 9, 10, 11)}
 GROUP_PAIRS = ((0, 1), (0, 2), (1, 2))
 FUSIONS = ("mean", "concat")

@@ -1,4 +1,4 @@
-"""CLEAR: a masked autoencoder over heartbeat tokens with conduction-sparse attention (SPEC §3.2).
+"""CLEAR: a masked autoencoder over heartbeat tokens with conduction-sparse attention (docs/clear_hug.md, Model).
 
 Tokens live on a ``[B, leads, beats]`` grid (``tokens [B, leads, beats, 96]``, ``valid``, ``time``). Each block
 runs on a sequence built by ``SegmentLayout.conduction``: the 12 lead summary tokens, then the valid heartbeats in
