@@ -1,4 +1,7 @@
-"""Shared training plumbing: distributed setup, schedules, precision, seeding, JSONL logs (checkpoints: ``clear_hug.checkpoint``)."""
+"""Shared training plumbing: distributed setup, schedules, precision, seeding, JSONL logs.
+
+Checkpoints have their own module, ``clear_hug.checkpoint``.
+"""
 
 from __future__ import annotations
 
