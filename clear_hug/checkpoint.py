@@ -20,10 +20,14 @@ import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # the model modules import torch.nn and the kernels; loaded only when a model is built
+    from .heads import Classifier
+    from .model import CLEAR
 
 FORMAT = 1
 KINDS = ("pretrain", "head")
@@ -123,7 +127,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------------ models from checkpoints
-def load_encoder(path: os.PathLike, attn_impl: Optional[str] = None, map_location: str = "cpu"):
+def load_encoder(path: os.PathLike, attn_impl: Optional[str] = None, map_location: str = "cpu") -> CLEAR:
     """The CLEAR encoder of a pretraining checkpoint (optionally with another attention implementation)."""
     from .config import CLEARConfig
     from .model import CLEAR
@@ -153,7 +157,7 @@ def save_head(path: os.PathLike, *, head: str, fusion: str, head_state: dict, cl
     save_checkpoint(path, "head", content)
 
 
-def load_classifier(path: os.PathLike, class_names: Optional[Sequence[str]] = None):
+def load_classifier(path: os.PathLike, class_names: Optional[Sequence[str]] = None) -> Classifier:
     """A head checkpoint (from ``finetune``) as an encoder + head ``Classifier``.
 
     With ``class_names`` (those of the data it is about to score), a head trained on other classes is refused.

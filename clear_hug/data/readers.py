@@ -12,7 +12,7 @@ import os
 import re
 import hashlib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -140,7 +140,7 @@ def _check_signal_files(base: str, signal_lines: Sequence[str], n_samples: int) 
                                   f"{n_samples} samples need {int(size)}")
 
 
-def read_record(path) -> Tuple[np.ndarray, float, Dict[str, object]]:
+def read_record(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, float, Dict[str, object]]:
     """Read one WFDB record (``.dat`` or the CinC ``.mat`` variant) as ``(signal [12, T] float32 mV, fs, meta)``.
 
     Leads are put in the canonical order by name (case-insensitive); leads the file lacks are zeros and listed
@@ -269,7 +269,8 @@ class PTBXLDataset(RecordIndex):
 
     source = "ptbxl"
 
-    def __init__(self, root, sampling_rate: int = 100, task: str = "superdiagnostic", drop_empty: bool = True):
+    def __init__(self, root: Union[str, os.PathLike], sampling_rate: int = 100, task: str = "superdiagnostic",
+                 drop_empty: bool = True) -> None:
         import pandas as pd
 
         if sampling_rate not in (100, 500):
@@ -339,7 +340,7 @@ class CinCFolderDataset(RecordIndex):
 
     source = "cinc"
 
-    def __init__(self, root, val: float = 0.1, test: float = 0.1):
+    def __init__(self, root: Union[str, os.PathLike], val: float = 0.1, test: float = 0.1) -> None:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"CinC folder not found: {root}")

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -73,7 +73,8 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128, device=None, amp=None,
+def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128,
+                     device: Optional[Union[str, torch.device]] = None, amp: Optional[bool] = None,
                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's 12 summary outputs for every record (``[N, 12, E]`` float32) and the labels ``[N, C]``.
 
@@ -94,7 +95,8 @@ def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128, de
 
 
 @torch.no_grad()
-def predict(module: torch.nn.Module, batches, device) -> tuple[np.ndarray, np.ndarray]:
+def predict(module: torch.nn.Module, batches: Iterable,
+            device: Union[str, torch.device]) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid scores and labels over ``(inputs, labels)`` batches."""
     module.eval()
     scores, labels = [], []
@@ -119,8 +121,9 @@ def _record_batches(dataset, batch_size, shuffle=False, generator=None):
         yield (batch["tokens"].float(), batch["valid"].bool(), batch["time"].long()), batch["labels"].float()
 
 
-def fit(module: torch.nn.Module, train, val, args: FinetuneArgs, n_train: int, device,
-        param_groups=None, logger: Optional[common.JsonlLogger] = None) -> dict:
+def fit(module: torch.nn.Module, train: Callable[[torch.Generator], Iterable], val: Callable[[], Iterable],
+        args: FinetuneArgs, n_train: int, device: Union[str, torch.device], param_groups: Optional[list] = None,
+        logger: Optional[common.JsonlLogger] = None) -> dict:
     """Train ``module`` with BCE; keep the weights with the best validation macro AUROC (checked every epoch).
 
     ``train(generator)`` and ``val()`` return iterables of ``(inputs, labels)`` batches. When the validation
@@ -176,8 +179,9 @@ def _require_records(**sizes: int) -> None:
             raise ValueError(f"{name} holds no records")
 
 
-def train_head_on_features(train_feats, train_labels, val_feats, val_labels, args: FinetuneArgs,
-                           logger=None) -> tuple[torch.nn.Module, dict]:
+def train_head_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
+                           val_labels: torch.Tensor, args: FinetuneArgs,
+                           logger: Optional[common.JsonlLogger] = None) -> tuple[torch.nn.Module, dict]:
     """Frozen-encoder path: a head trained on precomputed summary features of a label subset."""
     _require_records(train=len(train_feats), val=len(val_feats))
     common.seed_everything(args.seed)
@@ -191,7 +195,7 @@ def train_head_on_features(train_feats, train_labels, val_feats, val_labels, arg
 
 
 def finetune_end_to_end(encoder: CLEAR, train_set: Dataset, val_set: Dataset, num_classes: int,
-                        args: FinetuneArgs, logger=None) -> tuple[Classifier, dict]:
+                        args: FinetuneArgs, logger: Optional[common.JsonlLogger] = None) -> tuple[Classifier, dict]:
     """Fine-tuning path: encoder and head train together, the encoder at a lower lr."""
     _require_records(train_set=len(train_set), val_set=len(val_set))
     common.seed_everything(args.seed)
@@ -208,7 +212,8 @@ def finetune_end_to_end(encoder: CLEAR, train_set: Dataset, val_set: Dataset, nu
     return model, result
 
 
-def evaluate(module, feats_or_set, labels=None, device="cpu") -> dict:
+def evaluate(module: torch.nn.Module, feats_or_set: Union[torch.Tensor, Dataset],
+             labels: Optional[torch.Tensor] = None, device: Union[str, torch.device] = "cpu") -> dict:
     """Test macro AUROC of a head on features (``labels`` given) or of a Classifier on a dataset."""
     batches = (_feature_batches(feats_or_set, labels, 1024) if labels is not None
                else _record_batches(feats_or_set, 256))
