@@ -10,11 +10,16 @@ stored as tensors and lists, never as numpy arrays or opaque tuples.
 A head trained on a frozen pretrained encoder does not copy the encoder: it names the pretraining checkpoint by a
 path relative to the head file (so the run folders can be moved or copied together) and by a SHA-256 digest of the
 encoder's weights, checked on load, so a different file at that path is refused instead of silently used.
+
+Portable weights are a second, simpler format: ``save_pretrained`` writes a folder in the layout of a Hugging Face
+Hub model (``model.safetensors`` + ``config.json``) holding a ``CLEAR`` encoder or a ``Classifier`` with its class
+names and preprocessing; ``from_pretrained`` reads it back bitwise, without pickle.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -187,3 +192,106 @@ def load_classifier(path: os.PathLike, class_names: Optional[Sequence[str]] = No
     head = build_head(state["head"], encoder.cfg.enc_dim, len(state["class_names"]), state["fusion"])
     head.load_state_dict(state["head_state"])
     return Classifier(encoder, head)
+
+
+# ------------------------------------------------------------------ portable weights (Hub-style folders)
+PRETRAINED_FORMAT = 1
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+
+
+def _head_spec(head: torch.nn.Module) -> dict:
+    from .heads import HUG, LinearProbe
+
+    if isinstance(head, HUG):
+        return {"kind": "hug", "fusion": head.fusion, "num_classes": head.classifier.out_features}
+    if isinstance(head, LinearProbe):
+        return {"kind": "linear", "fusion": "mean", "num_classes": head.linear.out_features}
+    raise TypeError(f"head must be a HUG or a LinearProbe, got {type(head).__name__}")
+
+
+def save_pretrained(model: torch.nn.Module, directory: os.PathLike, *, class_names: Optional[Sequence[str]] = None,
+                    preprocessing: Optional[dict] = None) -> Path:
+    """Write ``model`` (a ``CLEAR`` encoder or a ``Classifier``) as a folder in the layout of a Hugging Face Hub
+    model: ``model.safetensors`` (the weights; safetensors holds tensors only, so loading runs no code) and
+    ``config.json`` (model config, head, class names, and how records were turned into tokens:
+    ``preprocessing``, e.g. the token cache's sampling rate, band-pass, token length and beats).
+    A classifier needs its ``class_names``. Each file is written atomically."""
+    from safetensors.torch import save_file
+
+    from .heads import Classifier
+    from .model import CLEAR
+
+    if isinstance(model, CLEAR):
+        kind, encoder, head = "clear", model, None
+    elif isinstance(model, Classifier):
+        kind, encoder, head = "classifier", model.encoder, _head_spec(model.head)
+        if class_names is None or len(class_names) != head["num_classes"]:
+            raise ValueError(f"class_names must name the classifier's {head['num_classes']} classes, "
+                             f"got {None if class_names is None else len(class_names)}")
+    else:
+        raise TypeError(f"model must be a CLEAR or a Classifier, got {type(model).__name__}")
+    config = {"format": PRETRAINED_FORMAT, "kind": kind, "model": encoder.cfg.to_dict(), "head": head,
+              "class_names": None if class_names is None else list(class_names),
+              "preprocessing": dict(preprocessing or {})}
+    # Clones: safetensors refuses tensors that share storage, and it needs them contiguous and on the CPU.
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, write in ((WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})),
+                        (CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=1, allow_nan=False)))):
+        tmp = directory / f".{name}.tmp{os.getpid()}"
+        try:
+            write(tmp)
+            os.replace(tmp, directory / name)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return directory
+
+
+def load_pretrained_config(directory: os.PathLike) -> dict:
+    """The ``config.json`` of a folder written by ``save_pretrained``, checked."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a pretrained-model folder (no {CONFIG_NAME})")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict) or config.get("format") != PRETRAINED_FORMAT:
+        raise CheckpointError(f"{path}: format {config.get('format') if isinstance(config, dict) else None!r} "
+                              f"is not supported (this version reads format {PRETRAINED_FORMAT})")
+    if config.get("kind") not in ("clear", "classifier"):
+        raise CheckpointError(f"{path}: unknown model kind {config.get('kind')!r}")
+    return config
+
+
+def from_pretrained(directory: os.PathLike, kind: Optional[str] = None) -> torch.nn.Module:
+    """The ``CLEAR`` or ``Classifier`` saved in ``directory`` by ``save_pretrained``; ``kind`` ("clear" or
+    "classifier") refuses the other. The weights are read with safetensors (no pickle) and must match exactly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .config import CLEARConfig
+    from .heads import Classifier, build_head
+    from .model import CLEAR
+
+    config = load_pretrained_config(directory)
+    if kind is not None and config["kind"] != kind:
+        raise CheckpointError(f"{directory} holds a {config['kind']!r} model, expected a {kind!r} model")
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: {WEIGHTS_NAME} is missing")
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    model = CLEAR(CLEARConfig.from_dict(config["model"]))
+    if config["kind"] == "classifier":
+        head = config["head"]
+        model = Classifier(model, build_head(head["kind"], model.cfg.enc_dim, head["num_classes"], head["fusion"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+        raise CheckpointError(f"{weights}: the weights do not fit the model of {CONFIG_NAME}: {exc}") from exc
+    return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +32,8 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clear-hug pretrain", description="Masked-reconstruction pretraining of "
                                 "CLEAR; run under `torchrun --nproc-per-node N` for several processes.")
     _common(p)
-    p.add_argument("--out", required=True, help="run folder: last.pt, metrics.jsonl (resumed when present)")
+    p.add_argument("--out", required=True, help="run folder: last.pt, metrics.jsonl (resumed when present), and "
+                   "at the end pretrained/ (model.safetensors + config.json)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="base")
     p.add_argument("--attn-impl", choices=ATTN_IMPLS, default=None)
     p.add_argument("--dropout", type=float, default=None)
@@ -58,7 +60,8 @@ def finetune_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", default=None, help="pretraining checkpoint (last.pt); omit for a random encoder")
     p.add_argument("--preset", choices=sorted(PRESETS), default="base", help="random encoder's preset")
-    p.add_argument("--out", required=True, help="folder for head checkpoints and results.jsonl")
+    p.add_argument("--out", required=True, help="folder for head checkpoints and results.jsonl, and pretrained/ "
+                   "(model.safetensors + config.json): the classifier with the best validation AUROC")
     p.add_argument("--head", choices=("hug", "linear", "both"), default="hug")
     p.add_argument("--fusion", choices=("mean", "concat"), default="mean")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
@@ -90,6 +93,12 @@ def _setup_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _preprocessing(meta: dict) -> dict:
+    """How the cache turned records into tokens: what a model saved with ``save_pretrained`` expects."""
+    keys = ("fs", "bandpass", "token_len", "max_beats", "source")
+    return {"detector": "clear_hug.data.rpeaks.detect_rpeaks", **{k: meta[k] for k in keys if k in meta}}
+
+
 def _val_split(cache: str):
     """The cache's validation split, or None (said on stderr) when it holds no records."""
     from .data.cache import TokenDataset
@@ -106,6 +115,7 @@ def cmd_pretrain(argv: Sequence[str]) -> int:
     _setup_threads(args)
     from .config import get_config
     from .data.cache import TokenDataset
+    from .checkpoint import load_encoder
     from .train.common import json_line, setup_distributed
     from .train.pretrain import PretrainArgs, pretrain
 
@@ -116,7 +126,12 @@ def cmd_pretrain(argv: Sequence[str]) -> int:
                        amp=args.amp, out_dir=args.out, resume=not args.no_resume,
                        stop_after_epochs=args.stop_after_epochs, extend_schedule=args.extend_schedule,
                        progress=not args.no_progress, device=args.device)
-    history = pretrain(cfg, TokenDataset(args.cache, "train"), run, _val_split(args.cache), info)
+    train_set = TokenDataset(args.cache, "train")
+    history = pretrain(cfg, train_set, run, _val_split(args.cache), info)
+    if info.is_main and history["epochs"] and history["epochs"][-1]["epoch"] == args.epochs - 1:
+        # The finished run's encoder as a portable folder (safetensors + config.json).
+        load_encoder(Path(args.out) / "last.pt").save_pretrained(Path(args.out) / "pretrained",
+                                                                 _preprocessing(train_set.meta))
     if info.is_main and history["epochs"]:
         last = history["epochs"][-1]
         print(json_line({"epoch": last["epoch"], "train_loss": last["train_loss"],
@@ -145,7 +160,7 @@ def cmd_finetune(argv: Sequence[str]) -> int:
     _setup_threads(args)
     import torch
 
-    from .checkpoint import save_head
+    from .checkpoint import load_classifier, save_head
     from .data.cache import TokenDataset
     from .train import common
     from .train.common import json_line
@@ -164,6 +179,7 @@ def cmd_finetune(argv: Sequence[str]) -> int:
     if not args.finetune_encoder:
         feats = [extract_features(encoder, s, device=device, amp=args.amp, progress=not args.no_progress)
                  for s in (train_set, val_set)]
+    best: Optional[tuple] = None  # (val_auroc, head checkpoint)
     for head in heads:
         for fraction in args.fractions:
             for seed in seeds:
@@ -192,6 +208,11 @@ def cmd_finetune(argv: Sequence[str]) -> int:
                            "selection": result["selection"], "checkpoint": str(out / f"{name}.pt")}
                 common.JsonlLogger(out / "results.jsonl").log(**summary)
                 print(json_line(summary))
+                score = result["val_auroc"]
+                if best is None or (not math.isnan(score) and (math.isnan(best[0]) or score > best[0])):
+                    best = (score, out / f"{name}.pt")
+    load_classifier(best[1]).save_pretrained(out / "pretrained", train_set.class_names,
+                                             _preprocessing(train_set.meta))
     return 0
 
 

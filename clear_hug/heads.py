@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Optional, Sequence, Union
+
 import torch
 from torch import nn
 
@@ -73,3 +76,17 @@ class Classifier(nn.Module):
 
     def forward(self, tokens, valid, time) -> torch.Tensor:
         return self.head(self.encoder.forward_features(tokens, valid, time))
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], class_names: Sequence[str],
+                        preprocessing: Optional[dict] = None) -> os.PathLike:
+        """Write ``model.safetensors`` + ``config.json`` (see ``clear_hug.checkpoint.save_pretrained``)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, class_names=class_names, preprocessing=preprocessing)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "Classifier":
+        """The classifier saved by ``save_pretrained`` (no pickle is read); class names: ``load_pretrained_config``."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(directory, kind="classifier")

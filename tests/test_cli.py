@@ -4,8 +4,12 @@ import json
 import shutil
 
 import pytest
+import torch
 
+from clear_hug.checkpoint import load_checkpoint, load_classifier, load_pretrained_config
 from clear_hug.cli import main
+from clear_hug.heads import Classifier
+from clear_hug.model import CLEAR
 
 
 def _strict(constant):
@@ -30,7 +34,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert main(["pretrain", "--cache", str(cache), "--out", str(pt), "--preset", "tiny", "--epochs", "2",
                  "--stop-after-epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu"]) == 0
     first = _json_lines(capsys.readouterr().out)[-1]
-    assert first["epoch"] == 0
+    assert first["epoch"] == 0 and not (pt / "pretrained").exists()  # written when the schedule is done
     # A second invocation resumes from last.pt and finishes the schedule.
     assert main(["pretrain", "--cache", str(cache), "--out", str(pt), "--preset", "tiny", "--epochs", "2",
                  "--batch-size", "16", "--no-progress", "--device", "cpu"]) == 0
@@ -45,6 +49,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert main(longer + ["--extend-schedule"]) == 0
     assert _json_lines(capsys.readouterr().out)[-1]["epoch"] == 2
     assert [r["epoch"] for r in _jsonl(pt / "metrics.jsonl")] == [0, 1, 2]
+    encoder = CLEAR.from_pretrained(pt / "pretrained")
+    last = load_checkpoint(pt / "last.pt", "pretrain")["model"]
+    assert all(torch.equal(v, last[k]) for k, v in encoder.state_dict().items())
     assert main(["finetune", "--cache", str(cache), "--checkpoint", str(pt / "last.pt"), "--out", str(ft),
                  "--head", "both", "--fractions", "0.5", "1", "--epochs", "2", "--no-progress",
                  "--device", "cpu"]) == 0
@@ -53,6 +60,13 @@ def test_cli_end_to_end(tmp_path, capsys):
                                                              ("linear", 1.0)}
     assert all(r["n_train"] >= 1 for r in results)
     assert len(_jsonl(ft / "results.jsonl")) == 4 and len(_jsonl(ft / "hug_f1_s0.jsonl")) == 2
+    # The best head (by validation AUROC) as a portable classifier folder.
+    best = max(results, key=lambda r: r["val_auroc"])
+    portable = Classifier.from_pretrained(ft / "pretrained")
+    head = load_classifier(best["checkpoint"])
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in portable.state_dict().items())
+    assert load_pretrained_config(ft / "pretrained")["class_names"] == json.loads((cache / "meta.json").read_text())[
+        "class_names"]
     # The run folders move together (another disk, another machine): heads still find their encoder.
     moved = tmp_path / "moved"
     shutil.move(work, moved)
