@@ -157,3 +157,18 @@ def test_evaluate_refuses_a_cache_with_other_class_names(tmp_path, cache, capsys
     capsys.readouterr()
     assert main(["evaluate", "--cache", str(other), str(tmp_path / "ft" / "linear_f1_s0.pt"), "--device", "cpu"]) == 2
     assert "predicts classes" in capsys.readouterr().err
+
+
+def test_a_finetuned_encoder_travels_inside_the_head_file(tmp_path, cache, capsys):
+    pt = _pretrained(tmp_path)
+    assert main(["finetune", "--cache", str(cache), "--checkpoint", str(pt), "--out", str(tmp_path / "ft"),
+                 "--head", "linear", "--fractions", "1", "--epochs", "1", "--finetune-encoder", "--no-progress",
+                 "--device", "cpu"]) == 0
+    head = tmp_path / "ft" / "linear_f1_s0.pt"
+    state = checkpoint.load_checkpoint(head, "head")
+    assert state["encoder_file"] is None and state["encoder_state"] is not None
+    assert state["encoder_sha256"] != checkpoint.state_digest(load_encoder(pt).state_dict())  # it was trained
+    pt.unlink()  # not needed any more
+    capsys.readouterr()
+    assert main(["evaluate", "--cache", str(cache), str(head), "--split", "train", "--device", "cpu"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out.splitlines()[-1])["auroc"] <= 1.0

@@ -254,3 +254,8 @@ def test_empty_results_are_errors(tmp_path, capsys):
         (broken / f"{name}.hea").write_text("not a header\n")
     rc, io = run("--source", "cinc", "--root", str(broken))
     assert rc == 2 and "none of the 2 records" in io.err and not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_array_source_refuses_an_implausible_rate():
+    with pytest.raises(ValueError, match="sampling rate 0.001 Hz is outside"):
+        ArraySource(np.zeros((2, 12, 1000)), 0.001, np.zeros((2, 1)), ["a"], [0, 0])

@@ -80,3 +80,25 @@ def test_an_empty_validation_set_is_an_error_not_a_zero_loss(tmp_path):
     empty = torch.utils.data.Subset(ListDataset(4, seed=1), [])
     with pytest.raises(ValueError, match="val_set is empty"):
         pretrain(tiny_config(), ListDataset(8, seed=2), _args(tmp_path, epochs=1), empty)
+
+
+def test_resuming_with_more_epochs_is_refused_or_extends_the_schedule(tmp_path):
+    cfg, train = tiny_config(), ListDataset(16, seed=2)  # 2 steps per epoch
+    pretrain(cfg, train, _args(tmp_path, epochs=2, stop_after_epochs=1, min_lr=1e-5), None)
+    with pytest.raises(ValueError, match=r"epochs 2 -> 4.*extend_schedule=True"):
+        pretrain(cfg, train, _args(tmp_path, epochs=4, min_lr=1e-5), None)
+    with pytest.raises(ValueError, match=r"lr 0.001 -> 0.002\) \(only epochs can change"):
+        pretrain(cfg, train, _args(tmp_path, epochs=4, lr=2e-3, min_lr=1e-5, extend_schedule=True), None)
+    hist = pretrain(cfg, train, _args(tmp_path, epochs=4, min_lr=1e-5, extend_schedule=True), None)
+    assert [e["epoch"] for e in hist["epochs"]] == [0, 1, 2, 3]
+    # From step 2 on the cosine runs to step 8, not 4: the lr after epoch 1 (step 4) is halfway down.
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    reference = common.warmup_cosine(opt, warmup_steps=2, total_steps=8, min_lr=1e-5)
+    lrs = []
+    for _ in range(8):
+        opt.step()
+        reference.step()
+        lrs.append(reference.get_last_lr()[0])
+    assert [e["lr"] for e in hist["epochs"][1:]] == pytest.approx([lrs[3], lrs[5], lrs[7]], rel=1e-12)
+    assert hist["epochs"][-1]["lr"] == pytest.approx(1e-5)

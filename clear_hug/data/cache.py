@@ -23,12 +23,13 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .preprocess import check_sampling_rate
 from .readers import SPLIT_IDS, SPLIT_NAMES, RecordIndex, RecordReadError, read_record
 from .tokenize import TOKEN_LEN, NoBeatsError, tokenize_beats
 from .leads import NUM_LEADS
@@ -91,7 +92,7 @@ class ArraySource(Source):
         n = len(signals)
         ids = record_ids if record_ids is not None else [f"{name}{i:06d}" for i in range(n)]
         super().__init__(ids, labels, class_names, splits, info)
-        self.signals, self.fs, self.rpeaks, self.name = signals, float(fs), rpeaks, name
+        self.signals, self.fs, self.rpeaks, self.name = signals, check_sampling_rate(fs), rpeaks, name
 
     def payload(self, indices):
         return [("array", np.asarray(self.signals[i]), self.fs, None if self.rpeaks is None else self.rpeaks[i])
@@ -243,8 +244,8 @@ def _load_shard(path: Path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_cache(source: Source, out_dir, *, max_beats: int = 15, bandpass: bool = False, workers: int = 1,
-                shard_size: int = 256, overwrite: bool = False, progress: bool = True) -> Dict:
+def build_cache(source: Source, out_dir: Union[str, os.PathLike], *, max_beats: int = 15, bandpass: bool = False,
+                workers: int = 1, shard_size: int = 256, overwrite: bool = False, progress: bool = True) -> Dict:
     """Tokenise ``source`` into ``out_dir`` (see the module docstring) and return the ``meta.json`` content.
 
     Raises ValueError for a source without records, and for one of which no record could be tokenised.
