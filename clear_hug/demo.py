@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = {"args": vars(args), "config": cfg.to_dict(), "class_names": splits["train"].class_names,
               "split_sizes": {s: len(d) for s, d in splits.items()}, "summary": summary, "runs": runs,
               "pretrain_epochs": history["epochs"], "timings": timings, "table": table}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.json").write_text(json.dumps(common.json_safe(result), indent=1, allow_nan=False))
     print(f"wrote {out}/results.json and 3 PNGs in {timings['total_s']:.0f}s "
           f"(prepare {timings['prepare_s']:.0f}s, pretrain {timings['pretrain_s']:.0f}s, "
           f"features {timings['features_s']:.0f}s, heads {timings['heads_s']:.0f}s)")

@@ -118,22 +118,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities (undefined metrics) as None and numpy scalars as Python numbers."""
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def json_line(record: dict) -> str:
     """``record`` as one line of standard JSON. An undefined metric (NaN, an infinity) is written as ``null``:
     ``json.dumps`` would write ``NaN`` or ``-Infinity``, which JSON parsers other than Python's reject."""
-    return json.dumps(_json_safe(record), default=float, allow_nan=False)
+    return json.dumps(json_safe(record), default=float, allow_nan=False)
 
 
 class JsonlLogger:
