@@ -113,9 +113,9 @@ def _val_split(cache: str):
 def cmd_pretrain(argv: Sequence[str]) -> int:
     args = pretrain_parser().parse_args(argv)
     _setup_threads(args)
+    from .checkpoint import load_encoder
     from .config import get_config
     from .data.cache import TokenDataset
-    from .checkpoint import load_encoder
     from .train.common import json_line, setup_distributed
     from .train.pretrain import PretrainArgs, pretrain
 
