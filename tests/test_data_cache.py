@@ -120,7 +120,11 @@ def test_prepare_cinc_folder_skips_bad_records(tmp_path, capsys):
     assert rc == 0
     meta = load_meta(tmp_path / "c")
     assert meta["n_total"] == 6 and meta["n_records"] == 4 and meta["skipped_by_kind"] == {"unreadable": 2}
-    assert sorted(s["record"] for s in meta["skipped"]) == ["BROKEN", "TRUNC"]
+    reasons = {s["record"]: s["reason"] for s in meta["skipped"]}
+    assert sorted(reasons) == ["BROKEN", "TRUNC"]
+    # Said in the record's terms, not as wfdb's "Samples were not loaded correctly".
+    assert "signal file TRUNC.mat is truncated: 3000 bytes, the header's 5000 samples need 120024" in reasons["TRUNC"]
+    assert "the header has no record line" in reasons["BROKEN"]
     assert "skipped 2" in capsys.readouterr().out
     ds = TokenDataset(tmp_path / "c", split=None)
     assert ds[0]["tokens"].shape == (12, 20, 96) and "SNR" in ds.class_names
