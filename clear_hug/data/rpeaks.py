@@ -131,7 +131,9 @@ def _combined_envelope(x: np.ndarray, fs: float) -> Tuple[np.ndarray, np.ndarray
     else:
         energy = np.tensordot(w, dn * dn, axes=(0, 0))
     width = max(int(round(_INTEGRATION_S * fs)), 1)
-    env = np.sqrt(ndimage.uniform_filter1d(energy, width, mode="nearest"))
+    # A running mean of non-negative energy can come out a rounding error below zero (cancellation in the
+    # filter's running sum); its square root would be NaN and silently lose the beats around it.
+    env = np.sqrt(np.maximum(ndimage.uniform_filter1d(energy, width, mode="nearest"), 0.0))
     return env, w
 
 
