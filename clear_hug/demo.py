@@ -109,12 +109,12 @@ def plot_reconstructions(model, dataset, path: Path, n: int = 6, seed: int = 0) 
     mask = random_mask(valid, model.cfg.mask_ratio, torch.Generator().manual_seed(seed))
     out = model(tokens, valid, time_ids, mask)
     leads = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
-    where = torch.nonzero(out["mask"][0])
+    where = torch.nonzero(out.mask[0])
     pick = where[torch.linspace(0, len(where) - 1, n).long()]
     fig, axes = plt.subplots(2, n // 2, figsize=(3 * (n // 2), 4.5), sharex=True)
     for ax, (lead, beat) in zip(axes.flat, pick.tolist()):
-        ax.plot(out["target"][0, lead, beat].numpy(), color="k", lw=1.2, label="masked heartbeat")
-        ax.plot(out["pred"][0, lead, beat].numpy(), color="tab:red", lw=1.2, label="reconstruction")
+        ax.plot(out.target[0, lead, beat].numpy(), color="k", lw=1.2, label="masked heartbeat")
+        ax.plot(out.pred[0, lead, beat].numpy(), color="tab:red", lw=1.2, label="reconstruction")
         ax.set_title(f"lead {leads[lead]}, beat {beat + 1}", fontsize=9)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"masked heartbeats and reconstructions ({model.cfg.mask_ratio:.0%} of tokens masked)")

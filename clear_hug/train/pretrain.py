@@ -67,8 +67,8 @@ def validation_loss(model: CLEAR, dataset: Dataset, batch_size: int, info: commo
         mask = random_mask(valid, model.cfg.mask_ratio, gen)
         with common.autocast(info.device, amp):
             out = model(tokens, valid, time_ids, mask)
-        n = out["mask"].sum()
-        total += torch.stack([out["loss"].double() * n, n.double()])
+        n = out.mask.sum()
+        total += torch.stack([out.loss.double() * n, n.double()])
     if info.distributed:
         torch.distributed.all_reduce(total)
     model.train()
@@ -120,7 +120,7 @@ def pretrain(cfg: CLEARConfig, train_set: Dataset, args: PretrainArgs, val_set: 
             tokens, valid, time_ids = batch_inputs(batch, info.device)
             mask = random_mask(valid, cfg.mask_ratio, mask_gen)
             with common.autocast(info.device, args.amp):
-                loss = ddp(tokens, valid, time_ids, mask)["loss"]
+                loss = ddp(tokens, valid, time_ids, mask).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
