@@ -17,8 +17,8 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-# Beat symbols of the WFDB standard (annotation codes 1-13, 25, 31-38, 41): everything else is not a beat.
-BEAT_SYMBOLS = frozenset("NLRBAaJSVrFejnE/fQ?")
+from .rpeaks import BEAT_SYMBOLS
+
 RHYTHM_CHANGE = "+"
 
 
