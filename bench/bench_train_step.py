@@ -45,7 +45,7 @@ def time_step(preset: str, impl: str, batch, device, warmup: int, repeats: int, 
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(*batch)["loss"]
+            loss = model(*batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
