@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads; 0 (default): up to 2, fewer when other processes keep cores busy")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--long", action="store_true",
+                   help="the long-record demo instead: per-beat AF detection on minutes-long records "
+                        "(clear-hug demo --long --help for its options)")
     return p
 
 
@@ -124,6 +128,11 @@ def plot_reconstructions(model, dataset, path: Path, n: int = 6, seed: int = 0) 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--long" in argv:
+        from .demo_long import main as long_main
+
+        return long_main([a for a in argv if a != "--long"])
     args = build_parser().parse_args(argv)
     from .config import get_config
     from .data.cache import TokenDataset
