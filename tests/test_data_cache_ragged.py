@@ -165,3 +165,38 @@ def test_resume_after_a_kill(tmp_path):
         np.testing.assert_array_equal(np.load(out / f"{name}.npy"), np.load(tmp_path / "ref" / f"{name}.npy"))
     assert load_meta(out)["format"] == 3
     assert torch.equal(TokenDataset(out, None)[2]["tokens"], TokenDataset(tmp_path / "ref", None)[2]["tokens"])
+
+
+def test_prepare_two_lead_holter_excerpts_with_annotation_labels(tmp_path, capsys):
+    """The 18 CPSC 2021 excerpts (leads I and II only; the other ten flagged missing) through `clear-hug prepare`
+    with every beat kept and per-beat AF labels from their .atr rhythm episodes."""
+    from _ecgdata import need_ecg
+    from clear_hug.data import prepare
+    from clear_hug.data.annotations import episode_labels, read_annotations
+
+    folder = need_ecg("cpsc2021")
+    out = tmp_path / "cpsc"
+    rc = prepare.main(["--source", "cinc", "--root", str(folder), "--out", str(out), "--max-beats", "all",
+                       "--annotations", "atr", "--beat-classes", "AFIB", "--workers", "1", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    meta = load_meta(out)
+    assert meta["n_records"] == 18 and meta["beats_dropped"] == 0 and "0 beats dropped" in printed
+    ds = TokenDataset(out, split=None)
+    total_af = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["valid"][[0, 1]].any() and not item["valid"][2:].any()  # I and II present, rest missing
+        ann = read_annotations(folder / ds.record_id(i))
+        want = episode_labels(_rpeak_seconds(folder / ds.record_id(i)), ann.episodes, ["AFIB"])[:, 0]
+        np.testing.assert_array_equal(item["beat_labels"][:, 0].numpy(), want)
+        assert item["labels"].tolist() == [float(want.any())] and item["tokens"].shape[1] == len(want)
+        total_af += int(want.sum())
+    assert total_af > 1000 and meta["class_counts"]["AFIB"] >= 5
+
+
+def _rpeak_seconds(base):
+    from clear_hug.data.readers import read_record
+
+    signal, fs, meta = read_record(base)
+    return tokenize_beats(signal, fs, max_beats=None, missing_leads=meta["missing_leads"]).rpeaks / 100.0
