@@ -184,7 +184,9 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=900, help="per configuration")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0: up to 2, fewer when other processes keep cores busy (OpenMP threads "
+                        "spin-wait, so 2 threads on a busy 2-core machine run several times slower than 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/train_step_<device>.json)")
@@ -192,6 +194,10 @@ def main() -> None:
     p.add_argument("--readme-only", action="store_true", help="rewrite the README table from the existing JSON")
     args = p.parse_args()
     device_type = torch.device(args.device).type
+    if not args.threads:
+        from clear_hug.train.common import idle_threads
+
+        args.threads = idle_threads(2)
     out = Path(args.out or RESULTS / f"train_step_{device_type}.json")
     if args.readme_only:
         write_readme(json.loads(out.read_text()))
