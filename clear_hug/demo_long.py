@@ -132,10 +132,11 @@ def cpsc_check(encoder, head, threshold: float, ecg_dir: Optional[str]) -> dict:
             "record_agreement": float((has_af == pred_af).mean()), "threshold": threshold}
 
 
-def format_table(results: dict) -> str:
-    lines = [f"{'':28} | {'beat AUROC AF':>13} | {'beat AUROC ectopic':>18} | {'AF episode sens':>15} | "
+def format_table(results: dict, n_test: int, test_beats: int) -> str:
+    lines = [f"test split: {n_test} records, {test_beats} beats",
+             f"{'':28} | {'beat AUROC AF':>13} | {'beat AUROC ectopic':>18} | {'AF episode sens':>15} | "
              f"{'AF episode prec':>15} | {'HUG record AUROC':>16}"]
-    lines.append("-" * len(lines[0]))
+    lines.append("-" * len(lines[1]))
     for enc, name in ENCODERS.items():
         r = results[enc]
         ep = r["episodes"]
@@ -219,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "hug_test_auroc": macro_auroc(f["test"].labels.numpy(), rec_scores)["auroc"]}
         heads[enc], test_scores[enc] = head, scores
     timings["heads_s"] = time.perf_counter() - t0
-    table = format_table(results)
+    table = format_table(results, len(splits["test"]), int(splits["test"].lengths.sum()))
     print(table)
 
     # 4. plots: the test record with the most annotated AF beats (an episode boundary is most telling)

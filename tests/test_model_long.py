@@ -74,3 +74,50 @@ def test_presets_accept_long_records_without_overrides(preset, beats):
         out = model(tokens, valid, time, random_mask(valid, 0.8, torch.Generator().manual_seed(0)))
     assert out.pred.shape == (1, 12, beats, 96)
     assert torch.isfinite(out.loss) and int(out.mask.sum()) == round(0.8 * leads * beats)
+
+
+def _largest_square(fn, min_len):
+    """Run ``fn`` and return the shapes of tensors created on the way (forward and backward) that have two dims of
+    at least ``min_len``: an L x L tensor of some kind."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    found = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and sum(s >= min_len for s in t.shape) >= 2:
+                    found.append((str(func), tuple(t.shape)))
+            return out
+
+    with Watch():
+        fn()
+    return found
+
+
+@pytest.mark.parametrize("impl", ["sparse", "dense"])
+def test_no_l_by_l_tensor_on_the_sparse_path(impl):
+    """A 600-beat record through masking, encoder, decoder, loss, backward and the per-beat head: the sparse path
+    makes no tensor with two sequence-length dims; the dense path (the control) does."""
+    from clear_hug.heads import BeatHead
+
+    torch.manual_seed(0)
+    model = CLEAR(tiny_config(attn_impl=impl))
+    head = BeatHead(model.cfg.enc_dim, 2)
+    tokens, valid, time = _long_batch(600)
+    min_len = 12 + round(0.2 * 12 * 600)  # the encoder's sequence; the decoder's is 5x longer
+
+    def step():
+        mask = random_mask(valid, 0.8, torch.Generator().manual_seed(0))
+        loss = model(tokens, valid, time, mask).loss
+        grid, _ = model.forward_tokens(tokens, valid, time)
+        logits = head(BeatHead.pool_leads(grid, valid), valid.any(1))
+        (loss + logits.square().mean()).backward()
+
+    found = _largest_square(step, min_len)
+    if impl == "sparse":
+        assert found == []
+    else:
+        assert found and max(s[-1] for _, s in found) >= 12 + 12 * 600

@@ -101,3 +101,13 @@ def test_episode_scores():
     s = episode_scores(true, pred)
     assert s == {"true_episodes": 2, "detected": 1, "pred_episodes": 2, "correct": 1}
     assert episode_scores(true, pred, min_beats=2)["pred_episodes"] == 1
+
+
+def test_beat_head_bad_inputs_raise():
+    head = BeatHead(16, 2, context=5)
+    with pytest.raises(ValueError, match="beats must be"):
+        head(torch.zeros(2, 10, 16), torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="grid must be"):
+        BeatHead.pool_leads(torch.zeros(2, 12, 10, 16), torch.ones(2, 12, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="context"):
+        BeatHead(16, 2, context=4)

@@ -44,7 +44,7 @@ class BeatHeadArgs:
     lr: float = 3e-3
     weight_decay: float = 0.05
     max_beats_per_batch: int = 4000
-    context: int = 9
+    context: int = 25  # beats each beat sees in the head: AF is irregularity over many beats
     seed: int = 0
     progress: bool = False
 
