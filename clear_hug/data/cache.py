@@ -287,7 +287,7 @@ def _tokenize_payload(payload, positions: List[int], opt: _Options) -> Dict:
             toks.append(bt.tokens.transpose(1, 0, 2))  # beat-major: an item is a contiguous block of rows
             vals.append(bt.valid.T)
             # The R peak's second is shared by the leads; stored once per beat.
-            times.append((np.asarray(bt.rpeaks) // TARGET_FS - int(round(start))).astype(np.int32))
+            times.append(((np.asarray(bt.rpeaks) - int(round(start * TARGET_FS))) // TARGET_FS).astype(np.int32))
             blabs.append(labels)
     k = len(opt.beat_classes)
     cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt)  # noqa: E731
