@@ -43,7 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ecg-dir", default=None, help="folder holding cpsc2021/ (default: the shared ECG folder)")
     p.add_argument("--threads", type=int, default=0, help="0: up to 2, fewer when other processes keep cores busy")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--readme-from", default=None, metavar="RESULTS_JSON",
+                   help="only rewrite the README's long-demo block from a results.json of an earlier run")
+    p.add_argument("--readme", default="README.md", help="the file --readme-from rewrites")
     return p
+
+
+README_BLOCK = "demo_long_table"
+
+
+def readme_text(result: dict) -> str:
+    """The README block: the run's conditions, its table and the CPSC 2021 line, from results.json."""
+    a, c, t = result["args"], result["cache"], result["timings"]
+    lines = [f"{c['n_records']} records of {a['min_minutes']:g}-{a['max_minutes']:g} minutes ({c['beats_total']} beats, "
+             f"{c['beats_dropped']} dropped), `{a['preset']}` preset, {a['epochs']} pretraining epochs under "
+             f"{a['max_tokens']} tokens per batch, {result['threads']} thread(s); {t['total_s'] / 60:.1f} minutes in all "
+             f"(pretraining {t['pretrain_s'] / 60:.1f}):", "", "```", result["table"], "```"]
+    cpsc = result["cpsc2021"]
+    if "records" in cpsc:
+        lines.append(f"CPSC 2021 ({len(cpsc['records'])} real two-lead excerpts, {cpsc['beats']} beats, "
+                     f"{cpsc['af_beats']} in annotated AF): per-beat AF AUROC {cpsc['beat_auroc']:.3f}, record-level "
+                     f"agreement (AF burden over 50%) {cpsc['record_agreement']:.2f}.")
+    else:
+        lines.append(f"CPSC 2021 check skipped: {cpsc['skipped']}")
+    return "\n".join(lines)
 
 
 def _tune_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -148,6 +171,13 @@ def format_table(results: dict, n_test: int, test_beats: int) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.readme_from:
+        from .report import replace_block
+
+        replace_block(args.readme, README_BLOCK, readme_text(json.loads(Path(args.readme_from).read_text())),
+                      f"clear-hug demo --long --readme-from {args.readme_from}")
+        print(f"{args.readme}: long-demo block rewritten from {args.readme_from}")
+        return 0
     from .config import get_config
     from .data.cache import TokenDataset, build_cache, long_synthetic_source
     from .metrics import macro_auroc

@@ -31,7 +31,7 @@ def test_one_configuration_runs_in_its_own_process(tmp_path, monkeypatch):
             "results": [{"preset": "tiny", "beats": 15, "batch": 2, "sparse": r,
                          "dense": {"skipped": "needs ~9 GB"}, "full": {"skipped": "needs ~9 GB"}}]}
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{bench.BEGIN}\nold table\n{bench.END}\nrest\n")
+    readme.write_text(f"intro\n<!-- {bench.BLOCK}:begin -->\nold table\n<!-- {bench.BLOCK}:end -->\nrest\n")
     monkeypatch.setattr(bench, "README", readme)
     bench.write_readme(data)
     text = readme.read_text()

@@ -29,3 +29,10 @@ def test_demo_long_smoke(tmp_path, capsys):
         assert np.isfinite(cpsc["beat_auroc"])
     else:
         assert "no CPSC 2021 records" in cpsc["skipped"]
+
+    # The README block is generated from results.json.
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- demo_long_table:begin -->\nold\n<!-- demo_long_table:end -->\nb\n")
+    assert main(["demo", "--long", "--readme-from", str(out / "results.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and result["table"] in text and text.endswith("b\n")
