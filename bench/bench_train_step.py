@@ -148,7 +148,7 @@ def plot(data: dict, path: Path) -> None:
                          label=f"{preset} {impl}")
             axes[1].plot([b for b, _ in pts], [x["ms_per_beat"] for _, x in pts], style, color=color, marker="o",
                          label=f"{preset} {impl}")
-    for ax, ylabel in zip(axes, ("step time (s)", "ms per beat (per record in the batch)")):
+    for ax, ylabel in zip(axes, ("step time (s)", "ms per beat (step time / beats in the batch)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("beats per record")
@@ -165,9 +165,8 @@ def write_readme(data: dict) -> None:
     from clear_hug.report import replace_block
 
     try:
-        replace_block(README, BLOCK, f"{conditions(data)}:\n\n{format_table(data)}",
-                      f"python bench/bench_train_step.py --readme-only (from bench/results/train_step_"
-                      f"{data['device_type']}.json)")
+        replace_block(README, BLOCK, f"From `bench/results/train_step_{data['device_type']}.json`: "
+                      f"{conditions(data)}:\n\n{format_table(data)}", "python bench/bench_train_step.py --readme-only")
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
 
