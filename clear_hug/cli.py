@@ -40,6 +40,9 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-ratio", type=float, default=None)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="variable-length batches: records of similar length, at most this many padded tokens per "
+                        "batch (instead of --batch-size records); for ragged long-record caches")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=5)
@@ -125,7 +128,7 @@ def cmd_pretrain(argv: Sequence[str]) -> int:
                        warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, clip=args.clip, seed=args.seed,
                        amp=args.amp, out_dir=args.out, resume=not args.no_resume,
                        stop_after_epochs=args.stop_after_epochs, extend_schedule=args.extend_schedule,
-                       progress=not args.no_progress, device=args.device)
+                       progress=not args.no_progress, device=args.device, max_tokens=args.max_tokens)
     train_set = TokenDataset(args.cache, "train")
     history = pretrain(cfg, train_set, run, _val_split(args.cache), info)
     if info.is_main and history["epochs"] and history["epochs"][-1]["epoch"] == args.epochs - 1:

@@ -36,15 +36,17 @@ def test_build_and_roundtrip(tmp_path):
     assert meta["skipped_by_kind"] == {"no_beats": 1} and meta["skipped"][0]["record"] == src.record_ids[FLAT]
     assert meta["split_counts"] == {"train": 5, "val": 2, "test": 2}
     assert meta["class_counts"] == {"a": 5, "b": 4, "c": 9} and meta["class_names"] == ["a", "b", "c"]
-    tokens = np.load(tmp_path / "c" / "tokens.npy", mmap_mode="r")
-    assert isinstance(tokens, np.memmap) and tokens.shape == (N - 1, 12, 15, 96)
+    tokens = np.load(tmp_path / "c" / "tokens.npy", mmap_mode="r")  # ragged: beat rows of all records
+    offsets = np.load(tmp_path / "c" / "offsets.npy")
+    assert isinstance(tokens, np.memmap) and tokens.shape == (offsets[-1], 12, 96) and len(offsets) == N
+    assert meta["beats_total"] == offsets[-1] and meta["beats_dropped"] == 0  # ~11 beats per 10 s, under 15
     ids = np.load(tmp_path / "c" / "record_ids.npy")
     assert src.record_ids[FLAT] not in ids.tolist()
 
     ds = TokenDataset(tmp_path / "c", split="train")
     assert len(ds) == 5 and ds.class_names == ["a", "b", "c"]
     item = ds[4]
-    assert set(item) == {"tokens", "valid", "time", "labels"}
+    assert set(item) == {"tokens", "valid", "time", "labels", "beat_labels"}
     assert item["tokens"].dtype == torch.float32 and item["tokens"].shape == (12, 15, 96)
     assert item["valid"].dtype == torch.bool and item["time"].dtype == torch.int64
     assert item["labels"].dtype == torch.float32 and item["labels"].shape == (3,)
@@ -70,7 +72,8 @@ def test_resume_after_a_killed_run(tmp_path):
     src = _fake_source()
     out = tmp_path / "c"
     build_cache(src, out, shard_size=3, progress=False)
-    ref = {k: np.load(out / f"{k}.npy") for k in ("tokens", "valid", "time", "labels", "splits", "record_ids")}
+    ref = {k: np.load(out / f"{k}.npy") for k in ("tokens", "valid", "time", "labels", "splits", "record_ids",
+                                                  "offsets")}
     # Simulate a run killed midway: the final files and two shards never written, a half-written temp shard and a
     # damaged shard left behind.
     for name in ("meta.json", "tokens.npy", "labels.npy"):
@@ -93,7 +96,7 @@ def test_resume_after_a_killed_run(tmp_path):
     with pytest.raises(ValueError, match="other options"):
         build_cache(src, out, shard_size=3, max_beats=20, progress=False)
     meta2 = build_cache(src, out, shard_size=3, max_beats=20, overwrite=True, progress=False)
-    assert meta2["max_beats"] == 20 and np.load(out / "tokens.npy").shape[2] == 20
+    assert meta2["max_beats"] == 20 and TokenDataset(out, None)[0]["tokens"].shape == (12, 20, 96)
 
 
 def test_worker_processes_give_the_same_cache(tmp_path):

@@ -62,7 +62,7 @@ def _simulate(out_dir_args):
             step = 0.0
             for r, b in enumerate(batches):
                 mask = random_mask(b["valid"], cfg.mask_ratio, gens[r])
-                loss = model(b["tokens"], b["valid"], b["time"], mask)["loss"]
+                loss = model(b["tokens"], b["valid"], b["time"], mask).loss
                 (loss / WORLD).backward()
                 step += float(loss.detach()) / WORLD
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)

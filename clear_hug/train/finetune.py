@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ..data.cache import pad_collate
 from ..heads import Classifier, build_head
 from ..metrics import macro_auroc
 from ..model import CLEAR
@@ -84,8 +85,9 @@ def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128,
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
-    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="features", disable=not progress,
-                      leave=False):
+    # pad_collate: records of a ragged (long-record) cache have different beat counts.
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size, collate_fn=pad_collate), desc="features",
+                      disable=not progress, leave=False):
         tokens, valid, time_ids = batch_inputs(batch, device)
         with common.autocast(device, amp):
             feats.append(encoder.forward_features(tokens, valid, time_ids).float().cpu())
@@ -117,7 +119,8 @@ def _feature_batches(feats, labels, batch_size, shuffle=False, generator=None):
 
 
 def _record_batches(dataset, batch_size, shuffle=False, generator=None):
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator):
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                            collate_fn=pad_collate):
         yield (batch["tokens"].float(), batch["valid"].bool(), batch["time"].long()), batch["labels"].float()
 
 

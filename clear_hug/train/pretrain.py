@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..config import CLEARConfig
+from ..data.cache import pad_collate
+from ..data.sampler import LengthBucketSampler
 from ..masking import random_mask
 from ..model import CLEAR
 from . import common
@@ -41,6 +43,9 @@ class PretrainArgs:
     # Resuming with another ``epochs`` changes the learning-rate schedule of the steps still to come, so it is
     # refused unless asked for: then the cosine decay is stretched to the new end from the current step on.
     extend_schedule: bool = False
+    # Variable-length batches: records of similar length grouped under this many (padded) tokens per batch,
+    # instead of batch_size records (needs a dataset with ``lengths``, like TokenDataset).
+    max_tokens: Optional[int] = None
     progress: bool = True
     device: Optional[str] = None
 
@@ -52,29 +57,38 @@ def batch_inputs(batch: dict, device: torch.device):
             batch["time"].to(device, torch.int64, non_blocking=True))
 
 
-def loader(dataset: Dataset, batch_size: int, info: common.DistInfo, shuffle: bool, seed: int):
-    # One DistributedSampler for every world size (1 included): the data order is a pure function of
-    # (seed, epoch, rank), which makes resuming exact and multi-process sharding free.
+def loader(dataset: Dataset, batch_size: int, info: common.DistInfo, shuffle: bool, seed: int,
+           max_tokens: Optional[int] = None):
+    # One DistributedSampler (or length-bucketing sampler) for every world size (1 included): the data order is a
+    # pure function of (seed, epoch, rank), which makes resuming exact and multi-process sharding free.
+    if max_tokens is not None:
+        lengths = getattr(dataset, "lengths", None)
+        if lengths is None:
+            raise ValueError("max_tokens needs a dataset with per-item beat counts (lengths), like TokenDataset")
+        sampler = LengthBucketSampler(lengths, max_tokens, shuffle=shuffle, seed=seed,
+                                      num_replicas=info.world_size, rank=info.rank)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_collate, num_workers=0), sampler
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle,
                                  seed=seed, drop_last=False)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0), sampler
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=pad_collate,
+                      num_workers=0), sampler
 
 
 @torch.no_grad()
 def validation_loss(model: CLEAR, dataset: Dataset, batch_size: int, info: common.DistInfo, seed: int,
-                    amp: Optional[bool]) -> float:
+                    amp: Optional[bool], max_tokens: Optional[int] = None) -> float:
     """Masked-reconstruction loss on a fixed set of masks (the same every epoch, so epochs compare)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed + 7919 + info.rank)
-    dl, _ = loader(dataset, batch_size, info, shuffle=False, seed=seed)
+    dl, _ = loader(dataset, batch_size, info, shuffle=False, seed=seed, max_tokens=max_tokens)
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     for batch in dl:
         tokens, valid, time_ids = batch_inputs(batch, info.device)
         mask = random_mask(valid, model.cfg.mask_ratio, gen)
         with common.autocast(info.device, amp):
             out = model(tokens, valid, time_ids, mask)
-        n = out["mask"].sum()
-        total += torch.stack([out["loss"].double() * n, n.double()])
+        n = out.mask.sum()
+        total += torch.stack([out.loss.double() * n, n.double()])
     if info.distributed:
         torch.distributed.all_reduce(total)
     model.train()
@@ -108,7 +122,7 @@ def pretrain(cfg: CLEARConfig, train_set: Dataset, args: PretrainArgs, val_set: 
     common.seed_everything(args.seed)  # same initial weights on every rank
     model = CLEAR(cfg).to(info.device)
     optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay, tuple(args.betas))
-    dl, sampler = loader(train_set, args.batch_size, info, shuffle=True, seed=args.seed)
+    dl, sampler = loader(train_set, args.batch_size, info, shuffle=True, seed=args.seed, max_tokens=args.max_tokens)
     steps_per_epoch = len(dl)
     schedule = {"epochs": args.epochs, "steps_per_epoch": steps_per_epoch,
                 "warmup_steps": round(args.warmup_epochs * steps_per_epoch), "lr": args.lr, "min_lr": args.min_lr}
@@ -148,7 +162,7 @@ def pretrain(cfg: CLEARConfig, train_set: Dataset, args: PretrainArgs, val_set: 
             tokens, valid, time_ids = batch_inputs(batch, info.device)
             mask = random_mask(valid, cfg.mask_ratio, mask_gen)
             with common.autocast(info.device, args.amp):
-                loss = ddp(tokens, valid, time_ids, mask)["loss"]
+                loss = ddp(tokens, valid, time_ids, mask).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -166,7 +180,8 @@ def pretrain(cfg: CLEARConfig, train_set: Dataset, args: PretrainArgs, val_set: 
                   "tokens_per_s": epoch_tokens / max(time.perf_counter() - t0, 1e-9),
                   "seconds": time.perf_counter() - t0}
         if val_set is not None:
-            record["val_loss"] = validation_loss(model, val_set, args.batch_size, info, args.seed, args.amp)
+            record["val_loss"] = validation_loss(model, val_set, args.batch_size, info, args.seed, args.amp,
+                                                 args.max_tokens)
         history["epochs"].append(record)
         logger.log(**record)
         if ckpt_path is not None:
