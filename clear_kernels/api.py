@@ -63,5 +63,7 @@ def segment_attention(
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     chosen = dispatch.select(backend, q)
     fwd = ops.op(chosen.op_prefix, "fwd")
-    out, _ = fwd(q.contiguous(), k.contiguous(), v.contiguous(), *layout.kernel_args(), float(scale))
+    if not chosen.strided:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out, _ = fwd(q, k, v, *layout.kernel_args(), float(scale))
     return out

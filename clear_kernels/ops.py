@@ -62,17 +62,20 @@ def define_pair(prefix: str) -> tuple[str, str]:
     return f"{NAMESPACE}::{fwd}", f"{NAMESPACE}::{bwd}"
 
 
+# Outputs are contiguous [B, H, L, D] whatever the strides of the inputs (backends that take strided inputs
+# still write contiguous results).
 def _fake_fwd(q, k, v, *rest):
     batch, heads, length, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads, length), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=torch.float32)
 
 
 def _fake_bwd(grad_out, q, k, v, out, lse, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def register_pair(prefix: str) -> None:
-    """Fake implementations and autograd for an op pair whose schemas exist (Python- or C++-defined)."""
+def register_pair(prefix: str, contiguous_grad: bool = True) -> None:
+    """Fake implementations and autograd for an op pair whose schemas exist (Python- or C++-defined).
+    ``contiguous_grad=False``: the backward op takes the output gradient with any strides."""
     fwd_name, bwd_name = f"{NAMESPACE}::{prefix}_fwd", f"{NAMESPACE}::{prefix}_bwd"
     bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_bwd").default
     torch.library.register_fake(fwd_name, _fake_fwd, lib=_library)
@@ -87,7 +90,8 @@ def register_pair(prefix: str) -> None:
     def backward(ctx, grad_out, grad_lse):
         # lse is an auxiliary output for the backward pass; nothing differentiable depends on it.
         q, k, v, out, lse, *layout = ctx.saved_tensors
-        grad_q, grad_k, grad_v = bwd_op(grad_out.contiguous(), q, k, v, out, lse, *layout, ctx.scale)
+        grad_out = grad_out.contiguous() if contiguous_grad else grad_out
+        grad_q, grad_k, grad_v = bwd_op(grad_out, q, k, v, out, lse, *layout, ctx.scale)
         return (grad_q, grad_k, grad_v) + (None,) * (NUM_LAYOUT_TENSORS + 1)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context, lib=_library)
