@@ -313,7 +313,8 @@ def test_kernels_compile_without_spills(tmp_path):
                            for dt in (torch.bfloat16, torch.float32))
             assert len(rows) == 2 * expected
         spilled = [(r["arch"], r["kernel"], r["dtype"], r["head_dim"], r["config"], r["num_warps"], r["stack_bytes"])
-                   for r in rows if r["stack_bytes"] or r["local_bytes"]]
+                   for r in rows if (r["stack_bytes"] or 0) + (r["local_bytes"] or 0)
+                   > common.KNOWN_SPILLS.get((r["kernel"], r["dtype"], r["arch"]), 0)]
         assert not spilled, f"register spills: {spilled}"
 
 

@@ -79,15 +79,19 @@ def _shape(config) -> tuple[int, int, int, int]:
 # operand kind (float32 or half), measured by compiling every config of TILE_CONFIGS for sm_90 and sm_80 at
 # D = 96 (padded 128) with bench/triton_compile_report.py --every-config. float32 runs its dots as exact FMAs
 # (no tensor cores), which takes far more registers; the fused backward holds seven tiles of the program's own
-# rows (q, k, v, dO and the three gradient accumulators) next to the chunk's five.
-# tests/test_triton_kernel.py::test_kernels_compile_without_spills compiles every kept config again.
+# rows (q, k, v, dO and the three gradient accumulators) next to the chunk's five. The float32 backward has no
+# spill-free config on sm_80 (48 B of stack per thread in the one listed; 16 warps still spill 32 B): the known
+# exception, bounded by KNOWN_SPILLS. tests/test_triton_kernel.py::test_kernels_compile_without_spills compiles
+# every kept config again.
 SPILL_FREE = {
-    ("_fwd", False): {_shape(c) for c in TILE_CONFIGS},
+    ("_fwd", False): {_shape(c) for c in TILE_CONFIGS} - {(64, 64, 8, 2)},  # 64x64 spills on sm_80
     ("_fwd", True): {(16, 16, 8, 1)},
     ("_bwd", False): {(16, 16, 4, 1), (16, 16, 8, 1)},
     ("_bwd", True): {(16, 16, 8, 1)},
 }
 SPILL_FREE_MAX_BLOCK_D = 128
+# (kernel, dtype name, arch): the most stack bytes per thread the compile report may show there.
+KNOWN_SPILLS = {("bwd", "float32", 80): 48}
 
 
 def tuned_configs(kernel_name: str, head_dim: int, dtype: torch.dtype) -> list:
