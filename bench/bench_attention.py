@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -206,7 +207,9 @@ def make_flex(block_size: int) -> Maker:
                                            device=str(q.device), BLOCK_SIZE=block_size)
             _sync(q.device.type)
             mask_ms = (time.perf_counter() - start) * 1e3
-            options = {} if block_size == 128 else {"kernel_options": {"BLOCK_M": block_size, "BLOCK_N": block_size}}
+            # Kernel tiles no larger than the mask's blocks (forward: BLOCK_M/N; backward: BLOCK_M1/N1/M2/N2).
+            tiles = {k: block_size for k in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+            options = {} if block_size == 128 else {"kernel_options": tiles}
             fn = lambda q, k, v: _FLEX_COMPILED(q, k, v, block_mask=block_mask, **options)  # noqa: E731
             with torch.no_grad():
                 fn(q, q, q)  # compile now, so a failure is reported here and not timed
@@ -217,14 +220,16 @@ def make_flex(block_size: int) -> Maker:
 
 
 FLEX_SMALLER = (64, 32)  # the smaller block sizes tried for "flex[<128]" (the best one is kept)
+FLEX_SMALLER_MUST_SHOW = (64,)  # the GPU check's time budget holds one more FlexAttention compile per shape
 
 
-def implementations(device: str, backends: list[str], flex: bool = True) -> dict[str, Maker]:
+def implementations(device: str, backends: list[str], flex: bool = True,
+                    flex_smaller: tuple = FLEX_SMALLER) -> dict[str, Maker]:
     impls: dict[str, Maker] = {f"segment[{name}]": make_segment(name) for name in backends}
     impls["dense_sdpa"] = make_dense
     if flex:
         impls["flex[128]"] = make_flex(128)
-        for size in FLEX_SMALLER:
+        for size in flex_smaller:
             impls[f"flex[{size}]"] = make_flex(size)
     impls["reshape"] = make_reshape
     if device == "cuda":
@@ -259,12 +264,7 @@ def measure_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
     import torch.utils.benchmark as benchmark
     fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-    return statistics_median([timer.timeit(1).median for _ in range(repeats)]) * 1e3
-
-
-def statistics_median(values: list[float]) -> float:
-    import statistics
-    return statistics.median(values)
+    return statistics.median(timer.timeit(1).median for _ in range(repeats)) * 1e3
 
 
 def graph_ms(fn: Callable[[], object], repeats: int) -> Optional[float]:
@@ -397,8 +397,14 @@ def profile_table(case: Case, impls: dict[str, Maker], names: list[str], dtype: 
             for _ in range(3):
                 fwd_bwd()
             torch.cuda.synchronize()
-        sort = "self_cuda_time_total"
-        table_text = prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=70)
+        averages = prof.key_averages()
+        table_text = "(the profiler reported no sortable device times)"
+        for sort in ("self_device_time_total", "self_cuda_time_total"):  # the name changed across torch versions
+            try:
+                table_text = averages.table(sort_by=sort, row_limit=12, max_name_column_width=70)
+                break
+            except (KeyError, AttributeError, ValueError):
+                continue
         parts.append(f"### {name}: {case.name}, 3 x forward+backward\n\n```\n{table_text}\n```\n")
     return "\n".join(parts)
 
@@ -575,7 +581,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     device, dtype = args.device, getattr(torch, args.dtype)
     backends = args.backends or (["cpu"] if device == "cpu" else ["triton", "cuda"])
     repeats = args.repeats or (3 if args.quick or args.tiny else 9)
-    impls = implementations(device, backends, flex=not args.no_flex)
+    impls = implementations(device, backends, flex=not args.no_flex,
+                            flex_smaller=FLEX_SMALLER_MUST_SHOW if args.must_show else FLEX_SMALLER)
     info = machine_info(device)
     print(f"# {machine_name(info)} | {info['threads']} threads | torch {info['torch']} | triton {info['triton']} | "
           f"{args.dtype} | commit {info['git_commit'][:10]}{' (dirty)' if info['git_dirty'] else ''}", flush=True)
@@ -584,28 +591,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     keep = lambda case: ((args.only is None or args.only in case.name)  # noqa: E731
                          and (not args.must_show or case.must_show))
     all_cases = list(filter(keep, cases(device, args.quick, args.tiny)))
-    rows: list[dict] = []
-    for case in (c for c in all_cases if not c.sweep):
-        rows += run_case(case, impls, device, dtype, repeats, bandwidth)
-    sweep_rows: list[dict] = []
-    if not (args.no_sweep or args.must_show):
-        for case in (c for c in all_cases if c.sweep):
-            sweep_rows += run_case(case, impls, device, dtype, repeats, bandwidth)
-
-    payload = {"machine": info, "dtype": args.dtype, "repeats": repeats, "quick": args.quick,
-               "copy_bandwidth_gbs": bandwidth, "results": rows, "sweep": sweep_rows,
-               "triton_configs": triton_configs()}
-    if args.profile and device == "cuda" and all_cases:
-        payload["profile"] = profile_table(all_cases[0], impls, [f"segment[{b}]" for b in backends] + ["dense_sdpa"],
-                                           dtype)
-    print()
-    print(table(rows + sweep_rows))
     default_stem = f"attention_{device}_{args.dtype}{'_quick' if args.quick else ''}{'_tiny' if args.tiny else ''}"
     stem = args.out or default_stem
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown_report(payload))
+    rows: list[dict] = []
+    sweep_rows: list[dict] = []
+    payload = {"machine": info, "dtype": args.dtype, "repeats": repeats, "quick": args.quick,
+               "copy_bandwidth_gbs": bandwidth, "results": rows, "sweep": sweep_rows, "complete": False}
+
+    def save() -> None:
+        # After every case: a run cut short by a timeout still leaves what it measured.
+        payload["triton_configs"] = triton_configs()
+        (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+        (out_dir / f"{stem}.md").write_text(markdown_report(payload))
+
+    for case in (c for c in all_cases if not c.sweep):
+        rows += run_case(case, impls, device, dtype, repeats, bandwidth)
+        save()
+    if not (args.no_sweep or args.must_show):
+        for case in (c for c in all_cases if c.sweep):
+            sweep_rows += run_case(case, impls, device, dtype, repeats, bandwidth)
+            save()
+    if args.profile and device == "cuda" and all_cases:
+        payload["profile"] = profile_table(all_cases[0], impls, [f"segment[{b}]" for b in backends] + ["dense_sdpa"],
+                                           dtype)
+    payload["complete"] = True
+    save()
+    print()
+    print(table(rows + sweep_rows))
     if sweep_rows:
         plot(sweep_rows, out_dir / f"{stem}.png",
              f"B={sweep_rows[0]['batch']}, H=8, D=96, {args.dtype}, {info['threads']} threads, {machine_name(info)}")

@@ -177,7 +177,8 @@ def summarize(steps_file: Path, out_dir: Path) -> int:
     lines = [f"# GPU check: {summary['result']} ({summary['total_seconds']} s)", "",
              f"tests: {total['passed']} passed, {total['failures']} failed, {total['errors']} errors, "
              f"{total['skipped']} skipped", "",
-             "| step | status | exit | s | passed | failed | errors | skipped | problem |", "|---|---|---|---|---|---|---|---|---|"]
+             "| step | status | exit | s | passed | failed | errors | skipped | problem |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in steps:
         lines.append(f"| {s['step']} | {s['status']} | {s['exit_code']} | {s['seconds']} | {s.get('passed', '')} | "
                      f"{s.get('failures', '')} | {s.get('errors', '')} | {s.get('skipped', '')} | "

@@ -80,11 +80,16 @@ start=$(date +%s)
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(uname -n)  $(uname -srm)  cores: $NPROC"
   echo "mode: $([ "$DRY" = 1 ] && echo 'dry run (CPU, Triton interpreter)' || echo GPU)"
   "$PY" --version
-  timeout 60 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| GPUs',
-[torch.cuda.get_device_name(i) + ' sm_%d%d' % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())])"
+  timeout 60 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| GPUs', [
+    torch.cuda.get_device_name(i) + ' sm_%d%d' % torch.cuda.get_device_capability(i)
+    for i in range(torch.cuda.device_count())])"
   timeout 60 "$PY" -c "import triton; print('triton', triton.__version__)"
   for tool in nvcc ninja g++; do
-    if command -v "$tool" > /dev/null; then echo "$tool: $("$tool" --version | grep -m1 -iE 'release|[0-9]\.[0-9]')"; else echo "$tool: not found"; fi
+    if command -v "$tool" > /dev/null; then
+      echo "$tool: $("$tool" --version | grep -m1 -iE 'release|[0-9]\.[0-9]')"
+    else
+      echo "$tool: not found"
+    fi
   done
   if command -v nvidia-smi > /dev/null; then timeout 30 nvidia-smi; else echo "nvidia-smi: not found"; fi
 } > "$OUT/environment.txt" 2>&1

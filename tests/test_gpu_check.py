@@ -68,7 +68,8 @@ def _junit(path: Path, tests: int, failures: int = 0, skipped: int = 0) -> str:
 def test_summary_never_trusts_the_exit_code(tmp_path, rows, result):
     reports = {"ok": _junit(tmp_path / "ok.xml", 3), "all_skipped": _junit(tmp_path / "s.xml", 3, skipped=3),
                "missing": str(tmp_path / "missing.xml"), "none_ran": _junit(tmp_path / "n.xml", 0),
-               "failed": _junit(tmp_path / "f.xml", 3, failures=1), "one_skip": _junit(tmp_path / "o.xml", 3, skipped=1),
+               "failed": _junit(tmp_path / "f.xml", 3, failures=1),
+               "one_skip": _junit(tmp_path / "o.xml", 3, skipped=1),
                "-": "-"}
     steps = tmp_path / "steps.tsv"
     steps.write_text("".join(f"{name}\t{rc}\t1\t{reports[junit]}\t{allowed}\n" for name, rc, junit, allowed in rows))
