@@ -124,7 +124,7 @@ if [ "$DRY" = 1 ]; then
 else
   SMOKE_ARGS=()
   TRITON_TESTS=(tests/test_triton_kernel.py -m gpu)
-  CONFIG_TESTS=(tests/test_triton_configs.py -m gpu)
+  CONFIG_TESTS=(tests/test_triton_configs.py)  # every config (either device) and the autotuner (GPU)
   CUDA_TESTS=(tests/test_cuda_kernel.py)
   BENCH_ARGS=(--device cuda --dtype bfloat16 --must-show --profile)
   PYTEST_N=(-n "$WORKERS" --timeout=110)  # pytest-xdist, pytest-timeout: a hung test still leaves a report
