@@ -35,7 +35,8 @@ from clear_kernels.triton_kernels import backward, common, forward  # noqa: E402
 
 DATA_PTRS = {"Q", "K", "V", "Out", "GradOut", "GradQ", "GradK", "GradV"}
 STAT_PTRS = {"Lse", "Delta"}
-INT_ARGS = {"L", "H", "NUM_GROUPS", "MAX_SUMMARY", "BUCKET", "sqb", "sqh", "sql", "sgb", "sgh", "sgl"}
+INT_ARGS = {"L", "H", "NUM_GROUPS", "MAX_SUMMARY", "BUCKET", "sqb", "sqh", "sql", "sgb", "sgh", "sgl", "sob", "soh",
+            "sol"}
 FLOAT_ARGS = {"scale", "qk_scale"}
 TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 

@@ -62,8 +62,8 @@ def define_pair(prefix: str) -> tuple[str, str]:
     return f"{NAMESPACE}::{fwd}", f"{NAMESPACE}::{bwd}"
 
 
-# Outputs are contiguous [B, H, L, D] whatever the strides of the inputs (backends that take strided inputs
-# still write contiguous results).
+# Outputs are contiguous [B, H, L, D] whatever the strides of the inputs, unless a backend registers its own
+# output layout (``register_pair(out_like=...)``).
 def _fake_fwd(q, k, v, *rest):
     batch, heads, length, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=torch.float32)
@@ -73,12 +73,17 @@ def _fake_bwd(grad_out, q, k, v, out, lse, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def register_pair(prefix: str, contiguous_grad: bool = True) -> None:
+def register_pair(prefix: str, contiguous_grad: bool = True, out_like=None) -> None:
     """Fake implementations and autograd for an op pair whose schemas exist (Python- or C++-defined).
-    ``contiguous_grad=False``: the backward op takes the output gradient with any strides."""
+    ``contiguous_grad=False``: the backward op takes the output gradient with any strides. ``out_like(q)``: the
+    empty output of a forward whose output is not contiguous (its fake must have the same strides)."""
     fwd_name, bwd_name = f"{NAMESPACE}::{prefix}_fwd", f"{NAMESPACE}::{prefix}_bwd"
     bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_bwd").default
-    torch.library.register_fake(fwd_name, _fake_fwd, lib=_library)
+    fake_fwd = _fake_fwd
+    if out_like is not None:
+        def fake_fwd(q, k, v, *rest):
+            return out_like(q), _fake_fwd(q, k, v, *rest)[1]
+    torch.library.register_fake(fwd_name, fake_fwd, lib=_library)
     torch.library.register_fake(bwd_name, _fake_bwd, lib=_library)
 
     def setup_context(ctx, inputs, output):

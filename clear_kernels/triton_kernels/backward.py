@@ -42,12 +42,12 @@ def _both_ways(q, k, v, do, delta, lse2, q_n, k_n, v_n, do_n, delta_n, lse2_n, a
 
 
 @triton.jit
-def _load_grad_rows(GradOut, Out, Lse, go_base, out_base, lse_base, rows, ok, offs_d, d_ok, sgl,
-                    D: tl.constexpr, F32: tl.constexpr):
+def _load_grad_rows(GradOut, Out, Lse, go_base, o_base, lse_base, rows, ok, offs_d, d_ok, sgl, sol,
+                    F32: tl.constexpr):
     """dO rows, their delta (float32, from O in its stored precision, as the op's output was rounded) and
     their logsumexp in the log2 domain."""
     do = load_rows(GradOut + go_base, rows, ok, offs_d, d_ok, sgl, F32)
-    o = load_rows(Out + out_base, rows, ok, offs_d, d_ok, D, True)
+    o = load_rows(Out + o_base, rows, ok, offs_d, d_ok, sol, True)
     delta = tl.sum(do.to(tl.float32) * o, 1)
     lse2 = tl.load(Lse + lse_base + rows, mask=ok, other=0.0) * LOG2E
     return do, delta, lse2
@@ -55,7 +55,8 @@ def _load_grad_rows(GradOut, Out, Lse, go_base, out_base, lse_base, rows, ok, of
 
 @triton.jit
 def _summary_grads(Q, K, V, Out, GradOut, Lse, GradQ, GradK, GradV, Grp, GrpIdx, GrpOff, SumIdx, i, b,
-                   in_base, go_base, out_base, lse_base, sql, sgl, L, NUM_GROUPS, MAX_SUMMARY, scale, qk_scale,
+                   in_base, go_base, o_base, grad_base, lse_base, sql, sgl, sol, L, NUM_GROUPS, MAX_SUMMARY, scale,
+                   qk_scale,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     row_base = b.to(tl.int64) * L
     pos = tl.load(SumIdx + b * MAX_SUMMARY + i)
@@ -69,7 +70,7 @@ def _summary_grads(Q, K, V, Out, GradOut, Lse, GradQ, GradK, GradV, Grp, GrpIdx,
     k_s = tl.load(K + in_base + own, mask=d_ok, other=0.0).to(tl.float32)
     v_s = tl.load(V + in_base + own, mask=d_ok, other=0.0).to(tl.float32)
     do_s = tl.load(GradOut + go_base + pos * sgl + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    o_s = tl.load(Out + out_base + pos * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    o_s = tl.load(Out + o_base + pos * sol + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     delta_s = tl.sum(do_s * o_s, 0)
     lse2_s = tl.load(Lse + lse_base + pos) * LOG2E
     # Each chunk is reduced to one row before it is added: few registers, and a fixed order of sums.
@@ -88,13 +89,13 @@ def _summary_grads(Q, K, V, Out, GradOut, Lse, GradQ, GradK, GradV, Grp, GrpIdx,
         dq += tl.sum(ds[:, None] * k, 0)
         # The group's tokens as queries, the summary token as their key.
         q = load_rows(Q + in_base, tok, j_ok, offs_d, d_ok, sql, True)
-        do, delta, lse2 = _load_grad_rows(GradOut, Out, Lse, go_base, out_base, lse_base, tok, j_ok, offs_d,
-                                          d_ok, sgl, D, True)
+        do, delta, lse2 = _load_grad_rows(GradOut, Out, Lse, go_base, o_base, lse_base, tok, j_ok, offs_d,
+                                          d_ok, sgl, sol, True)
         p_t = tl.where(j_ok, tl.exp2(tl.sum(q * k_s[None, :], 1) * qk_scale - lse2), 0.0)
         dv += tl.sum(p_t[:, None] * do, 0)
         ds_t = p_t * (tl.sum(do * v_s[None, :], 1) - delta)
         dk += tl.sum(ds_t[:, None] * q, 0)
-    dst = out_base + pos * D + offs_d
+    dst = grad_base + pos * D + offs_d
     tl.store(GradQ + dst, (dq * scale).to(GradQ.dtype.element_ty), mask=d_ok)
     tl.store(GradK + dst, (dk * scale).to(GradK.dtype.element_ty), mask=d_ok)
     tl.store(GradV + dst, dv.to(GradV.dtype.element_ty), mask=d_ok)
@@ -103,25 +104,26 @@ def _summary_grads(Q, K, V, Out, GradOut, Lse, GradQ, GradK, GradV, Grp, GrpIdx,
 @kernel(TILE_CONFIGS)
 def _bwd(
     Q, K, V, Out, GradOut, Lse, GradQ, GradK, GradV, Seg, Grp, SegStart, SegEnd, GrpIdx, GrpOff, SumIdx, SumOff,
-    sqb, sqh, sql, sgb, sgh, sgl,
+    sqb, sqh, sql, sgb, sgh, sgl, sob, soh, sol,
     L, H, NUM_GROUPS, MAX_SUMMARY, BUCKET, scale, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``Q``, ``K``, ``V`` share the strides ``(sqb, sqh, sql)``, ``GradOut`` has ``(sgb, sgh, sgl)`` (unit
-    stride along D for both); ``Out``, ``Lse`` and the gradients are contiguous."""
+    """``Q``, ``K``, ``V`` share the strides ``(sqb, sqh, sql)``, ``GradOut`` has ``(sgb, sgh, sgl)``, ``Out``
+    ``(sob, soh, sol)`` (unit stride along D for all); ``Lse`` and the gradients are contiguous."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b.to(tl.int64) * H + h
     in_base = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     go_base = b.to(tl.int64) * sgb + h.to(tl.int64) * sgh
-    out_base = bh * L * D
+    o_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    grad_base = bh * L * D
     lse_base = bh * L
     if pid < MAX_SUMMARY:
         if pid < tl.load(SumOff + b * (NUM_GROUPS + 1) + NUM_GROUPS):
             _summary_grads(Q, K, V, Out, GradOut, Lse, GradQ, GradK, GradV, Grp, GrpIdx, GrpOff, SumIdx, pid, b,
-                           in_base, go_base, out_base, lse_base, sql, sgl, L, NUM_GROUPS, MAX_SUMMARY, scale,
-                           qk_scale, D, BLOCK_D, BLOCK_N)
+                           in_base, go_base, o_base, grad_base, lse_base, sql, sgl, sol, L, NUM_GROUPS, MAX_SUMMARY,
+                           scale, qk_scale, D, BLOCK_D, BLOCK_N)
     else:
         row_base = b.to(tl.int64) * L
         offs_m = (pid - MAX_SUMMARY) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,8 +136,8 @@ def _bwd(
         q = load_rows(Q + in_base, m_safe, m_ok, offs_d, d_ok, sql, F32)
         k = load_rows(K + in_base, m_safe, m_ok, offs_d, d_ok, sql, F32)
         v = load_rows(V + in_base, m_safe, m_ok, offs_d, d_ok, sql, F32)
-        do, delta, lse2 = _load_grad_rows(GradOut, Out, Lse, go_base, out_base, lse_base, m_safe, m_ok, offs_d,
-                                          d_ok, sgl, D, F32)
+        do, delta, lse2 = _load_grad_rows(GradOut, Out, Lse, go_base, o_base, lse_base, m_safe, m_ok, offs_d,
+                                          d_ok, sgl, sol, F32)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -149,8 +151,8 @@ def _bwd(
             q_n = load_rows(Q + in_base, n_safe, n_ok, offs_d, d_ok, sql, F32)
             k_n = load_rows(K + in_base, n_safe, n_ok, offs_d, d_ok, sql, F32)
             v_n = load_rows(V + in_base, n_safe, n_ok, offs_d, d_ok, sql, F32)
-            do_n, delta_n, lse2_n = _load_grad_rows(GradOut, Out, Lse, go_base, out_base, lse_base, n_safe, n_ok,
-                                                    offs_d, d_ok, sgl, D, F32)
+            do_n, delta_n, lse2_n = _load_grad_rows(GradOut, Out, Lse, go_base, o_base, lse_base, n_safe, n_ok,
+                                                    offs_d, d_ok, sgl, sol, F32)
             allowed = m_is_seg[:, None] & (seg_m[:, None] == seg_n[None, :])
             dq, dk, dv = _both_ways(q, k, v, do, delta, lse2, q_n, k_n, v_n, do_n, delta_n, lse2_n, allowed,
                                     dq, dk, dv, qk_scale, F32)
@@ -163,14 +165,14 @@ def _bwd(
             q_n = load_rows(Q + in_base, pos, j_ok, offs_d, d_ok, sql, F32)
             k_n = load_rows(K + in_base, pos, j_ok, offs_d, d_ok, sql, F32)
             v_n = load_rows(V + in_base, pos, j_ok, offs_d, d_ok, sql, F32)
-            do_n, delta_n, lse2_n = _load_grad_rows(GradOut, Out, Lse, go_base, out_base, lse_base, pos, j_ok,
-                                                    offs_d, d_ok, sgl, D, F32)
+            do_n, delta_n, lse2_n = _load_grad_rows(GradOut, Out, Lse, go_base, o_base, lse_base, pos, j_ok,
+                                                    offs_d, d_ok, sgl, sol, F32)
             allowed = m_is_seg[:, None] & (grp_m[:, None] == grp_n[None, :]) & j_ok[None, :]
             dq, dk, dv = _both_ways(q, k, v, do, delta, lse2, q_n, k_n, v_n, do_n, delta_n, lse2_n, allowed,
                                     dq, dk, dv, qk_scale, F32)
 
         write = m_ok & (seg_m != SUMMARY)
-        dst = out_base + m_safe[:, None] * D + offs_d[None, :]
+        dst = grad_base + m_safe[:, None] * D + offs_d[None, :]
         mask = write[:, None] & d_ok[None, :]
         tl.store(GradQ + dst, (dq * scale).to(GradQ.dtype.element_ty), mask=mask)
         tl.store(GradK + dst, (dk * scale).to(GradK.dtype.element_ty), mask=mask)
@@ -179,16 +181,16 @@ def _bwd(
 
 def segment_attention_backward(grad_out, q, k, v, out, lse, segment, group, seg_start, seg_end, group_index,
                                group_offsets, summary_index, summary_offsets, scale: float):
-    """Launch the backward kernel: ``(dq, dk, dv)`` per the op contract (contiguous, like the forward's out).
-    ``q``, ``k``, ``v`` share strides and ``grad_out`` may have its own (unit stride along D for both)."""
+    """Launch the backward kernel: ``(dq, dk, dv)`` per the op contract (contiguous). ``q``, ``k``, ``v`` share
+    strides; ``grad_out`` and ``out`` may have their own (unit stride along D for all)."""
     batch, heads, length, head_dim = q.shape
     grad_q, grad_k, grad_v = (ops.new_output(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     if q.numel() == 0:
         return grad_q, grad_k, grad_v
     launch(_bwd, q, summary_index.shape[1],
-           (q, k, v, out.contiguous(), grad_out, lse.contiguous(), grad_q, grad_k, grad_v, segment, group,
+           (q, k, v, out, grad_out, lse.contiguous(), grad_q, grad_k, grad_v, segment, group,
             seg_start, seg_end, group_index, group_offsets, summary_index_arg(summary_index), summary_offsets,
-            *q.stride()[:3], *grad_out.stride()[:3]),
+            *q.stride()[:3], *grad_out.stride()[:3], *out.stride()[:3]),
            dict(L=length, H=heads, NUM_GROUPS=group_offsets.shape[1] - 1, MAX_SUMMARY=summary_index.shape[1],
                 scale=float(scale), qk_scale=float(scale) * LOG2E.value, D=head_dim, BLOCK_D=block_d(head_dim)))
     return grad_q, grad_k, grad_v

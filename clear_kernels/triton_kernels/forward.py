@@ -34,7 +34,7 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, F32: tl.cons
 
 
 @triton.jit
-def _summary_row(Q, K, V, Out, Lse, Grp, GrpIdx, GrpOff, SumIdx, i, b, lse_base, out_base, in_base, sql,
+def _summary_row(Q, K, V, Out, Lse, Grp, GrpIdx, GrpOff, SumIdx, i, b, lse_base, out_base, in_base, sql, sol,
                  L, NUM_GROUPS, MAX_SUMMARY, qk_scale,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Summary slot ``i`` of batch row ``b``: its query attends every token of its group, walked in ``BLOCK_N``
@@ -65,30 +65,31 @@ def _summary_row(Q, K, V, Out, Lse, Grp, GrpIdx, GrpOff, SumIdx, i, b, lse_base,
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new
-    tl.store(Out + out_base + pos * D + offs_d, (acc / l_i).to(Out.dtype.element_ty), mask=d_ok)
+    tl.store(Out + out_base + pos * sol + offs_d, (acc / l_i).to(Out.dtype.element_ty), mask=d_ok)
     tl.store(Lse + lse_base + pos, (m_i + tl.log2(l_i)) * LN2)
 
 
 @kernel(TILE_CONFIGS)
 def _fwd(
     Q, K, V, Out, Lse, Seg, Grp, SegStart, SegEnd, GrpIdx, GrpOff, SumIdx, SumOff,
-    sqb, sqh, sql,
+    sqb, sqh, sql, sob, soh, sol,
     L, H, NUM_GROUPS, MAX_SUMMARY, BUCKET, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``Q``, ``K``, ``V`` share the strides ``(sqb, sqh, sql)`` (unit stride along D); ``Out`` and ``Lse`` are
-    contiguous. ``BUCKET`` is only read by the autotuner (its key), never by the kernel."""
+    """``Q``, ``K``, ``V`` share the strides ``(sqb, sqh, sql)``, ``Out`` has ``(sob, soh, sol)`` (unit stride
+    along D for both); ``Lse`` is contiguous. ``BUCKET`` is only read by the autotuner (its key), never by the
+    kernel."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b.to(tl.int64) * H + h
     in_base = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    out_base = bh * L * D
+    out_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh
     lse_base = bh * L
     if pid < MAX_SUMMARY:
         if pid < tl.load(SumOff + b * (NUM_GROUPS + 1) + NUM_GROUPS):
             _summary_row(Q, K, V, Out, Lse, Grp, GrpIdx, GrpOff, SumIdx, pid, b, lse_base, out_base, in_base, sql,
-                         L, NUM_GROUPS, MAX_SUMMARY, qk_scale, D, BLOCK_D, BLOCK_N)
+                         sol, L, NUM_GROUPS, MAX_SUMMARY, qk_scale, D, BLOCK_D, BLOCK_N)
     else:
         row_base = b.to(tl.int64) * L
         offs_m = (pid - MAX_SUMMARY) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -129,9 +130,15 @@ def _fwd(
         out = acc / l_safe[:, None]
         lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, 0.0)
         write = m_ok & (seg_q != SUMMARY)
-        tl.store(Out + out_base + m_safe[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
+        tl.store(Out + out_base + m_safe[:, None] * sol + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=write[:, None] & d_ok[None, :])
         tl.store(Lse + lse_base + m_safe, lse, mask=write)
+
+
+def out_like(q: torch.Tensor) -> torch.Tensor:
+    """The op's output for ``q``: ``[B, H, L, D]`` with the memory of ``[B, L, H, D]`` (like flash attention's)."""
+    batch, heads, length, head_dim = q.shape
+    return ops.new_output((batch, length, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
 def summary_index_arg(summary_index: torch.Tensor) -> torch.Tensor:
@@ -145,15 +152,16 @@ def summary_index_arg(summary_index: torch.Tensor) -> torch.Tensor:
 def segment_attention_forward(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets,
                               summary_index, summary_offsets, scale: float):
     """Launch the forward kernel: ``(out, lse)`` per the op contract. ``q``, ``k``, ``v`` must share strides with
-    unit stride along D (see ``common.shared_strides``); ``out`` is contiguous."""
+    unit stride along D (see ``common.shared_strides``). ``out`` is the ``[B, H, L, D]`` view of a ``[B, L, H, D]``
+    tensor (``out_like``), so merging the heads after attention, as every multi-head module does, is free."""
     batch, heads, length, head_dim = q.shape
-    out = ops.new_output(q.shape, dtype=q.dtype, device=q.device)
+    out = out_like(q)
     lse = ops.new_output((batch, heads, length), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.zero_()
     launch(_fwd, q, summary_index.shape[1],
            (q, k, v, out, lse, segment, group, seg_start, seg_end, group_index, group_offsets,
-            summary_index_arg(summary_index), summary_offsets, *q.stride()[:3]),
+            summary_index_arg(summary_index), summary_offsets, *q.stride()[:3], *out.stride()[:3]),
            dict(L=length, H=heads, NUM_GROUPS=group_offsets.shape[1] - 1, MAX_SUMMARY=summary_index.shape[1],
                 qk_scale=float(scale) * LOG2E.value, D=head_dim, BLOCK_D=block_d(head_dim)))
     return out, lse

@@ -15,7 +15,7 @@ import torch
 from .. import dispatch, ops
 from .backward import segment_attention_backward
 from .common import INTERPRET, shared_strides, unit_stride
-from .forward import segment_attention_forward
+from .forward import out_like, segment_attention_forward
 
 FWD, BWD = ops.define_pair("triton")
 
@@ -34,12 +34,12 @@ def _triton_fwd(q, k, v, segment, group, seg_start, seg_end, group_index, group_
 @torch.library.impl(BWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_bwd(grad_out, q, k, v, out, lse, segment, group, seg_start, seg_end, group_index, group_offsets,
                 summary_index, summary_offsets, scale):
-    return segment_attention_backward(unit_stride(grad_out), *shared_strides(q, k, v), out, lse, segment, group,
-                                      seg_start, seg_end, group_index, group_offsets, summary_index,
+    return segment_attention_backward(unit_stride(grad_out), *shared_strides(q, k, v), unit_stride(out), lse,
+                                      segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
                                       summary_offsets, scale)
 
 
-ops.register_pair("triton", contiguous_grad=False)
+ops.register_pair("triton", contiguous_grad=False, out_like=out_like)
 
 
 @functools.lru_cache(maxsize=None)
