@@ -267,14 +267,14 @@ def measure_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
     return statistics.median(timer.timeit(1).median for _ in range(repeats)) * 1e3
 
 
-def graph_ms(fn: Callable[[], object], repeats: int) -> Optional[float]:
-    """Kernel-only time: ``fn`` captured once in a CUDA graph and replayed, so no host work is counted. None
-    where capture is impossible (host synchronisation in ``fn``)."""
+def graph_ms(fn: Callable[[], object], repeats: int) -> tuple[Optional[float], Optional[str]]:
+    """Kernel-only time: ``fn`` captured once in a CUDA graph and replayed, so no host work is counted; or None
+    and the reason capture failed (host synchronisation in ``fn``, say), which goes into the row's note."""
     try:
-        return _do_bench(fn, 0, max(20, 10 * repeats), graph=True)
-    except Exception:  # noqa: BLE001 - an implementation that cannot be captured gets no graph column
+        return _do_bench(fn, 0, max(20, 10 * repeats), graph=True), None
+    except Exception as exc:  # noqa: BLE001 - reported in the note; the other columns stand
         torch.cuda.synchronize()
-        return None
+        return None, f"no CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
 
 def step_functions(forward: Callable, case: Case, device: str, dtype: torch.dtype, seq_len: int):
@@ -334,21 +334,27 @@ def run_case(case: Case, impls: dict[str, Maker], device: str, dtype: torch.dtyp
             entry["note"] = entry["note"] or NOT_THE_SAME_OP[base]
         if forward is not None:
             fwd, fwd_bwd = step_functions(forward, case, device, dtype, layout.seq_len)
+            graph_notes = []
             try:
                 entry["fwd_ms"] = measure_ms(fwd, device, repeats)
                 if device == "cuda":
-                    entry["fwd_graph_ms"] = graph_ms(fwd, repeats)
+                    entry["fwd_graph_ms"], why = graph_ms(fwd, repeats)
+                    graph_notes.append(why)
                 no_bwd = backward_unsupported(impl, device)
                 if no_bwd:
                     entry["note"] = no_bwd
                 else:
                     entry["fwd_bwd_ms"] = measure_ms(fwd_bwd, device, repeats)
                     if device == "cuda":
-                        entry["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, repeats)
+                        entry["fwd_bwd_graph_ms"], why = graph_ms(fwd_bwd, repeats)
+                        graph_notes.append(why)
             except Exception as exc:  # noqa: BLE001 - reported in the table; the other rows still run
                 entry["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 if device == "cuda":
                     torch.cuda.empty_cache()
+            reasons = sorted({why for why in graph_notes if why})
+            if reasons:
+                entry["note"] = "; ".join(([entry["note"]] if entry["note"] else []) + reasons)
         rows.append(entry)
         print(f"  {case.name:34s} {impl:18s} fwd {_fmt(entry['fwd_ms'])} fwd+bwd {_fmt(entry['fwd_bwd_ms'])}"
               f"{'  (' + entry['note'] + ')' if entry['note'] else ''}", flush=True)
