@@ -10,8 +10,8 @@ is small next to what is skipped, and 16/32-wide tiles are the smallest shapes `
 (records of thousands of tokens) simply give longer windows walked by the same loop. The summary keys of a tile are
 the summary tokens of the groups its segment tokens belong to: a contiguous slice of ``summary_index`` walked in
 ``BLOCK_N`` chunks with gathered loads. The autotuner picks among 16/32/64 tiles, only among the configs the
-compile report shows spill-free (``SPILL_FREE``), per head dim, dtype and size class; ``CLEAR_KERNELS_TRITON_AUTOTUNE=0``
-pins one (``PINNED``).
+compile report shows spill-free (``SPILL_FREE``), per head dim, dtype and size class;
+``CLEAR_KERNELS_TRITON_AUTOTUNE=0`` pins one (``PINNED``).
 
 Head dims that are not powers of two (40, 96) are padded to ``BLOCK_D`` inside the kernel: loads and stores carry
 ``offs_d < D`` masks; memory is never padded. Every pointer is formed from a clamped (in-range) index even where the
