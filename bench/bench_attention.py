@@ -592,7 +592,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = machine_info(device)
     print(f"# {machine_name(info)} | {info['threads']} threads | torch {info['torch']} | triton {info['triton']} | "
           f"{args.dtype} | commit {info['git_commit'][:10]}{' (dirty)' if info['git_dirty'] else ''}", flush=True)
-    bandwidth = copy_bandwidth_gbs(device, 16 if args.tiny else 256) if device == "cuda" or args.tiny else None
+    bandwidth = copy_bandwidth_gbs(device, 16 if args.tiny else 256)
 
     keep = lambda case: ((args.only is None or args.only in case.name)  # noqa: E731
                          and (not args.must_show or case.must_show))
