@@ -33,7 +33,7 @@ def native_extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         ext = CUDAExtension(
             "clear_kernels._C", sources,
-            extra_compile_args={"cxx": cxx + ["-DCLEAR_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -1,4 +1,4 @@
-"""Model configuration for CLEAR: one dataclass and named presets (SPEC §3.2)."""
+"""Model configuration for CLEAR: one dataclass and named presets (docs/clear_hug.md, Model)."""
 
 from __future__ import annotations
 

@@ -125,6 +125,7 @@ def plot_reconstructions(model, dataset, path: Path, n: int = 6, seed: int = 0) 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .checkpoint import load_encoder
     from .config import get_config
     from .data.cache import TokenDataset
     from .data.prepare import main as prepare_main
@@ -156,8 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = PretrainArgs(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
                        out_dir=str(out / "pretrain"), resume=False, progress=progress, device=args.device)
     history = pretrain(cfg, splits["train"], run, splits["val"])
-    clear = CLEAR(cfg)
-    clear.load_state_dict(common.load_checkpoint(out / "pretrain" / "last.pt")["model"])
+    clear = load_encoder(out / "pretrain" / "last.pt")
     timings["pretrain_s"] = time.perf_counter() - t0
     print(f"pretrained {args.preset} CLEAR for {args.epochs} epochs in {timings['pretrain_s']:.0f}s: "
           f"val loss {history['epochs'][0].get('val_loss', float('nan')):.3f} -> "
@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = {"args": vars(args), "config": cfg.to_dict(), "class_names": splits["train"].class_names,
               "split_sizes": {s: len(d) for s, d in splits.items()}, "summary": summary, "runs": runs,
               "pretrain_epochs": history["epochs"], "timings": timings, "table": table}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.json").write_text(json.dumps(common.json_safe(result), indent=1, allow_nan=False))
     print(f"wrote {out}/results.json and 3 PNGs in {timings['total_s']:.0f}s "
           f"(prepare {timings['prepare_s']:.0f}s, pretrain {timings['pretrain_s']:.0f}s, "
           f"features {timings['features_s']:.0f}s, heads {timings['heads_s']:.0f}s)")

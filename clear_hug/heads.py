@@ -1,11 +1,14 @@
-"""Downstream heads on the 12 lead summary outputs ``[B, 12, E]`` of the encoder (SPEC §3.3)."""
+"""Downstream heads on the 12 lead summary outputs ``[B, 12, E]`` of the encoder (docs/clear_hug.md, Heads)."""
 
 from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-# Lead order I, II, III, aVR, aVL, aVF, V1-V6 (SPEC §3.1).
+# Lead order I, II, III, aVR, aVL, aVF, V1-V6, the order of every lead axis in the package (data/leads.py).
 LEAD_GROUPS = {"limb": (0, 1, 2), "augmented": (3, 4, 5), "chest": (6, 7, 8, 9, 10, 11)}
 GROUP_PAIRS = ((0, 1), (0, 2), (1, 2))
 FUSIONS = ("mean", "concat")
@@ -73,3 +76,17 @@ class Classifier(nn.Module):
 
     def forward(self, tokens, valid, time) -> torch.Tensor:
         return self.head(self.encoder.forward_features(tokens, valid, time))
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], class_names: Sequence[str],
+                        preprocessing: Optional[dict] = None) -> os.PathLike:
+        """Write ``model.safetensors`` + ``config.json`` (see ``clear_hug.checkpoint.save_pretrained``)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, class_names=class_names, preprocessing=preprocessing)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "Classifier":
+        """The classifier saved by ``save_pretrained`` (no pickle is read); class names: ``load_pretrained_config``."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(directory, kind="classifier")

@@ -1,4 +1,4 @@
-"""CLEAR: a masked autoencoder over heartbeat tokens with conduction-sparse attention (SPEC §3.2).
+"""CLEAR: a masked autoencoder over heartbeat tokens with conduction-sparse attention (docs/clear_hug.md, Model).
 
 Tokens live on a ``[B, leads, beats]`` grid (``tokens [B, leads, beats, 96]``, ``valid``, ``time``). Each block
 runs on a sequence built by ``SegmentLayout.conduction``: the 12 lead summary tokens, then the valid heartbeats in
@@ -8,7 +8,8 @@ decoder's); the decoder's holds every valid heartbeat, masked ones as a learned 
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,19 @@ class CLEAR(nn.Module):
         weight = mask.to(err.dtype)
         loss = (err * weight).sum() / weight.sum().clamp(min=1.0)
         return {"loss": loss, "pred": pred, "target": target, "mask": mask}
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], preprocessing: Optional[dict] = None) -> os.PathLike:
+        """Write ``model.safetensors`` + ``config.json`` (see ``clear_hug.checkpoint.save_pretrained``)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, preprocessing=preprocessing)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "CLEAR":
+        """The encoder saved by ``save_pretrained`` (no pickle is read)."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(directory, kind="clear")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -41,6 +41,27 @@ def _check_inputs(q, k, v, layout) -> None:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}; use layout.to(q.device)")
 
 
+# The kernels compute in float32 below float64, and the GPU ones multiply the scores by scale * log2(e) in float32
+# (softmax in the log2 domain): a larger |scale| is inf there and makes every row NaN. One bound for every backend
+# and dtype. (Scores that overflow for a smaller scale, |scale * q.k| > 3.4e38, are the input's doing and give NaN
+# rows in every backend, as in scaled_dot_product_attention.)
+MAX_ABS_SCALE = torch.finfo(torch.float32).max / math.log2(math.e)
+
+
+def _check_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond float64
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if abs(value) > MAX_ABS_SCALE:
+        raise ValueError(f"scale must be at most {MAX_ABS_SCALE:.4e} in magnitude (float32 max / log2(e): the "
+                         f"kernels compute scale * log2(e) in float32), got {scale!r}")
+
+
 def segment_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,8 +80,8 @@ def segment_attention(
     _check_inputs(q, k, v, layout)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    else:
+        _check_scale(scale)
     chosen = dispatch.select(backend, q)
     fwd = ops.op(chosen.op_prefix, "fwd")
     if not chosen.strided:

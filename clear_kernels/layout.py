@@ -34,6 +34,7 @@ import torch
 
 SUMMARY = -1
 PADDING = -2
+INT32_MAX = 2**31 - 1
 
 _KERNEL_FIELDS = (
     "segment", "group", "seg_start", "seg_end",
@@ -121,8 +122,13 @@ class SegmentLayout:
     ) -> "SegmentLayout":
         """A layout from raw ``[B, L]`` ids (SPEC §2.1). ``group`` defaults to all zeros.
 
-        Summary tokens and padding may stand anywhere; the tokens of each segment must be contiguous. With
-        ``validate`` (the default) the ids are checked, which synchronises with the device once.
+        Summary tokens and padding may stand anywhere; the tokens of each segment must be contiguous. Ids must
+        fit in int32 (they are stored as int32). With ``validate`` (the default) the ids are checked, which
+        synchronises with the device once.
+
+        Group ids are only compared, never counted: when ``num_groups`` (given, or the largest id + 1) exceeds
+        ``L``, each row's group ids are replaced by their rank among that row's distinct ids, which keeps the
+        mask and keeps the per-group tables ``O(B * L)`` (a group id of 2^30 would otherwise cost 4 GiB per row).
         """
         if not isinstance(segment, torch.Tensor):
             raise TypeError(f"segment must be a torch.Tensor, got {type(segment).__name__}")
@@ -141,10 +147,14 @@ class SegmentLayout:
             raise ValueError(f"segment is on {segment.device} but group is on {group.device}")
         if segment.shape[1] == 0:
             raise ValueError("segment must hold at least one token (L >= 1)")
+        if segment.shape[0] == 0:
+            raise ValueError("segment must hold at least one batch element (B >= 1), got shape (0, L)")
         if validate:
             num_groups, max_summary = _validate_ids(segment, group, num_groups, max_summary)
         elif num_groups is None or max_summary is None:
             raise ValueError("from_ids(validate=False) needs num_groups and max_summary")
+        if num_groups > segment.shape[1]:
+            group, num_groups = _group_ranks(segment, group, exact_count=validate)
         segment = segment.to(torch.int32).contiguous()
         # Padding tokens keep group 0 so that every stored group id is in range.
         group = torch.where(segment == PADDING, 0, group.to(torch.int32)).to(torch.int32).contiguous()
@@ -172,6 +182,8 @@ class SegmentLayout:
         if seqlens.dtype.is_floating_point or seqlens.dtype == torch.bool:
             raise TypeError(f"seqlens must be an integer tensor, got {seqlens.dtype}")
         seqlens = seqlens.to(torch.int64)
+        if seqlens.shape[0] == 0:
+            raise ValueError("seqlens must hold at least one batch element (B >= 1), got shape (0, S)")
         if seqlens.device.type == "cpu" and bool((seqlens < 0).any()):
             raise ValueError("seqlens must be >= 0")
         ends = torch.cumsum(seqlens, dim=1)
@@ -229,6 +241,8 @@ class SegmentLayout:
 
     @classmethod
     def _build(cls, segment: torch.Tensor, group: torch.Tensor, num_groups: int, max_summary: int) -> "SegmentLayout":
+        if segment.shape[1] > INT32_MAX:  # positions and run ends (up to L) are int32
+            raise ValueError(f"a layout holds at most 2^31 - 1 tokens per row, got L = {segment.shape[1]}")
         seg_start, seg_end, _ = _runs(segment)
         # Sort keys put padding (and, for the summary list, non-summary tokens) after every real group.
         gkey = torch.where(segment == PADDING, num_groups, group)
@@ -327,10 +341,17 @@ def _validate_ids(
     if bool((seg < PADDING).any()):
         bad = _first_position(seg < PADDING)
         raise ValueError(f"segment ids must be >= -2 (-1 summary, -2 padding); segment[{bad}] = {int(seg[bad])}")
+    # Stored as int32: a larger id would wrap (2^32 + 7 to 7, 2^32 - 1 to a summary token).
+    if bool((seg > INT32_MAX).any()):
+        bad = _first_position(seg > INT32_MAX)
+        raise ValueError(f"segment ids must be < 2^31 (they are stored as int32); segment[{bad}] = {int(seg[bad])}")
     real = seg != PADDING
     if bool((real & (grp < 0)).any()):
         bad = _first_position(real & (grp < 0))
         raise ValueError(f"group ids must be >= 0 for non-padding tokens; group[{bad}] = {int(grp[bad])}")
+    if bool((real & (grp > INT32_MAX)).any()):
+        bad = _first_position(real & (grp > INT32_MAX))
+        raise ValueError(f"group ids must be < 2^31 (they are stored as int32); group[{bad}] = {int(grp[bad])}")
     seen_groups = int(torch.where(real, grp, -1).max()) + 1
     if num_groups is None:
         num_groups = max(seen_groups, 1)
@@ -353,6 +374,20 @@ def _validate_ids(
     elif summaries > max_summary:
         raise ValueError(f"a row holds {summaries} summary tokens, more than max_summary={max_summary}")
     return num_groups, max_summary
+
+
+def _group_ranks(segment: torch.Tensor, group: torch.Tensor, exact_count: bool) -> tuple[torch.Tensor, int]:
+    """Each non-padding token's group id replaced by its rank among the distinct ids of its row (ascending), and
+    the number of groups: the largest rank + 1 with ``exact_count`` (one device synchronisation), else ``L``."""
+    real = segment != PADDING
+    key = torch.where(real, group.to(torch.int64), torch.iinfo(torch.int64).max)  # padding sorts last
+    sorted_key, order = torch.sort(key, dim=1, stable=True)
+    new_id = torch.ones_like(sorted_key, dtype=torch.bool)
+    new_id[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    rank = torch.empty_like(sorted_key).scatter_(1, order, torch.cumsum(new_id, dim=1) - 1)
+    rank = torch.where(real, rank, 0)
+    num_groups = int(rank.max()) + 1 if exact_count else segment.shape[1]
+    return rank, num_groups
 
 
 def _first_position(mask: torch.Tensor) -> tuple[int, int]:

@@ -80,7 +80,7 @@ def cpu_output_cache(release: bool = False) -> dict[str, int]:
     The CPU kernel keeps the memory of its large outputs (``out``, ``dq``, ``dk``, ``dv``; 1 MiB and up) when the
     tensors are freed and reuses it for the next output of the same size: fresh pages from the OS would cost as
     much time to fault in as the attention itself. At most ``CLEAR_KERNELS_CPU_CACHE_MB`` MiB (default 1024, 0
-    turns the cache off) are kept free. Returns ``{"free_bytes", "free_blocks", "live_bytes"}``.
+    turns the cache off; a value whose bytes overflow size_t, 2^44 MiB and up, is an error) are kept free. Returns ``{"free_bytes", "free_blocks", "live_bytes"}``.
     """
     if EXTENSION_ERROR is not None:
         raise RuntimeError(f"clear_kernels: {EXTENSION_ERROR}")

@@ -3,12 +3,16 @@
 Each backend is a pair of ops in the ``clear_kernels`` namespace with the schemas below:
 
 * ``<prefix>_fwd(q, k, v, <layout tensors>, scale) -> (out, lse)``: ``out`` has the dtype of ``q``; ``lse`` is
-  float32 ``[B, H, L]``, the natural-log sum of exp of the scaled scores of each row, and exactly 0 for padding
-  rows (whose output is exactly 0 too).
+  ``[B, H, L]`` in :func:`lse_dtype` (float64 for float64 inputs, else float32), the natural-log sum of exp of
+  the scaled scores of each row, and exactly 0 for padding rows (whose output is exactly 0 too).
 * ``<prefix>_bwd(grad_out, q, k, v, out, lse, <layout tensors>, scale) -> (grad_q, grad_k, grad_v)``.
 
 The layout tensors are :meth:`SegmentLayout.kernel_args`, in that order. Schemas are written out here once; the
 native extension defines the same text in C++ (``csrc/ops.cpp``), and ``opcheck`` in the tests keeps them equal.
+
+The pair is differentiable once, in reverse mode. Double backward (``create_graph=True`` followed by another
+backward) and forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) raise ``NotImplementedError``,
+as the fused kernels of ``scaled_dot_product_attention`` do, instead of returning zeros.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from __future__ import annotations
 import os
 
 import torch
+import torch._library.autograd
+import torch._library.utils
+import torch.autograd.forward_ad as fwAD
 
 NAMESPACE = "clear_kernels"
 
@@ -62,21 +69,62 @@ def define_pair(prefix: str) -> tuple[str, str]:
     return f"{NAMESPACE}::{fwd}", f"{NAMESPACE}::{bwd}"
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved logsumexp for inputs of ``dtype``: float64 keeps float64 gradients float64-exact."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # Outputs are contiguous [B, H, L, D] whatever the strides of the inputs, unless a backend registers its own
 # output layout (``register_pair(out_like=...)``).
 def _fake_fwd(q, k, v, *rest):
     batch, heads, length, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=lse_dtype(q.dtype))
 
 
 def _fake_bwd(grad_out, q, k, v, out, lse, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _refuse_forward_ad(name: str, args) -> None:
+    # Without this, the autograd kernel of torch.library drops the tangents of inputs that do not require grad
+    # and forward mode silently gets a zero (or no) tangent. torch.func.jvp and forward_ad both hand the op
+    # dual tensors of the current forward-AD level.
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and fwAD.unpack_dual(arg).tangent is not None:
+            raise NotImplementedError(
+                f"{name}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported by "
+                "segment_attention; use reverse mode (Tensor.backward, torch.autograd.grad)")
+
+
+def _no_double_backward(name: str):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{name}: double backward is not supported by segment_attention (the gradient of its gradient is not "
+            "implemented, as for the fused kernels of scaled_dot_product_attention); create_graph=True gives "
+            "first derivatives only")
+    return backward
+
+
+def _register_autograd(qualname: str, backward, setup_context) -> None:
+    """``torch.library.register_autograd``, plus a clear error for forward-mode AD (see _refuse_forward_ad)."""
+    op = torch._library.utils.lookup_op(qualname)
+    reverse = torch._library.autograd.make_autograd_impl(op, torch._library.autograd.Info(backward, setup_context))
+
+    def autograd_kernel(keyset, *args):
+        _refuse_forward_ad(qualname, args)
+        return reverse(keyset, *args)
+
+    _library.impl(qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
+
+
 def register_pair(prefix: str, contiguous_grad: bool = True, out_like=None) -> None:
     """Fake implementations and autograd for an op pair whose schemas exist (Python- or C++-defined).
+
+    The backward op gets an autograd formula that raises: with ``create_graph=True`` the first derivatives are
+    computed (and keep a graph), and differentiating them again is a clear error instead of zeros.
     ``contiguous_grad=False``: the backward op takes the output gradient with any strides. ``out_like(q)``: the
-    empty output of a forward whose output is not contiguous (its fake must have the same strides)."""
+    empty output of a forward whose output is not contiguous (its fake must have the same strides).
+    """
     fwd_name, bwd_name = f"{NAMESPACE}::{prefix}_fwd", f"{NAMESPACE}::{prefix}_bwd"
     bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_bwd").default
     fake_fwd = _fake_fwd
@@ -85,6 +133,7 @@ def register_pair(prefix: str, contiguous_grad: bool = True, out_like=None) -> N
             return out_like(q), _fake_fwd(q, k, v, *rest)[1]
     torch.library.register_fake(fwd_name, fake_fwd, lib=_library)
     torch.library.register_fake(bwd_name, _fake_bwd, lib=_library)
+    _register_autograd(bwd_name, _no_double_backward(bwd_name), lambda ctx, inputs, output: None)
 
     def setup_context(ctx, inputs, output):
         q, k, v, *layout, scale = inputs
@@ -99,7 +148,7 @@ def register_pair(prefix: str, contiguous_grad: bool = True, out_like=None) -> N
         grad_q, grad_k, grad_v = bwd_op(grad_out, q, k, v, out, lse, *layout, ctx.scale)
         return (grad_q, grad_k, grad_v) + (None,) * (NUM_LAYOUT_TENSORS + 1)
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context, lib=_library)
+    _register_autograd(fwd_name, backward, setup_context)
 
 
 def op(prefix: str, which: str = "fwd"):

@@ -13,10 +13,37 @@ from . import dispatch, ops
 from .layout import mask_from_ids
 
 
+def allowed_matmul(weights, allowed, x):
+    """``weights @ x`` summed over the allowed pairs only: ``out[i] = sum over allowed j of weights[i, j] * x[j]``.
+
+    A dense matmul also multiplies the pairs the mask forbids, by weight 0, and ``0 * NaN`` or ``0 * inf`` is NaN:
+    a NaN or Inf in a token nobody (or only another segment) attends would spread to every row of the batch
+    element. The kernels never touch those pairs, so the definition must not either. Non-finite entries of ``x``
+    are taken out of the matmul and added back, with IEEE signs, only where an allowed pair meets them (counts
+    of 0/1 matrices, so memory stays ``[B, H, L, L]``; this costs five more matmuls only when ``x`` holds any).
+    """
+    w = torch.where(allowed, weights, torch.zeros_like(weights))
+    finite = torch.isfinite(x)
+    # The shortcut reads a flag on the host; traced (torch.compile) or on meta tensors the general path runs.
+    if not torch.compiler.is_compiling() and x.device.type != "meta" and bool(finite.all()):
+        return torch.matmul(w, x)
+    out = torch.matmul(w, torch.where(finite, x, torch.zeros_like(x)))
+    count = lambda pairs, entries: torch.matmul(pairs.to(x.dtype), entries.to(x.dtype)) > 0
+    w_pos, w_neg, w_zero = allowed & (weights > 0), allowed & (weights < 0), allowed & (weights == 0)
+    x_pos, x_neg = x == float("inf"), x == float("-inf")
+    pos = count(w_pos, x_pos) | count(w_neg, x_neg)  # some allowed product is +inf
+    neg = count(w_pos, x_neg) | count(w_neg, x_pos)
+    nan = count(allowed, torch.isnan(x)) | count(w_zero, x_pos | x_neg) | (pos & neg)
+    out = torch.where(pos, float("inf"), out)
+    out = torch.where(neg, float("-inf"), out)
+    return torch.where(nan, float("nan"), out)
+
+
 def masked_attention(q, k, v, mask, scale):
     """Differentiable dense attention under a bool ``[B, L, L]`` mask; rows with no key give 0, never NaN.
 
-    Returns ``(out, lse)`` with ``out`` in the dtype of ``q`` and ``lse`` float32 (0 on empty rows).
+    Returns ``(out, lse)`` with ``out`` in the dtype of ``q`` and ``lse`` in ``ops.lse_dtype`` (0 on empty rows).
+    Values of tokens a row does not attend never reach that row, not even a NaN (see ``allowed_matmul``).
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
@@ -28,10 +55,10 @@ def masked_attention(q, k, v, mask, scale):
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
     safe_denom = torch.where(has_key, denom, torch.ones_like(denom))
-    out = torch.matmul(weights / safe_denom, v.to(compute))
+    out = allowed_matmul(weights / safe_denom, allowed, v.to(compute))
     out = torch.where(has_key, out, torch.zeros_like(out))
     lse = torch.where(has_key, row_max + torch.log(safe_denom), torch.zeros_like(denom)).squeeze(-1)
-    return out.to(q.dtype), lse.to(torch.float32)
+    return out.to(q.dtype), lse.to(ops.lse_dtype(q.dtype))
 
 
 def segment_attention_reference(q, k, v, layout, scale=None):
@@ -56,15 +83,18 @@ def _reference_bwd(grad_out, q, k, v, out, lse, segment, group, *rest):
     # It is also the plainest statement of the backward every kernel implements.
     scale = rest[-1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # Only allowed pairs are combined (where / allowed_matmul), so a NaN in a token a row does not attend stays
+    # out of that row's gradients, as in the kernels.
     q_, k_, v_, o_, do_ = (t.to(compute) for t in (q, k, v, out, grad_out))
     allowed = mask_from_ids(segment, group)[:, None]
+    allowed_t = allowed.transpose(-1, -2)
     scores = torch.matmul(q_, k_.transpose(-1, -2)) * scale
     probs = torch.where(allowed, torch.exp(scores - lse.to(compute)[..., None]), torch.zeros_like(scores))
-    grad_v = torch.matmul(probs.transpose(-1, -2), do_)
+    grad_v = allowed_matmul(probs.transpose(-1, -2), allowed_t, do_)
     delta = (do_ * o_).sum(-1, keepdim=True)
-    grad_scores = probs * (torch.matmul(do_, v_.transpose(-1, -2)) - delta)
-    grad_q = torch.matmul(grad_scores, k_) * scale
-    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_) * scale
+    grad_scores = torch.where(allowed, probs * (torch.matmul(do_, v_.transpose(-1, -2)) - delta), 0.0)
+    grad_q = allowed_matmul(grad_scores, allowed, k_) * scale
+    grad_k = allowed_matmul(grad_scores.transpose(-1, -2), allowed_t, q_) * scale
     return tuple(g.to(q.dtype).contiguous() for g in (grad_q, grad_k, grad_v))
 
 

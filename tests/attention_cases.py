@@ -146,7 +146,8 @@ def check_parity(backend: str, layout: SegmentLayout, *, heads: int = 2, head_di
         out, lse = fwd(q, k, v, *layout.kernel_args(), scale)
     _compare("out", out, truth[0], tolerance(dtype, yard.out, float(truth[0].abs().max())))
     rows = mask.any(-1)[:, None, :].expand_as(lse)
-    lse_truth = torch.where(rows, truth[1].to(torch.float32), torch.zeros_like(lse))
+    assert lse.dtype == ops.lse_dtype(dtype), f"lse: dtype {lse.dtype} for {dtype} inputs"
+    lse_truth = torch.where(rows, truth[1].to(lse.dtype), torch.zeros_like(lse))
     _compare("lse", lse, lse_truth.double(), 1e-4 * max(1.0, float(lse_truth.abs().max())) if dtype != torch.float64
              else 1e-10)
     if not backward:

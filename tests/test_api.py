@@ -18,11 +18,11 @@ def qkv(batch=2, heads=2, length=15, dim=16, dtype=torch.float32):
     return [torch.randn(batch, heads, length, dim, generator=gen, dtype=dtype) for _ in range(3)]
 
 
+# Without the native extension "auto" falls back to the reference here, and says so: expected in this test only.
+@pytest.mark.filterwarnings("ignore:.*falling back to the 'reference' backend.*:RuntimeWarning")
 def test_backend_auto_gives_the_reference_answer():
     q, k, v = qkv()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = segment_attention(q, k, v, LAYOUT)
+    out = segment_attention(q, k, v, LAYOUT)
     torch.testing.assert_close(out, segment_attention_reference(q, k, v, LAYOUT), atol=2e-6, rtol=1e-5)
 
 
@@ -93,6 +93,15 @@ def test_fallback_warns_once_and_lists_every_refused_backend(monkeypatch):
         assert f"'{name}' not used because {reasons[name]}" in messages[0]
 
 
+def test_an_unexpected_fallback_fails_the_test(monkeypatch):
+    """The suite turns the fallback warning into an error (pyproject.toml), so a test that silently runs the
+    reference instead of the backend it means to test fails; tests that expect the fallback say so."""
+    q, k, v = qkv(dtype=torch.float16)  # refused by the CPU kernel: auto falls back
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with pytest.raises(RuntimeWarning, match="falling back to the 'reference' backend"):
+        segment_attention(q, k, v, LAYOUT)
+
+
 def test_available_backends_reports_reasons():
     q, _, _ = qkv()
     table = clear_kernels.available_backends(q)
@@ -144,3 +153,57 @@ def test_import_without_the_extension_warns_once_and_uses_the_reference():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ what the op cannot differentiate raises
+def _differentiable_backends() -> list[str]:
+    q = qkv()[0]
+    return [name for name in ("reference", "cpu", "triton") if dispatch.why_not(name, q) is None]
+
+
+@pytest.mark.parametrize("backend", _differentiable_backends())
+def test_double_backward_raises_after_exact_first_derivatives(backend):
+    """create_graph=True gives the first derivatives; differentiating them again is an error, never zeros."""
+    q, k, v = (t.double() if backend != "triton" else t for t in qkv(heads=1))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    plain = torch.autograd.grad(segment_attention(*leaves, LAYOUT, backend=backend).square().sum(), leaves)
+    graphed = torch.autograd.grad(segment_attention(*leaves, LAYOUT, backend=backend).square().sum(), leaves,
+                                  create_graph=True)
+    for a, b in zip(plain, graphed):
+        torch.testing.assert_close(a, b.detach())
+    with pytest.raises(NotImplementedError, match="double backward is not supported"):
+        torch.autograd.grad(graphed[0].sum(), leaves)
+    if backend != "triton":  # gradgradcheck needs float64
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.gradgradcheck(lambda a, b, c: segment_attention(a, b, c, LAYOUT, backend=backend),
+                                         leaves, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", _differentiable_backends())
+def test_forward_mode_ad_raises(backend):
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = qkv(heads=1)
+    tangent = torch.ones_like(q)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda x: segment_attention(x, k, v, LAYOUT, backend=backend), (q,), (tangent,))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda x: segment_attention(q, k, x, LAYOUT, backend=backend), (v,), (tangent,))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        segment_attention(q, fwAD.make_dual(k, tangent), v, LAYOUT, backend=backend)
+
+
+@pytest.mark.parametrize("scale", [3.4e38, -3.4e38, 2.4e38, 1e300, 10**400],
+                         ids=["3.4e38", "-3.4e38", "2.4e38", "1e300", "int_10^400"])
+def test_scale_beyond_float32_is_rejected(scale):
+    """A scale whose float32 value (times log2(e), as the kernels use it) is inf gave NaN rows."""
+    with pytest.raises(ValueError, match="scale must be"):
+        segment_attention(*qkv(), LAYOUT, scale=scale, backend="reference")
+
+
+def test_largest_allowed_scale_gives_finite_rows():
+    from clear_kernels.api import MAX_ABS_SCALE
+
+    q, k, v = qkv()
+    out = segment_attention(torch.zeros_like(q), k, v, LAYOUT, scale=MAX_ABS_SCALE)
+    assert torch.isfinite(out).all()

@@ -4,6 +4,7 @@ determinism, input checks of the registered op, and the torch.library / autograd
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -21,8 +22,12 @@ FWD = ops.op("native", "fwd")
 BWD = ops.op("native", "bwd")
 
 
+UNSUPPORTED_ISA = "but this CPU does not support it"
+
+
 def _supported_isas() -> list[str]:
-    """Every kernel table this CPU can run (the op raises for one it cannot)."""
+    """Every kernel table this CPU can run. Only the op's own "this CPU does not support it" refusal of avx2 or
+    avx512 leaves a table out; any other error (a broken table, generic refused) propagates and fails."""
     found = []
     q = torch.randn(1, 1, 4, 16)
     layout = SegmentLayout.block_diagonal([[4]])
@@ -31,11 +36,28 @@ def _supported_isas() -> list[str]:
         try:
             FWD(q, q, q, *layout.kernel_args(), 0.25)
             found.append(isa)
-        except RuntimeError:
-            pass
+        except RuntimeError as exc:
+            if isa == "generic" or UNSUPPORTED_ISA not in str(exc):
+                raise
         finally:
             del os.environ["CLEAR_KERNELS_CPU_ISA"]
     return found
+
+
+def test_supported_isas_does_not_hide_a_broken_table(monkeypatch):
+    """A table that fails must fail the suite, not drop out of the parametrisation as a skip."""
+    def fail_with(message):
+        def fwd(*args):
+            raise RuntimeError(message)
+        return fwd
+
+    this_module = sys.modules[__name__]
+    monkeypatch.setattr(this_module, "FWD", fail_with("kernel table crashed"))
+    with pytest.raises(RuntimeError, match="kernel table crashed"):
+        _supported_isas()
+    monkeypatch.setattr(this_module, "FWD", fail_with(f"CLEAR_KERNELS_CPU_ISA=generic {UNSUPPORTED_ISA}"))
+    with pytest.raises(RuntimeError, match=UNSUPPORTED_ISA):  # the generic table runs everywhere
+        _supported_isas()
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -179,6 +201,85 @@ def test_bad_inputs_raise_clearly(case, message):
         lay[4] = group_index
     with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
         FWD(q, k, v, *lay, 0.25)
+
+
+def _run_of(layout, length_at_least):
+    """(b, start, end) of the first segment run of at least that many tokens."""
+    for b in range(layout.batch_size):
+        for t in range(layout.seq_len):
+            start, end = int(layout.seg_start[b, t]), int(layout.seg_end[b, t])
+            if start == t and layout.segment[b, t] >= 0 and end - start >= length_at_least:
+                return b, start, end
+    raise AssertionError("no such run")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("overlapping_runs", "overlapping runs"),
+    ("split_run", "is split into two runs"),
+    ("segment_in_two_runs", "has two runs"),
+    ("group_index_repeats_a_token", "group_index.* must be ascending"),
+    ("group_index_misses_a_token", "group_offsets.* lists .* tokens but segment holds"),
+])
+def test_layouts_where_two_tasks_write_one_row_are_rejected(case, message):
+    """Index tensors that pass every range check but do not describe the ids: runs that overlap (two tasks write
+    one row), a segment cut into two runs, group lists with a token twice or missing (wrong sums)."""
+    layout = CASES["long_runs"]
+    q = torch.randn(layout.batch_size, 1, layout.seq_len, 16)
+    lay = [t.clone() for t in layout.kernel_args()]
+    segment, _, seg_start, seg_end, group_index, group_offsets, _, _ = lay
+    b, start, end = _run_of(layout, 3)
+    if case == "overlapping_runs":  # token start + 1 claims a run of its own inside [start, end)
+        seg_start[b, start + 1] = start + 1
+    elif case == "split_run":  # [start, end) cut into [start, start + 1) and [start + 1, end), one segment id
+        seg_end[b, start] = start + 1
+        seg_start[b, start + 1:end] = start + 1
+    elif case == "segment_in_two_runs":  # another run gets this run's segment id
+        later = [t for t in range(end + 1, layout.seq_len) if seg_start[b, t] == t and segment[b, t] >= 0]
+        other = later[0]
+        segment[b, other:int(seg_end[b, other])] = segment[b, start]
+    elif case == "group_index_repeats_a_token":
+        g_start = int(group_offsets[b, 0])
+        group_index[b, g_start + 1] = group_index[b, g_start]
+    elif case == "group_index_misses_a_token":
+        assert group_offsets[b, -2] < group_offsets[b, -1]
+        group_offsets[b, -1] -= 1  # the last group's list loses its last token
+    with pytest.raises(RuntimeError, match=message):
+        FWD(q, q, q, *lay, 0.25)
+
+
+def test_float64_logsumexp_is_float64():
+    """lse of float64 inputs is float64 (a float32 one costs the backward half its precision); the backward
+    checks it gets the same dtype back."""
+    q, k, v, lay = _good_args(torch.float64)
+    out, lse = FWD(q, k, v, *lay, 0.25)
+    assert lse.dtype == torch.float64
+    mask = CASES["many_summary"].materialize()
+    _, want = clear_kernels.reference.masked_attention(q, k, v, mask, 0.25)
+    torch.testing.assert_close(lse, want, atol=1e-13, rtol=0)
+    with pytest.raises(RuntimeError, match="lse must be a contiguous float64"):
+        BWD(out, q, k, v, out, lse.float(), *lay, 0.25)
+
+
+def test_float64_gradients_are_float64_exact():
+    layout = CASES["conduction"]
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(layout.batch_size, 2, layout.seq_len, 32, generator=gen, dtype=torch.float64)
+                     for _ in range(4))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want = torch.autograd.grad(clear_kernels.reference.masked_attention(*leaves, layout.materialize(), 0.3)[0],
+                               leaves, dout)
+    got = torch.autograd.grad(segment_attention(*leaves, layout, scale=0.3, backend="cpu"), leaves, dout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+def test_scale_that_overflows_float32_is_rejected_by_the_op():
+    """A direct op call with a scale finite in double but inf in float32 used to give NaN rows."""
+    q, k, v, lay = _good_args()
+    with pytest.raises(RuntimeError, match="scale must be finite in the compute precision"):
+        FWD(q, k, v, *lay, 3.5e38)
+    out, _ = FWD(q.double(), k.double(), v.double(), *lay, 3.5e38)  # float64 computes in double: no overflow
+    assert out.dtype == torch.float64
 
 
 def test_bad_backward_inputs_raise_clearly():

@@ -124,14 +124,25 @@ def test_limit_zero_turns_the_cache_off_and_small_limits_evict():
     assert int(small.stdout.split()[-1]) == 4 * (1 << 20)
 
 
+USE_THE_CACHE = """
+    import torch
+    from clear_kernels import segment_attention
+    from attention_cases import conduction_layout
+    layout = conduction_layout(0, batch=2, beats=35)
+    q = torch.randn(2, 4, layout.seq_len, 96)
+    segment_attention(q, q, q, layout, backend="cpu")
+"""
+
+
 def test_bad_limit_is_a_clear_error():
-    result = _run("""
-        import torch
-        from clear_kernels import segment_attention
-        from attention_cases import conduction_layout
-        layout = conduction_layout(0, batch=2, beats=35)
-        q = torch.randn(2, 4, layout.seq_len, 96)
-        segment_attention(q, q, q, layout, backend="cpu")
-    """, CLEAR_KERNELS_CPU_CACHE_MB="lots")
+    result = _run(USE_THE_CACHE, CLEAR_KERNELS_CPU_CACHE_MB="lots")
     assert result.returncode != 0
     assert "CLEAR_KERNELS_CPU_CACHE_MB must be a whole number of MiB" in result.stderr
+
+
+@pytest.mark.parametrize("mib", [str(1 << 44), "99999999999999999999999"])
+def test_limit_beyond_size_t_is_a_clear_error(mib):
+    """2^44 MiB is 2^64 bytes: it used to wrap to 0 and silently turn the cache off."""
+    result = _run(USE_THE_CACHE, CLEAR_KERNELS_CPU_CACHE_MB=mib)
+    assert result.returncode != 0
+    assert f"CLEAR_KERNELS_CPU_CACHE_MB={mib} is too large" in result.stderr, result.stderr[-3000:]

@@ -138,3 +138,36 @@ def test_rejects_bad_inputs():
     args[0] = args[0].long()
     with pytest.raises((RuntimeError, TypeError), match="int32"):
         fwd(q, k, v, *args, 0.1)
+
+
+@pytest.mark.parametrize("field, index, value, match", [
+    ("group_index", (0, 0), 10_000, "is not a non-padding token"),
+    ("seg_end", None, 10_000, "do not contain it"),
+    ("group", (0, 0), 99, "outside \\[0, num_groups"),
+    ("summary_index", (0, 0), -5, "is not a summary token"),
+])
+def test_rejects_layout_values_out_of_range(field, index, value, match):
+    """The glue range-checks the layout's values on the host (csrc/layout_check.h) before a kernel indexes
+    memory with them, as the CPU backend does."""
+    layout = CASES["conduction"]
+    names = ("segment", "group", "seg_start", "seg_end", "group_index", "group_offsets", "summary_index",
+             "summary_offsets")
+    args = [t.clone() for t in layout.kernel_args()]
+    target = args[names.index(field)]
+    if index is None:  # the first segment token
+        index = tuple(int(i) for i in torch.nonzero(layout.segment >= 0)[0])
+    target[index] = value
+    args = [t.to("cuda") for t in args]
+    q, k, v, _ = _inputs(layout, 2, 32, torch.float32)
+    with pytest.raises(RuntimeError, match=match):
+        ops.op("native", "fwd")(q, k, v, *args, 0.1)
+    out, lse = ops.op("native", "fwd")(q, k, v, *[t.to("cuda") for t in layout.kernel_args()], 0.1)
+    with pytest.raises(RuntimeError, match=match):
+        ops.op("native", "bwd")(out, q, k, v, out, lse, *args, 0.1)
+
+
+def test_rejects_a_scale_that_overflows_float32():
+    layout = CASES["conduction"].to("cuda")
+    q, k, v, _ = _inputs(layout, 2, 32, torch.float32)
+    with pytest.raises(RuntimeError, match="overflows float32"):
+        ops.op("native", "fwd")(q, k, v, *layout.kernel_args(), 3e38)

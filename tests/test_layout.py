@@ -152,6 +152,41 @@ def test_from_ids_rejects_out_of_range_ids(segment, group, match):
         SegmentLayout.from_ids(torch.tensor(segment), torch.tensor(group), num_groups=2)
 
 
+@pytest.mark.parametrize("segment, group, match", [
+    ([[0, 0, 2**32 + 7, 2**32 + 7]], [[0, 0, 0, 0]], r"segment ids must be < 2\^31.*segment\[\(0, 2\)\]"),
+    ([[0, 2**31, -1]], [[0, 0, 0]], r"segment ids must be < 2\^31.*segment\[\(0, 1\)\]"),
+    ([[0, 0, 2**32 - 1]], [[0, 0, 0]], r"segment ids must be < 2\^31.*segment\[\(0, 2\)\]"),
+    ([[0, 1, -1]], [[0, 0, 2**32 - 1]], r"group ids must be < 2\^31.*group\[\(0, 2\)\]"),
+    ([[0, 1, 1]], [[2**31, 0, 0]], r"group ids must be < 2\^31.*group\[\(0, 0\)\]"),
+])
+def test_from_ids_rejects_ids_beyond_int32(segment, group, match):
+    """The ids are stored as int32: 2^32 + 7 used to wrap to 7 and 2^32 - 1 to a summary token."""
+    with pytest.raises(ValueError, match=match):
+        SegmentLayout.from_ids(torch.tensor(segment), torch.tensor(group))
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_sparse_group_ids_are_ranked_not_counted(validate):
+    """A group id of 2^30 made the per-group tables [B, 2^30 + 1] (4 GiB a row); ids are only compared."""
+    segment = torch.tensor([[-1, 0, 0, -1, 1, 1, -2], [-1, 3, 3, 3, -1, -1, 4]])
+    big = torch.tensor([[2**30, 2**30, 7, 7, 7, 2**30, 0], [5, 5, 2**29, 9, 9, 2**29, 5]])
+    small = torch.tensor([[1, 1, 0, 0, 0, 1, 0], [0, 0, 2, 1, 1, 2, 0]])
+    kwargs = {} if validate else {"num_groups": 2**30 + 1, "max_summary": 3, "validate": False}
+    layout = SegmentLayout.from_ids(segment, big, **kwargs)
+    assert layout.num_groups <= layout.seq_len and layout.group_offsets.shape[1] <= layout.seq_len + 1
+    assert torch.equal(layout.materialize(), mask_by_rule(segment.tolist(), big.tolist()))
+    want = SegmentLayout.from_ids(segment, small)
+    assert torch.equal(layout.materialize(), want.materialize())
+    check_index_tensors(layout)
+
+
+def test_empty_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"segment must hold at least one batch element \(B >= 1\)"):
+        SegmentLayout.from_ids(torch.zeros(0, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"seqlens must hold at least one batch element \(B >= 1\)"):
+        SegmentLayout.block_diagonal(torch.zeros(0, 3, dtype=torch.long))
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: SegmentLayout.from_ids(torch.zeros(4, dtype=torch.int32)), ValueError, "segment must be"),
     (lambda: SegmentLayout.from_ids(torch.zeros(1, 4)), TypeError, "segment must be an integer tensor"),

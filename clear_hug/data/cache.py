@@ -8,12 +8,12 @@ Layout of a cache folder::
     meta.json              class names, counts, skipped records; written last, so its presence means "complete"
 
 A killed run leaves finished shards plus at most some ``*.tmp*`` files; the rerun deletes the temp files, skips the
-finished shards and does the rest. A record that cannot be read, or has no beats, is logged, counted and skipped.
+finished shards and does the rest. A record that fails (cannot be read, has no beats, or anything else goes wrong
+with it) is logged, counted and skipped with its reason; the job goes on. A cache without any record is an error.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -23,10 +23,13 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
+from .preprocess import check_sampling_rate
 from .readers import SPLIT_IDS, SPLIT_NAMES, RecordIndex, RecordReadError, read_record
 from .tokenize import TOKEN_LEN, NoBeatsError, tokenize_beats
 from .leads import NUM_LEADS
@@ -89,7 +92,7 @@ class ArraySource(Source):
         n = len(signals)
         ids = record_ids if record_ids is not None else [f"{name}{i:06d}" for i in range(n)]
         super().__init__(ids, labels, class_names, splits, info)
-        self.signals, self.fs, self.rpeaks, self.name = signals, float(fs), rpeaks, name
+        self.signals, self.fs, self.rpeaks, self.name = signals, check_sampling_rate(fs), rpeaks, name
 
     def payload(self, indices):
         return [("array", np.asarray(self.signals[i]), self.fs, None if self.rpeaks is None else self.rpeaks[i])
@@ -119,28 +122,12 @@ class SyntheticSource(Source):
 
 
 def synthetic_source(n_records: int, seed: int = 0, use_true_rpeaks: bool = False) -> Source:
-    """The built-in generator's records (``clear_hug.data.synthetic.generate_dataset``) as a source.
+    """The built-in generator's records (``clear_hug.data.synthetic.generate_dataset``) as a source, generated
+    shard by shard in the workers, so memory does not grow with ``n_records``."""
+    from .synthetic import generate_dataset
 
-    Generated lazily in the workers when the generator can start at any record (its ``start`` argument), so
-    memory does not grow with ``n_records``; otherwise generated here, all at once.
-    """
-    try:
-        from .synthetic import generate_dataset
-    except ImportError as exc:
-        raise RuntimeError(
-            "the synthetic source needs clear_hug.data.synthetic.generate_dataset, which is not available "
-            f"in this installation ({exc})"
-        ) from exc
-    if "start" in inspect.signature(generate_dataset).parameters:
-        probe = generate_dataset(n_records=1, seed=seed)
-        return SyntheticSource(n_records, seed, probe.class_names, use_true_rpeaks)
-    ds = generate_dataset(n_records=n_records, seed=seed)
-    return ArraySource(
-        ds.signals, ds.fs, ds.labels, ds.class_names, ds.splits,
-        record_ids=[f"syn{seed}_{i:06d}" for i in range(len(ds.signals))],
-        rpeaks=list(ds.rpeaks) if use_true_rpeaks else None, name="synthetic",
-        info={"seed": seed, "n_records": n_records, "true_rpeaks": use_true_rpeaks},
-    )
+    probe = generate_dataset(n_records=1, seed=seed)
+    return SyntheticSource(n_records, seed, probe.class_names, use_true_rpeaks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,8 +139,9 @@ def _tokenize_payload(payload, positions: List[int], max_beats: int, bandpass: b
     """Worker body: tokenise one shard.
 
     Returns kept positions, the token arrays, ``(position, kind, reason)`` skips, and the labels and splits of
-    all the shard's records when the worker generated them (else None). Only the two expected failure kinds
-    are caught (unreadable record, no beats); anything else is a bug and propagates, to be seen, not counted.
+    all the shard's records when the worker generated them (else None). Any failure of one record is a skip of
+    that record: kind "unreadable" or "no_beats" for the expected ones, "failed" (with the exception's type) for
+    the rest, so that one odd record never ends a job of thousands halfway.
     """
     gen_labels = gen_splits = None
     if isinstance(payload, tuple) and payload[0] == "synthetic":
@@ -178,6 +166,9 @@ def _tokenize_payload(payload, positions: List[int], max_beats: int, bandpass: b
             continue
         except NoBeatsError as exc:
             skipped.append((pos, "no_beats", str(exc)))
+            continue
+        except Exception as exc:  # noqa: BLE001 -- counted and reported with its reason, see the docstring
+            skipped.append((pos, "failed", f"{type(exc).__name__}: {exc}"))
             continue
         kept.append(pos)
         toks.append(bt.tokens)
@@ -253,9 +244,14 @@ def _load_shard(path: Path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_cache(source: Source, out_dir, *, max_beats: int = 15, bandpass: bool = False, workers: int = 1,
-                shard_size: int = 256, overwrite: bool = False, progress: bool = True) -> Dict:
-    """Tokenise ``source`` into ``out_dir`` (see the module docstring) and return the ``meta.json`` content."""
+def build_cache(source: Source, out_dir: Union[str, os.PathLike], *, max_beats: int = 15, bandpass: bool = False,
+                workers: int = 1, shard_size: int = 256, overwrite: bool = False, progress: bool = True) -> Dict:
+    """Tokenise ``source`` into ``out_dir`` (see the module docstring) and return the ``meta.json`` content.
+
+    Raises ValueError for a source without records, and for one of which no record could be tokenised.
+    """
+    if len(source) == 0:
+        raise ValueError(f"the {source.name} source has no records")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shard_dir = out / "shards"
@@ -341,6 +337,13 @@ def _merge(source: Source, out: Path, n_shards: int, shard_path, config: Dict) -
     if any(sh is None for sh in shards):
         raise RuntimeError("a shard disappeared during the merge")
     kept = np.concatenate([sh["kept"] for sh in shards]) if shards else np.zeros(0, np.int64)
+    skipped = [json.loads(s) for sh in shards for s in sh["skipped"]]
+    skipped_list = [{"record": source.record_ids[p], "kind": k, "reason": r} for p, k, r in skipped]
+    if len(kept) == 0:  # before any array is written: an empty cache must not look complete
+        kinds = dict(Counter(s["kind"] for s in skipped_list))
+        first = "; ".join(f"{s['record']}: {s['reason']}" for s in skipped_list[:3])
+        raise ValueError(f"none of the {len(source)} records of the {source.name} source could be tokenised "
+                         f"(skipped {kinds}; first: {first})")
     mb = config["max_beats"]
     arrays = {
         "tokens": np.concatenate([sh["tokens"] for sh in shards]) if shards else np.zeros((0, NUM_LEADS, mb, TOKEN_LEN), np.float32),
@@ -354,8 +357,6 @@ def _merge(source: Source, out: Path, n_shards: int, shard_path, config: Dict) -
     }
     for name, arr in arrays.items():
         _atomic_write(out / f"{name}.npy", lambda tmp, a=arr: _save_npy(tmp, a))
-    skipped = [json.loads(s) for sh in shards for s in sh["skipped"]]
-    skipped_list = [{"record": source.record_ids[p], "kind": k, "reason": r} for p, k, r in skipped]
     meta = {
         "format": FORMAT_VERSION,
         "source": source.name,
@@ -391,13 +392,7 @@ def load_meta(cache_dir) -> Dict:
     return json.loads(path.read_text())
 
 
-try:  # torch is a dependency of the package, but the cache builder itself does not need it
-    from torch.utils.data import Dataset as _TorchDataset
-except ImportError:  # pragma: no cover
-    _TorchDataset = object
-
-
-class TokenDataset(_TorchDataset):
+class TokenDataset(Dataset):
     """A token cache as a torch Dataset over one split (``"train"``, ``"val"``, ``"test"``, or None for all).
 
     Arrays are memory-mapped, so opening a cache of any size is instant and workers share the page cache.
@@ -439,9 +434,7 @@ class TokenDataset(_TorchDataset):
     def record_id(self, i: int) -> str:
         return str(self.arrays["record_ids"][self.indices[i]])
 
-    def __getitem__(self, i: int) -> Dict[str, "torch.Tensor"]:
-        import torch
-
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         j = int(self.indices[i])
         a = self.arrays
         return {

@@ -8,11 +8,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .cache import PathSource, build_cache, synthetic_source
+from .cache import PathSource, Source, build_cache, synthetic_source
 from .readers import PTBXL_TASKS, CinCFolderDataset, PTBXLDataset
 
 
-def make_source(args):
+def make_source(args: argparse.Namespace) -> Source:
     if args.source == "synthetic":
         return synthetic_source(args.n_records or 1000, seed=args.seed, use_true_rpeaks=args.true_rpeaks)
     if not args.root:
@@ -50,11 +50,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         source = make_source(args)
-    except (RuntimeError, FileNotFoundError, ValueError) as exc:
+        meta = build_cache(source, args.out, max_beats=args.max_beats, bandpass=args.bandpass,
+                           workers=args.workers, shard_size=args.shard_size, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:  # no records, none readable, a folder of another format
         print(f"prepare: {exc}", file=sys.stderr)
         return 2
-    meta = build_cache(source, args.out, max_beats=args.max_beats, bandpass=args.bandpass, workers=args.workers,
-                       shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"prepared {meta['n_records']} of {meta['n_total']} records from {meta['source']} into {args.out}; "
           f"skipped {meta['n_skipped']} {meta['skipped_by_kind'] or ''}; splits {meta['split_counts']}; "
           f"{len(meta['class_names'])} classes")

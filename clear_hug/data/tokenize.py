@@ -1,4 +1,4 @@
-"""ECG records to heartbeat tokens (SPEC section 3.1).
+"""ECG records to heartbeat tokens.
 
 A token is one heartbeat of one lead: 96 samples at 100 Hz with the R peak at index 48. The R peaks are
 detected once on all leads together, so token ``[lead, j]`` is the same cardiac cycle for every lead, which is

@@ -25,15 +25,15 @@ struct Params {
   const void* v = nullptr;
   const void* out = nullptr;       // backward: the forward output
   const void* grad_out = nullptr;  // backward
-  const float* lse = nullptr;      // backward: the forward logsumexp
+  const float* lse = nullptr;      // backward: the forward logsumexp (float32 and bfloat16 inputs)
 
   void* out_w = nullptr;     // forward outputs
-  float* lse_w = nullptr;
+  float* lse_w = nullptr;    // (float32 and bfloat16 inputs)
   void* dq = nullptr;        // backward outputs
   void* dk = nullptr;
   void* dv = nullptr;
-  // float64 only: the contract's float32 lse would cost the backward half of its precision, so the backward
-  // recomputes the logsumexp in double (a forward pass writing lse64) and reads it from here.
+  // float64 inputs only: the logsumexp is float64 (a float32 one would cost the backward half of its precision);
+  // the forward writes it here instead of lse_w, the backward reads it from here instead of lse.
   double* lse64 = nullptr;
   // Backward scratch [B, H, chunks, max_summary, 3, D] in the compute type (float, or double for float64), only
   // when summary_phase(): each run chunk's share of each summary token's dq, dk and dv, added up in chunk order

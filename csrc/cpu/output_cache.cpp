@@ -14,6 +14,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <list>
 #include <mutex>
 #include <vector>
@@ -35,6 +36,10 @@ size_t cache_limit_bytes() {
   const long long mb = std::strtoll(env, &end, 10);
   TORCH_CHECK(end && *end == '\0' && mb >= 0, "CLEAR_KERNELS_CPU_CACHE_MB must be a whole number of MiB >= 0, got '",
               env, "'");
+  // More MiB than a size_t can count in bytes would wrap (2^44 MiB became 0 bytes: the cache silently off).
+  constexpr unsigned long long kMaxMb = std::numeric_limits<size_t>::max() >> 20;
+  TORCH_CHECK(static_cast<unsigned long long>(mb) <= kMaxMb,
+              "CLEAR_KERNELS_CPU_CACHE_MB=", env, " is too large: at most ", kMaxMb, " MiB");
   return size_t(mb) << 20;
 }
 

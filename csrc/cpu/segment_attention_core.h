@@ -156,9 +156,12 @@ inline T row_lse(const Params& p, int64_t bh, int64_t t) {
 
 template <typename T>
 inline void write_lse(const Params& p, int64_t row, T value) {
-  p.lse_w[row] = static_cast<float>(value);
   if constexpr (SameType<T, double>::value)
-    if (p.lse64) p.lse64[row] = value;
+    if (p.lse64) {
+      p.lse64[row] = value;
+      return;
+    }
+  p.lse_w[row] = static_cast<float>(value);
 }
 
 // Scaled scores of `rows` query rows (stride D) against n contiguous keys into s[i * ld + j].

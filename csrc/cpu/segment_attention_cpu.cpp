@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 
+#include "../layout_check.h"
 #include "kernel_params.h"
 #include "output_cache.h"
 
@@ -90,63 +91,26 @@ void check_index(const at::Tensor& t, const char* name, int64_t batch, int64_t c
   TORCH_CHECK(t.is_contiguous(), "native op (CPU): layout tensor ", name, " must be contiguous");
 }
 
-// The layout's index values: everything the kernels dereference is checked to be in range and consistent, so
-// a malformed layout is an error instead of an out-of-bounds read or two tasks writing one row. O(B * L).
+// The layout's index values: everything the kernels dereference is checked to be in range and consistent
+// (csrc/layout_check.h), so a malformed layout is an error instead of an out-of-bounds read or two tasks writing
+// one row.
 void check_layout_values(Params& p) {
-  const int64_t L = p.length, G = p.num_groups, S = p.max_summary;
-  int64_t max_run = 1, max_group_summary = 0;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const int32_t* seg = p.segment + b * L;
-    const int32_t* grp = p.group + b * L;
-    const int32_t* start = p.seg_start + b * L;
-    const int32_t* end = p.seg_end + b * L;
-    int64_t summaries = 0;
-    for (int64_t t = 0; t < L; ++t) {
-      TORCH_CHECK(seg[t] >= -2, "native op (CPU): segment[", b, ", ", t, "] = ", seg[t], " is below -2");
-      TORCH_CHECK(grp[t] >= 0 && grp[t] < G, "native op (CPU): group[", b, ", ", t, "] = ", grp[t],
-                  " is outside [0, num_groups=", G, ")");
-      if (seg[t] < 0) {
-        TORCH_CHECK(start[t] == t && end[t] == t, "native op (CPU): seg_start/seg_end of summary or padding token [",
-                    b, ", ", t, "] must both equal ", t);
-        summaries += seg[t] == -1;
-        continue;
-      }
-      TORCH_CHECK(start[t] <= t && t < end[t] && end[t] <= L, "native op (CPU): seg_start/seg_end [", start[t], ", ",
-                  end[t], ") of token [", b, ", ", t, "] do not contain it");
-      // Runs chain: a token after its run start repeats its predecessor's segment and bounds.
-      if (t > start[t])
-        TORCH_CHECK(seg[t - 1] == seg[t] && start[t - 1] == start[t] && end[t - 1] == end[t],
-                    "native op (CPU): token [", b, ", ", t, "] is inside the run [", start[t], ", ", end[t],
-                    ") but its predecessor does not belong to that run");
-      max_run = std::max<int64_t>(max_run, end[t] - start[t]);
-    }
-    const int32_t* goff = p.group_offsets + b * (G + 1);
-    const int32_t* soff = p.summary_offsets + b * (G + 1);
-    TORCH_CHECK(goff[0] == 0 && soff[0] == 0, "native op (CPU): group_offsets and summary_offsets must start at 0");
-    for (int64_t g = 0; g < G; ++g) {
-      max_group_summary = std::max<int64_t>(max_group_summary, soff[g + 1] - soff[g]);
-      TORCH_CHECK(goff[g] <= goff[g + 1] && goff[g + 1] <= L, "native op (CPU): group_offsets[", b,
-                  "] must be non-decreasing and <= L=", L);
-      TORCH_CHECK(soff[g] <= soff[g + 1] && soff[g + 1] <= S, "native op (CPU): summary_offsets[", b,
-                  "] must be non-decreasing and <= max_summary=", S);
-      for (int64_t i = goff[g]; i < goff[g + 1]; ++i) {
-        const int32_t x = p.group_index[b * L + i];
-        TORCH_CHECK(x >= 0 && x < L && seg[x] != -2 && grp[x] == g, "native op (CPU): group_index[", b, ", ", i,
-                    "] = ", x, " is not a non-padding token of group ", g);
-      }
-      for (int64_t i = soff[g]; i < soff[g + 1]; ++i) {
-        const int32_t x = p.summary_index[b * S + i];
-        TORCH_CHECK(x >= 0 && x < L && seg[x] == -1 && grp[x] == g, "native op (CPU): summary_index[", b, ", ", i,
-                    "] = ", x, " is not a summary token of group ", g);
-        TORCH_CHECK(i == soff[g] || p.summary_index[b * S + i - 1] < x, "native op (CPU): summary_index[", b,
-                    "] must be ascending within a group");
-      }
-    }
-    TORCH_CHECK(soff[G] == summaries, "native op (CPU): summary_offsets[", b, "] lists ", soff[G],
-                " summary tokens but segment holds ", summaries);
-  }
-  p.max_run = max_run;
-  p.max_group_summary = max_group_summary;
+  clear_layout::LayoutPointers lp;
+  lp.batch = p.batch;
+  lp.length = p.length;
+  lp.num_groups = p.num_groups;
+  lp.max_summary = p.max_summary;
+  lp.segment = p.segment;
+  lp.group = p.group;
+  lp.seg_start = p.seg_start;
+  lp.seg_end = p.seg_end;
+  lp.group_index = p.group_index;
+  lp.group_offsets = p.group_offsets;
+  lp.summary_index = p.summary_index;
+  lp.summary_offsets = p.summary_offsets;
+  const clear_layout::LayoutStats stats = clear_layout::check_layout_values(lp, "native op (CPU)");
+  p.max_run = stats.max_run;
+  p.max_group_summary = stats.max_group_summary;
 }
 
 void fill_layout(Params& p, const at::Tensor& q, const at::Tensor& segment, const at::Tensor& group,
@@ -163,7 +127,9 @@ void fill_layout(Params& p, const at::Tensor& q, const at::Tensor& segment, cons
   TORCH_CHECK(group_offsets.size(1) >= 1, "native op (CPU): group_offsets must be [B, G + 1] with G >= 0");
   check_index(summary_offsets, "summary_offsets", B, group_offsets.size(1));
   check_index(summary_index, "summary_index", B, -1);
-  TORCH_CHECK(std::isfinite(scale), "native op (CPU): scale must be finite, got ", scale);
+  // Below float64 the kernels compute in float32: the scale must be finite there too.
+  TORCH_CHECK(std::isfinite(q.scalar_type() == at::kDouble ? scale : static_cast<float>(scale)),
+              "native op (CPU): scale must be finite in the compute precision, got ", scale);
   p.batch = B;
   p.heads = q.size(1);
   p.length = L;
@@ -226,12 +192,18 @@ std::tuple<at::Tensor, at::Tensor> native_fwd_cpu(const at::Tensor& q, const at:
   fill_layout(p, q, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index, summary_offsets,
               scale);
   at::Tensor out = new_output(q.sizes(), q.options());
-  at::Tensor lse = new_output({p.batch, p.heads, p.length}, q.options().dtype(at::kFloat));
+  // The logsumexp in float64 for float64 inputs (float32 would cost the backward half of its precision).
+  const bool lse_double = p.dtype == DType::Float64;
+  at::Tensor lse =
+      new_output({p.batch, p.heads, p.length}, q.options().dtype(lse_double ? at::kDouble : at::kFloat));
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.out_w = out.data_ptr();
-  p.lse_w = lse.data_ptr<float>();
+  if (lse_double)
+    p.lse64 = lse.data_ptr<double>();
+  else
+    p.lse_w = lse.data_ptr<float>();
   const KernelTable& table = kernel_table();
   run_phase(table, p, p.batch * p.heads * (p.chunks_per_row() + p.max_summary), table.forward);
   return {out, lse};
@@ -248,9 +220,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
   check_like_q(v, "v", q);
   check_like_q(out, "out", q);
   check_like_q(grad_out, "grad_out", q);
-  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
-                  lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
-              "native op (CPU): lse must be a contiguous float32 CPU tensor [B, H, L] = ",
+  const bool lse_double = p.dtype == DType::Float64;
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == (lse_double ? at::kDouble : at::kFloat) &&
+                  lse.is_contiguous() && lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
+              "native op (CPU): lse must be a contiguous ", lse_double ? "float64" : "float32",
+              " CPU tensor [B, H, L] = ",
               at::IntArrayRef({q.size(0), q.size(1), q.size(2)}), ", got ", lse.scalar_type(), " ", lse.sizes());
   fill_layout(p, q, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index, summary_offsets,
               scale);
@@ -262,25 +236,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
   p.v = v.data_ptr();
   p.out = out.data_ptr();
   p.grad_out = grad_out.data_ptr();
-  p.lse = lse.data_ptr<float>();
+  if (lse_double)
+    p.lse64 = lse.data_ptr<double>();
+  else
+    p.lse = lse.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   const KernelTable& table = kernel_table();
   const int64_t bh = p.batch * p.heads;
-  at::Tensor lse64;
-  if (p.dtype == DType::Float64) {
-    // Recompute the logsumexp in double (Params::lse64); the forward output it also writes is thrown away.
-    Params f = p;
-    at::Tensor scratch_out = at::empty_like(q);
-    at::Tensor scratch_lse = at::empty_like(lse);
-    lse64 = at::empty({p.batch, p.heads, p.length}, q.options());
-    f.out_w = scratch_out.data_ptr();
-    f.lse_w = scratch_lse.data_ptr<float>();
-    f.lse64 = lse64.data_ptr<double>();
-    run_phase(table, f, bh * (f.chunks_per_row() + f.max_summary), table.forward);
-    p.lse64 = f.lse64;
-  }
   at::Tensor partials;
   if (p.summary_phase()) {  // rows of one chunk keep theirs in the task's scratch
     // Through the output cache too: megabytes of fresh pages per call would cost more than the sums themselves.

@@ -9,12 +9,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
+#include "../layout_check.h"
 #include "segment_attention_launch.h"
 
 namespace clear_kernels {
@@ -68,6 +71,36 @@ at::Tensor layout_tensor(const at::Tensor& t, const char* name, const at::Tensor
   return t.contiguous();
 }
 
+// The kernels index memory with the layout's values, so they are range-checked like the CPU backend's
+// (csrc/layout_check.h): the eight small int32 tensors go to the host in one copy (one synchronisation per call;
+// this backend is the fallback where Triton is unavailable, and a wrong index would read out of bounds).
+void check_layout_on_host(const at::Tensor (&tensors)[8], int64_t B, int64_t L, int64_t G) {
+  std::vector<at::Tensor> flat;
+  for (const at::Tensor& t : tensors) flat.push_back(t.reshape({-1}));
+  const at::Tensor host = at::cat(flat).to(at::kCPU);
+  const int32_t* base = host.data_ptr<int32_t>();
+  const int32_t* parts[8];
+  int64_t offset = 0;
+  for (int i = 0; i < 8; ++i) {
+    parts[i] = base + offset;
+    offset += tensors[i].numel();
+  }
+  clear_layout::LayoutPointers lp;
+  lp.batch = B;
+  lp.length = L;
+  lp.num_groups = G;
+  lp.max_summary = tensors[6].size(1);
+  lp.segment = parts[0];
+  lp.group = parts[1];
+  lp.seg_start = parts[2];
+  lp.seg_end = parts[3];
+  lp.group_index = parts[4];
+  lp.group_offsets = parts[5];
+  lp.summary_index = parts[6];
+  lp.summary_offsets = parts[7];
+  clear_layout::check_layout_values(lp, "clear_kernels CUDA kernel");
+}
+
 // Everything a launch needs about the inputs. Holds the contiguous tensors so their pointers stay valid.
 struct Prepared {
   at::Tensor q, k, v;
@@ -110,11 +143,20 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.layout_tensors[5] = layout_tensor(group_offsets, "group_offsets", q, B, G1);
   p.layout_tensors[6] = layout_tensor(summary_index, "summary_index", q, B, -1);
   p.layout_tensors[7] = layout_tensor(summary_offsets, "summary_offsets", q, B, G1);
+  check_layout_on_host(p.layout_tensors, B, L, G1 - 1);
   auto ptr = [&](int i) { return p.layout_tensors[i].data_ptr<int32_t>(); };
   p.layout = LayoutView{ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), ptr(5),
                         p.layout_tensors[6].numel() ? ptr(6) : nullptr, ptr(7),
                         static_cast<int>(G1 - 1), static_cast<int>(p.layout_tensors[6].size(1))};
   return p;
+}
+
+// The kernels work with scale * log2(e) in float32 (online softmax in the log2 domain): it must be finite.
+float checked_scale(double scale) {
+  const float log2_scale = static_cast<float>(scale * 1.4426950408889634);
+  TORCH_CHECK(std::isfinite(log2_scale), "clear_kernels CUDA kernel: scale ", scale,
+              " overflows float32 (|scale| must be at most float32's max / log2(e), about 2.36e38)");
+  return static_cast<float>(scale);
 }
 
 void check_launch(cudaError_t err, const char* what) {
@@ -135,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> native_fwd_cuda(
   check_launch(launch_segment_attention_forward(
                    scalar_kind(q), p.q.data_ptr(), p.k.data_ptr(), p.v.data_ptr(), out.data_ptr(),
                    lse.data_ptr<float>(), p.layout, p.batch, p.heads, p.length, p.head_dim,
-                   static_cast<float>(scale), c10::cuda::getCurrentCUDAStream().stream()),
+                   checked_scale(scale), c10::cuda::getCurrentCUDAStream().stream()),
                "forward kernel");
   return {out, lse};
 }
@@ -163,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cuda(
                    scalar_kind(q), grad_out_c.data_ptr(), p.q.data_ptr(), p.k.data_ptr(), p.v.data_ptr(),
                    out_c.data_ptr(), lse_c.data_ptr<float>(), delta.data_ptr<float>(), grad_q.data_ptr(),
                    grad_k.data_ptr(), grad_v.data_ptr(), p.layout, p.batch, p.heads, p.length, p.head_dim,
-                   static_cast<float>(scale), c10::cuda::getCurrentCUDAStream().stream()),
+                   checked_scale(scale), c10::cuda::getCurrentCUDAStream().stream()),
                "backward kernels");
   return {grad_q, grad_k, grad_v};
 }
