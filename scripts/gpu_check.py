@@ -1,7 +1,8 @@
 """The Python steps of scripts/gpu_check.sh (one home: the shell script only sequences them and times them out).
 
     python scripts/gpu_check.py smoke [--dry-run]        Triton parity at the CLEAR encoder layout, bf16 and fp32
-    python scripts/gpu_check.py train-step [--dry-run]   torch.compile(fullgraph=True) of a CLEAR training step
+    python scripts/gpu_check.py train-step [--dry-run]   torch.compile(fullgraph=True) of CLEAR training steps
+    python scripts/gpu_check.py native [--dry-run]       the native extension's cuda (dry run: cpu) backend loads
     python scripts/gpu_check.py summarize STEPS OUT      the pass/fail/skip summary; exit 1 unless all is well
 
 ``--dry-run`` runs the same code on the CPU under the Triton interpreter with tiny shapes (the shell script sets
@@ -119,6 +120,21 @@ def train_step(dry_run: bool) -> int:
     return 0
 
 
+def native_available(dry_run: bool) -> int:
+    """Whether the native extension's GPU backend (``cuda``; ``cpu`` in a dry run) loaded and can run."""
+    import torch
+
+    import clear_kernels
+
+    device = "cpu" if dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: torch.cuda.is_available() is False")
+        return 1
+    reason = clear_kernels.available_backends(torch.empty(1, 1, 1, 64, device=device)).get(device)
+    print(f"the {device!r} backend: {'available' if reason is None else f'NOT available: {reason}'}")
+    return 0 if reason is None else 1
+
+
 def _junit_counts(path: Path) -> dict:
     """Counts from a pytest JUnit XML file (every <testsuite> in it)."""
     root = ET.parse(path).getroot()
@@ -194,7 +210,7 @@ def summarize(steps_file: Path, out_dir: Path) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("smoke", "train-step"):
+    for name in ("smoke", "train-step", "native"):
         sub.add_parser(name).add_argument("--dry-run", action="store_true")
     summary = sub.add_parser("summarize")
     summary.add_argument("steps", type=Path)
@@ -204,6 +220,8 @@ def main(argv=None) -> int:
         return smoke(args.dry_run)
     if args.command == "train-step":
         return train_step(args.dry_run)
+    if args.command == "native":
+        return native_available(args.dry_run)
     return summarize(args.steps, args.out_dir)
 
 

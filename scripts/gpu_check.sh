@@ -160,16 +160,7 @@ else
   fi
   record cuda-build "$rc" $(( $(date +%s) - start )) - 0
 fi
-run_step cuda-available 60 - 0 "$PY" -c "
-import sys, torch, clear_kernels
-from clear_kernels import native
-dev = 'cpu' if '$DRY' == '1' else 'cuda'
-want = 'cpu' if dev == 'cpu' else 'cuda'
-reason = clear_kernels.available_backends(torch.empty(1, 1, 1, 64, device=dev)).get(want)
-print(f'the {want!r} backend:', 'available' if reason is None else f'NOT available: {reason}')
-if reason is not None:
-    sys.exit(1)
-"
+run_step cuda-available 60 - 0 "$PY" scripts/gpu_check.py native "${SMOKE_ARGS[@]}"
 if [ "$(tail -n 1 "$STEPS" | cut -f2)" != 0 ] && [ "$DRY" != 1 ]; then
   { echo "--- the cuda backend did not load; the last 40 lines of build.log:"; tail -n 40 "$OUT/build.log"; } >> "$LOG"
 fi
