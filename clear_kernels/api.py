@@ -84,5 +84,7 @@ def segment_attention(
         _check_scale(scale)
     chosen = dispatch.select(backend, q)
     fwd = ops.op(chosen.op_prefix, "fwd")
-    out, _ = fwd(q.contiguous(), k.contiguous(), v.contiguous(), *layout.kernel_args(), float(scale))
+    if not chosen.strided:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out, _ = fwd(q, k, v, *layout.kernel_args(), float(scale))
     return out
