@@ -14,6 +14,7 @@ import glob
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from clear_hug.data.rpeaks import BEAT_SYMBOLS, detect_rpeaks, match_beats  # no
 from clear_hug.data.tokenize import tokenize_beats  # noqa: E402
 
 
-def score(base: str):
+def score(base: str) -> tuple[int, int, int, float, float]:
     import wfdb
 
     rec = wfdb.rdrecord(base)
@@ -37,14 +38,14 @@ def score(base: str):
     return tp, fn, fp, rec.p_signal.shape[0] / rec.fs, dt
 
 
-def line(name, tp, fn, fp, extra=""):
+def line(name: str, tp: int, fn: int, fp: int, extra: str = "") -> tuple[float, float]:
     se = tp / (tp + fn) if tp + fn else 1.0
     ppv = tp / (tp + fp) if tp + fp else 1.0
     print(f"{name:14s} beats {tp + fn:6d}  TP {tp:6d}  FN {fn:4d}  FP {fp:4d}  Se {se:.4f}  +P {ppv:.4f}  {extra}")
     return se, ppv
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ecg-dir", type=Path, default=shared_ecg_dir())
     ap.add_argument("--repeat", type=int, default=5, help="passes over the cinc2021 records for the speed figure")

@@ -24,6 +24,12 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only: clear_hug is imported inside the functions that use it
+    from multiprocessing.queues import Queue
+
+    from clear_hug.config import CLEARConfig
 
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parent.parent / "README.md"
@@ -35,7 +41,7 @@ def batch_size_for(beats: int, max_tokens: int) -> int:
     return max(1, max_tokens // (12 * beats))
 
 
-def dense_gb(preset_cfg, batch: int, beats: int) -> float:
+def dense_gb(preset_cfg: CLEARConfig, batch: int, beats: int) -> float:
     """Memory of the decoder's dense attention at its longest (probabilities, their gradient and the mask):
     what decides whether "dense" / "full" can run at all."""
     length = 12 + 12 * beats
@@ -43,7 +49,7 @@ def dense_gb(preset_cfg, batch: int, beats: int) -> float:
 
 
 def _run_one(preset: str, impl: str, beats: int, batch: int, device: str, warmup: int, repeats: int,
-             threads: int, amp: bool, queue) -> None:
+             threads: int, amp: bool, queue: Queue) -> None:
     """Child process: time one configuration and report its peak memory."""
     import resource
 
@@ -91,7 +97,7 @@ def _run_one(preset: str, impl: str, beats: int, batch: int, device: str, warmup
                "params": count_parameters(model), "loss": float(loss.detach())})
 
 
-def run_config(*args, timeout_s: float) -> dict:
+def run_config(*args: str | int | bool, timeout_s: float) -> dict:
     ctx = mp.get_context("spawn")  # a fresh process: clean peak memory, no forked OpenMP state
     queue = ctx.Queue()
     proc = ctx.Process(target=_run_one, args=(*args, queue))
@@ -110,7 +116,7 @@ def format_table(data: dict) -> str:
     lines = ["| preset | beats | batch | sparse ms | dense ms | full ms | dense / sparse | sparse tokens/s | "
              "sparse ms per beat | peak GB sparse / dense |", "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def ms(r):
+    def ms(r: dict) -> str:
         return f"{r['median_s'] * 1e3:.0f}" if "median_s" in r else "skipped"
 
     for row in data["results"]:

@@ -59,7 +59,7 @@ PRESETS: dict[str, CLEARConfig] = {
 }
 
 
-def get_config(preset: str = "base", **overrides) -> CLEARConfig:
+def get_config(preset: str = "base", **overrides: int | float | str | None) -> CLEARConfig:
     """A preset with some fields replaced (``None`` values are ignored, so CLI defaults can pass through)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")

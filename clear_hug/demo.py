@@ -12,10 +12,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # for annotations only: these modules are imported inside the functions that use them
+    from .data.cache import TokenDataset
+    from .model import CLEAR
 
 ENCODERS = ("clear", "random")
 HEADS = ("hug", "linear")
@@ -101,7 +105,7 @@ def plot_auroc(summary: dict, fractions: Sequence[float], path: Path) -> None:
 
 
 @torch.no_grad()
-def plot_reconstructions(model, dataset, path: Path, n: int = 6, seed: int = 0) -> None:
+def plot_reconstructions(model: CLEAR, dataset: TokenDataset, path: Path, n: int = 6, seed: int = 0) -> None:
     """A few masked heartbeats of one test record: the (z-normalised) truth and the decoder's reconstruction."""
     import matplotlib.pyplot as plt
 

@@ -14,12 +14,17 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .data.synthetic.long import BEAT_CLASSES
+
+if TYPE_CHECKING:  # for annotations only: these modules are imported inside the functions that use them
+    from .heads import BeatHead
+    from .model import CLEAR
+    from .train.beats import BeatRecords
 
 ENCODERS = {"clear": "CLEAR (pretrained)", "random": "no pretraining"}
 AF = BEAT_CLASSES.index("AFIB")
@@ -55,10 +60,11 @@ README_BLOCK = "demo_long_table"
 def readme_text(result: dict) -> str:
     """The README block: the run's conditions, its table and the CPSC 2021 line, from results.json."""
     a, c, t = result["args"], result["cache"], result["timings"]
-    lines = [f"{c['n_records']} records of {a['min_minutes']:g}-{a['max_minutes']:g} minutes ({c['beats_total']} beats, "
-             f"{c['beats_dropped']} dropped), `{a['preset']}` preset, {a['epochs']} pretraining epochs under "
-             f"{a['max_tokens']} tokens per batch, {result['threads']} thread(s); {t['total_s'] / 60:.1f} minutes in all "
-             f"(pretraining {t['pretrain_s'] / 60:.1f}):", "", "```", result["table"], "```"]
+    lines = [f"{c['n_records']} records of {a['min_minutes']:g}-{a['max_minutes']:g} minutes "
+             f"({c['beats_total']} beats, {c['beats_dropped']} dropped), `{a['preset']}` preset, {a['epochs']} "
+             f"pretraining epochs under {a['max_tokens']} tokens per batch, {result['threads']} thread(s); "
+             f"{t['total_s'] / 60:.1f} minutes in all (pretraining {t['pretrain_s'] / 60:.1f}):",
+             "", "```", result["table"], "```"]
     cpsc = result["cpsc2021"]
     if "records" in cpsc:
         lines.append(f"CPSC 2021 ({len(cpsc['records'])} real two-lead excerpts, {cpsc['beats']} beats, "
@@ -81,7 +87,7 @@ def _tune_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     return best
 
 
-def _episodes(data, scores, threshold: float, min_beats: int) -> dict:
+def _episodes(data: BeatRecords, scores: Sequence[np.ndarray], threshold: float, min_beats: int) -> dict:
     from .metrics import episode_scores
 
     total = {"true_episodes": 0, "detected": 0, "pred_episodes": 0, "correct": 0}
@@ -94,7 +100,8 @@ def _episodes(data, scores, threshold: float, min_beats: int) -> dict:
     return total
 
 
-def plot_record(data, scores: dict, index: int, record_id: str, path: Path) -> None:
+def plot_record(data: BeatRecords, scores: dict[str, Sequence[np.ndarray]], index: int, record_id: str,
+                path: Path) -> None:
     """Beat-level AF probability of one test record over time, for each encoder, over the annotated episodes."""
     import matplotlib.pyplot as plt
 
@@ -116,7 +123,7 @@ def plot_record(data, scores: dict, index: int, record_id: str, path: Path) -> N
 
 
 @torch.no_grad()
-def cpsc_check(encoder, head, threshold: float, ecg_dir: Optional[str]) -> dict:
+def cpsc_check(encoder: CLEAR, head: BeatHead, threshold: float, ecg_dir: Optional[str]) -> dict:
     """The trained encoder and per-beat head on the CPSC 2021 excerpts (leads I and II; the other ten flagged
     missing), against the per-beat labels of their ``(AFIB`` episodes."""
     from .data.annotations import episode_labels, read_annotations

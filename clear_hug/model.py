@@ -155,9 +155,12 @@ class CLEAR(nn.Module):
         if tokens.shape[2] < 1:
             raise ValueError("tokens must hold at least one beat per lead (a window with none is all padding)")
         if valid.shape != tokens.shape[:3] or time.shape != tokens.shape[:3]:
-            raise ValueError(f"valid {tuple(valid.shape)} and time {tuple(time.shape)} must be {tuple(tokens.shape[:3])}")
+            raise ValueError(
+                f"valid {tuple(valid.shape)} and time {tuple(time.shape)} must be {tuple(tokens.shape[:3])}")
 
-    def encode(self, tokens, valid, time, visible: Optional[torch.Tensor] = None, depth: Optional[int] = None):
+    def encode(self, tokens: torch.Tensor, valid: torch.Tensor, time: torch.Tensor,
+               visible: Optional[torch.Tensor] = None,
+               depth: Optional[int] = None) -> tuple[torch.Tensor, SegmentLayout]:
         """Run the encoder on the summary tokens plus the ``visible`` heartbeats (all valid ones by default).
 
         Returns the ``[B, L, enc_dim]`` sequence and its layout. ``depth`` stops after that many blocks (without
@@ -186,7 +189,8 @@ class CLEAR(nn.Module):
         x, layout = self.encode(tokens, valid, time)
         return layout.seq_to_grid(x)
 
-    def forward(self, tokens, valid, time, mask) -> CLEAROutput:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, time: torch.Tensor,
+                mask: torch.Tensor) -> CLEAROutput:
         """Reconstruct the masked heartbeats. ``mask`` (bool, like ``valid``) marks the masked tokens.
 
         Returns a ``CLEAROutput``: ``loss`` (MSE over the masked valid tokens only, targets z-normalised per

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def replace_block(path, name: str, body: str, source: str) -> None:
+def replace_block(path: str | Path, name: str, body: str, source: str) -> None:
     """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path`` with ``body``, under a
     note naming the command (``source``) that generated it. Raises ``ValueError`` when the markers are missing."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

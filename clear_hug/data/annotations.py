@@ -12,8 +12,9 @@ without AF.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -40,14 +41,14 @@ class Annotations:
     episodes: List[Episode]
 
 
-def _clean_aux(note) -> str:
+def _clean_aux(note: Optional[str]) -> str:
     # WFDB pads aux strings with NUL bytes (MIT-BIH writes "(N\x00"); wfdb-python reads absent notes as "None".
     text = "" if note is None else str(note).replace("\x00", "").strip()
     return "" if text == "None" else text
 
 
-def rhythm_episodes(times_s: Sequence[float], symbols: Sequence[str], aux_notes: Sequence, duration_s: float
-                    ) -> List[Episode]:
+def rhythm_episodes(times_s: Sequence[float], symbols: Sequence[str], aux_notes: Sequence[Optional[str]],
+                    duration_s: float) -> List[Episode]:
     """Episodes from annotations in time order: each ``+`` with a ``(NAME`` aux note starts rhythm ``NAME``,
     which lasts until the next such change or ``duration_s``."""
     changes: List[Tuple[float, str]] = []
@@ -63,7 +64,7 @@ def rhythm_episodes(times_s: Sequence[float], symbols: Sequence[str], aux_notes:
     return episodes
 
 
-def read_annotations(record, extension: str = "atr") -> Annotations:
+def read_annotations(record: Union[str, os.PathLike], extension: str = "atr") -> Annotations:
     """Read ``record.<extension>`` with its header (for the sampling rate and duration)."""
     import wfdb
 

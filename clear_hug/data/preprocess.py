@@ -157,7 +157,8 @@ def flat_leads(x: np.ndarray, fs: float, min_range_mv: float = 0.02, max_flat_fr
     return flat
 
 
-def preprocess(x: np.ndarray, fs: float, bandpass_filter: bool = False, fs_out: float = TARGET_FS):
+def preprocess(x: np.ndarray, fs: float, bandpass_filter: bool = False,
+               fs_out: float = TARGET_FS) -> Tuple[np.ndarray, np.ndarray]:
     """NaN repair, resampling to ``fs_out`` and the optional band-pass: ``(signal [C, T'] float32, flat [C])``.
 
     Flat leads are judged on the repaired signal at the original rate, before filtering can smear a step.

@@ -148,7 +148,8 @@ def _local_level(env: np.ndarray, fs: float, at: np.ndarray) -> np.ndarray:
     return np.interp(at, grid, med)
 
 
-def _searchback(peaks, cand, heights, levels, fs):
+def _searchback(peaks: np.ndarray, cand: np.ndarray, heights: np.ndarray, levels: np.ndarray,
+                fs: float) -> np.ndarray:
     """Fill RR gaps much longer than their neighbours with the best sub-threshold candidate in the gap."""
     refr = _REFRACTORY_S * fs
     for _ in range(3):  # a second pass catches two missed beats in the same gap
@@ -173,7 +174,7 @@ def _searchback(peaks, cand, heights, levels, fs):
     return peaks
 
 
-def _drop_t_waves(peaks, env, fs):
+def _drop_t_waves(peaks: np.ndarray, env: np.ndarray, fs: float) -> np.ndarray:
     """Of two beats closer than a T-wave distance, drop the later one when it is much weaker.
 
     A premature beat is as strong as its neighbours and is kept; a T wave, even a tall one, has far less
@@ -193,7 +194,7 @@ def _drop_t_waves(peaks, env, fs):
     return peaks[keep]
 
 
-def _refine(peaks, x, w, fs):
+def _refine(peaks: np.ndarray, x: np.ndarray, w: np.ndarray, fs: float) -> np.ndarray:
     """Move each beat to the extremum of the weighted wide-band energy within +-80 ms."""
     if len(peaks) == 0:
         return peaks
@@ -210,7 +211,7 @@ def _refine(peaks, x, w, fs):
     return np.unique(best)
 
 
-def _raw_energy(x, w, level, at, fs):
+def _raw_energy(x: np.ndarray, w: np.ndarray, level: np.ndarray, at: np.ndarray, fs: float) -> np.ndarray:
     """Weighted energy of the raw samples at indices ``at`` (baseline: each lead's median over +-0.3 s)."""
     n = x.shape[1]
     hw = max(int(round(0.3 * fs)), 1)
@@ -222,7 +223,7 @@ def _raw_energy(x, w, level, at, fs):
     return np.tensordot(w, ((x[:, at] - base) / level[:, None]) ** 2, axes=(0, 0))
 
 
-def _edge_beats(best, x, w, level, fs):
+def _edge_beats(best: np.ndarray, x: np.ndarray, w: np.ndarray, level: np.ndarray, fs: float) -> np.ndarray:
     """Re-locate beats near the strip's ends on the raw samples, and drop those whose R lies outside.
 
     A beat counts when its R wave is inside the strip. Near an end the zero-phase filters see a padded signal,
@@ -332,7 +333,8 @@ def match_beats(reference: Sequence[int], detected: Sequence[int], tolerance: in
     return tp, len(ref) - tp, len(det) - tp
 
 
-def detection_scores(reference, detected, fs: float, tolerance_s: float = 0.15) -> Tuple[float, float]:
+def detection_scores(reference: Sequence[int], detected: Sequence[int], fs: float,
+                     tolerance_s: float = 0.15) -> Tuple[float, float]:
     """Sensitivity and positive predictivity of ``detected`` against ``reference`` beats."""
     tp, fn, fp = match_beats(reference, detected, int(round(tolerance_s * fs)))
     se = tp / (tp + fn) if tp + fn else 1.0

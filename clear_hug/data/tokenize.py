@@ -72,7 +72,7 @@ def beat_windows(rpeaks: np.ndarray, n_samples: int) -> Tuple[np.ndarray, np.nda
     return start, end
 
 
-def _missing_mask(missing_leads) -> np.ndarray:
+def _missing_mask(missing_leads: Optional[Union[Sequence[Union[str, int]], np.ndarray]]) -> np.ndarray:
     mask = np.zeros(NUM_LEADS, dtype=bool)
     if missing_leads is None:
         return mask
@@ -92,7 +92,7 @@ def tokenize_beats(
     max_beats: Optional[int] = 15,
     rpeaks: Optional[np.ndarray] = None,
     bandpass: bool = False,
-    missing_leads=None,
+    missing_leads: Optional[Union[Sequence[Union[str, int]], np.ndarray]] = None,
 ) -> BeatTokens:
     """Tokenise a 12-lead record ``[12, T]`` sampled at ``fs`` (see ``BeatTokens``).
 
@@ -147,7 +147,7 @@ def tokenize_beats(
     return BeatTokens(tokens=tokens, valid=valid, time=time, rpeaks=r, flat=flat, n_dropped=len(r) - nb)
 
 
-def _check_max_beats(max_beats) -> None:
+def _check_max_beats(max_beats: Optional[int]) -> None:
     if max_beats is None:
         return
     if isinstance(max_beats, bool) or not isinstance(max_beats, (int, np.integer)):

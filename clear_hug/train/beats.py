@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -57,7 +57,8 @@ def _lengths(dataset: Dataset) -> np.ndarray:
 
 
 @torch.no_grad()
-def extract_beat_features(encoder: CLEAR, dataset: Dataset, max_tokens: int = 24_000, device=None,
+def extract_beat_features(encoder: CLEAR, dataset: Dataset, max_tokens: int = 24_000,
+                          device: Optional[Union[str, torch.device]] = None,
                           progress: bool = False) -> BeatRecords:
     """Run the frozen encoder on every record (batched by length under ``max_tokens``) in dataset order."""
     if len(dataset) == 0:
@@ -88,11 +89,12 @@ def extract_beat_features(encoder: CLEAR, dataset: Dataset, max_tokens: int = 24
     return BeatRecords(feats, valid_l, beat_l, torch.stack(summary), torch.stack(labels))
 
 
-def _pad(rows: List[torch.Tensor], value=0.0) -> torch.Tensor:
+def _pad(rows: List[torch.Tensor], value: float = 0.0) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
 
-def _batches(data: BeatRecords, budget: int, shuffle: bool, seed: int, epoch: int):
+def _batches(data: BeatRecords, budget: int, shuffle: bool, seed: int,
+             epoch: int) -> Iterator[tuple[List[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
     lengths = np.array([len(f) for f in data.feats])
     sampler = LengthBucketSampler(lengths, budget, tokens_per_beat=1, shuffle=shuffle, seed=seed)
     sampler.set_epoch(epoch)

@@ -12,7 +12,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s, b=b: factor(s, b) for b in base])
 
 
-def autocast(device: torch.device, enabled: Optional[bool]):
+def autocast(device: torch.device, enabled: Optional[bool]) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA by default; off on CPU unless asked (CPU bf16 is slow on most machines)."""
     if enabled is None:
         enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -88,7 +88,8 @@ def autocast(device: torch.device, enabled: Optional[bool]):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def make_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases, norms and embeddings-as-vectors (anything 1-D)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]

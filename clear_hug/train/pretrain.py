@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -50,7 +50,7 @@ class PretrainArgs:
     device: Optional[str] = None
 
 
-def batch_inputs(batch: dict, device: torch.device):
+def batch_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dataset items hold the lead-major grid: tokens [12, beats, 96], valid [12, beats], time [12, beats]."""
     return (batch["tokens"].to(device, torch.float32, non_blocking=True),
             batch["valid"].to(device, torch.bool, non_blocking=True),
@@ -58,7 +58,7 @@ def batch_inputs(batch: dict, device: torch.device):
 
 
 def loader(dataset: Dataset, batch_size: int, info: common.DistInfo, shuffle: bool, seed: int,
-           max_tokens: Optional[int] = None):
+           max_tokens: Optional[int] = None) -> tuple[DataLoader, Union[DistributedSampler, LengthBucketSampler]]:
     # One DistributedSampler (or length-bucketing sampler) for every world size (1 included): the data order is a
     # pure function of (seed, epoch, rank), which makes resuming exact and multi-process sharding free.
     if max_tokens is not None:
@@ -151,7 +151,8 @@ def pretrain(cfg: CLEARConfig, train_set: Dataset, args: PretrainArgs, val_set: 
     logger = common.JsonlLogger(out_dir / "metrics.jsonl" if out_dir else None, info.is_main)
     if info.is_main and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    last_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
+    last_epoch = (args.epochs if args.stop_after_epochs is None
+                  else min(args.epochs, start_epoch + args.stop_after_epochs))
     model.train()
     for epoch in range(start_epoch, last_epoch):
         sampler.set_epoch(epoch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Sequence
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def plot(path: str, seed: int = 0, n: int = 8, fs: int = 100, duration: float = 
     return path
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m clear_hug.data.synthetic", description=__doc__)
     p.add_argument("--plot", default="out/synthetic.png", help="PNG to write")
     p.add_argument("--seed", type=int, default=0)

@@ -154,11 +154,15 @@ def build_templates(rng: np.random.Generator, state: dict) -> tuple[Template, Te
 
 
 def beat_tables(tpl: Template, pvc: Template, beat_types: np.ndarray, rr_prev: np.ndarray, qtc: float,
-                qrs: float, rng: np.random.Generator):
+                qrs: float, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-beat wave tables [B, K] (+ directions [B, K, 3]) from the two templates, with the T wave placed by the
     preceding RR interval (QT = QTc * sqrt(RR), Bazett) and a small beat-to-beat amplitude jitter."""
     is_v = beat_types == 2
-    pick = lambda x, y: np.where(is_v[:, None], y[None, :], x[None, :])  # noqa: E731
+
+    def pick(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.where(is_v[:, None], y[None, :], x[None, :])
+
     c, sl, sr, a = pick(tpl.c, pvc.c), pick(tpl.sl, pvc.sl), pick(tpl.sr, pvc.sr), pick(tpl.a, pvc.a)
     u = np.where(is_v[:, None, None], pvc.u[None], tpl.u[None])
     k = np.sqrt(np.clip(rr_prev, 0.3, 2.0))

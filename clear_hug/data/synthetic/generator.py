@@ -30,7 +30,7 @@ def derive_limb_leads(i: np.ndarray, ii: np.ndarray) -> np.ndarray:
     return np.stack([ii - i, -(i + ii) / 2, i - ii / 2, ii - i / 2])
 
 
-def split_of(index) -> np.ndarray:
+def split_of(index: int | np.ndarray) -> np.ndarray:
     """Deterministic 80/10/10 split from a SplitMix64 hash of the record index (independent of the seed, so a
     record's split never changes when a dataset is regenerated or extended)."""
     z = np.asarray(index, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)

@@ -57,7 +57,8 @@ def _af_segments(rng: np.random.Generator, duration: float, p_af: float) -> list
     return sorted(out)
 
 
-def _beats(rng: np.random.Generator, duration: float, hr: float, af: list[tuple[float, float]]):
+def _beats(rng: np.random.Generator, duration: float, hr: float,
+           af: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
     """Beat times and types (0 sinus, 1 conducted AF, 2 ventricular ectopic) over the whole record."""
     cuts = [0.0] + [x for seg in af for x in seg] + [duration]
     times, types = [], []
@@ -81,7 +82,8 @@ def _beats(rng: np.random.Generator, duration: float, hr: float, af: list[tuple[
     return t, ty
 
 
-def _ectopic_runs(rng: np.random.Generator, t: np.ndarray, ty: np.ndarray, duration: float, p_ectopic: float):
+def _ectopic_runs(rng: np.random.Generator, t: np.ndarray, ty: np.ndarray, duration: float,
+                  p_ectopic: float) -> tuple[np.ndarray, np.ndarray, list[Episode]]:
     """Replace stretches of sinus beats by runs of 3-8 premature ventricular beats; returns the new beats and the
     run episodes."""
     episodes: list[Episode] = []
@@ -108,7 +110,8 @@ def _ectopic_runs(rng: np.random.Generator, t: np.ndarray, ty: np.ndarray, durat
 
 def generate_long_record(seed: int, index: int, fs: int = 100, duration_s: float | None = None, *,
                          min_minutes: float = 1.0, max_minutes: float = 10.0, p_af: float = 0.5,
-                         p_ectopic: float = 0.5, noise: float = 1.0):
+                         p_ectopic: float = 0.5,
+                         noise: float = 1.0) -> tuple[np.ndarray, np.ndarray, list[Episode], np.ndarray]:
     """One long record: ``(signal [12, T] float32 mV, R peaks int64, episodes, beat types int8)``."""
     if not 0 < min_minutes <= max_minutes:
         raise ValueError(f"need 0 < min_minutes <= max_minutes, got {min_minutes}, {max_minutes}")
@@ -146,7 +149,8 @@ def generate_long_record(seed: int, index: int, fs: int = 100, duration_s: float
     return sig, idx[keep], episodes, ty[keep]
 
 
-def generate_long_dataset(n_records: int, seed: int = 0, fs: int = 100, *, start: int = 0, **options) -> LongSet:
+def generate_long_dataset(n_records: int, seed: int = 0, fs: int = 100, *, start: int = 0,
+                          **options: float | None) -> LongSet:
     """Records ``start .. start + n_records - 1`` of long dataset ``seed`` (options: ``generate_long_record``)."""
     signals, rpeaks, episodes = [], [], []
     labels = np.zeros((n_records, len(BEAT_CLASSES)), np.float32)

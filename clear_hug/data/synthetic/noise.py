@@ -12,6 +12,7 @@ The amplitudes are chosen so that the QRS complex stays the dominant fast deflec
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 
 
 def _aa_gain(f: float, fs: int) -> float:
@@ -57,7 +58,8 @@ def add_noise(rng: np.random.Generator, x: np.ndarray, fs: int, noise: float = 1
     n_motion = int(rng.random() < 0.08 * noise) * int(rng.integers(1, 3))
     for _ in range(n_motion):
         t0, tau, rise = rng.uniform(0, t[-1]), rng.uniform(0.2, 0.6), rng.uniform(0.03, 0.08)
-        shape = np.exp(-np.clip(t - t0, 0, None) / tau) / (1.0 + np.exp(-(t - t0) / rise))
+        # expit(z) = 1 / (1 + exp(-z)), a logistic step; computed without overflowing exp far before t0.
+        shape = np.exp(-np.clip(t - t0, 0, None) / tau) * expit((t - t0) / rise)
         x += rng.normal(0.0, 0.3 * noise, size=(n_lead, 1)) * shape
     info["motion_events"] = n_motion
     # lead dropout

@@ -13,6 +13,7 @@ exactly, noise included.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 # --- lead vectors -------------------------------------------------------------------------------------------------
 # Limb leads lie in the frontal plane (Einthoven triangle: lead I at 0 degrees, lead II at +60 degrees).
@@ -56,7 +57,7 @@ def rotation(ax: float, ay: float, az: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def unit(v) -> np.ndarray:
+def unit(v: npt.ArrayLike) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
     return v / np.linalg.norm(v)
 
@@ -76,7 +77,7 @@ W = {name: i for i, name in enumerate(WAVES)}
 class Template:
     """Arrays [len(WAVES)] of centre (s, relative to R), left/right widths (s), amplitude (mV), direction [.,3]."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         n = len(WAVES)
         self.c = np.zeros(n)
         self.sl = np.full(n, 0.01)
@@ -84,14 +85,15 @@ class Template:
         self.a = np.zeros(n)
         self.u = np.tile(np.array([1.0, 0.0, 0.0]), (n, 1))
 
-    def set(self, name, c, sl, sr, a, u):
+    def set(self, name: str, c: float, sl: float, sr: float, a: float, u: npt.ArrayLike) -> None:
         i = W[name]
         self.c[i], self.sl[i], self.sr[i], self.a[i] = c, sl, sr, a
         self.u[i] = unit(u)
 
 
 def evaluate_dipole(times_r: np.ndarray, c: np.ndarray, sl: np.ndarray, sr: np.ndarray, a: np.ndarray,
-                    u: np.ndarray, fs: int, n_samples: int, t0: float, window=(-0.55, 0.85)) -> np.ndarray:
+                    u: np.ndarray, fs: int, n_samples: int, t0: float,
+                    window: tuple[float, float] = (-0.55, 0.85)) -> np.ndarray:
     """Sum the waves of all beats into a [3, n_samples] dipole sampled at t0 + n / fs.
 
     times_r: [B] R times (s).  c, sl, sr, a: [B, K] per-beat wave tables.  u: [B, K, 3] directions.
