@@ -159,6 +159,13 @@ float checked_scale(double scale) {
   return static_cast<float>(scale);
 }
 
+// Causal segments are not implemented in the CUDA kernels yet; the dispatcher does not send them here (the "cuda"
+// backend does not list the feature), and a direct call is refused rather than answered without the causal rule.
+void check_not_causal(bool is_causal) {
+  TORCH_CHECK(!is_causal, "clear_kernels CUDA kernel: is_causal=True is not implemented in the CUDA kernels; "
+              "use the triton or reference backend");
+}
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "clear_kernels CUDA kernel: launching the ", what, " failed: ",
               cudaGetErrorString(err));
@@ -168,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> native_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& segment,
     const at::Tensor& group, const at::Tensor& seg_start, const at::Tensor& seg_end, const at::Tensor& group_index,
     const at::Tensor& group_offsets, const at::Tensor& summary_index, const at::Tensor& summary_offsets,
-    double scale) {
+    double scale, bool is_causal) {
+  check_not_causal(is_causal);
   const c10::cuda::CUDAGuard device_guard(q.device());
   Prepared p = prepare(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
                        summary_offsets);
@@ -186,7 +194,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& segment, const at::Tensor& group, const at::Tensor& seg_start,
     const at::Tensor& seg_end, const at::Tensor& group_index, const at::Tensor& group_offsets,
-    const at::Tensor& summary_index, const at::Tensor& summary_offsets, double scale) {
+    const at::Tensor& summary_index, const at::Tensor& summary_offsets, double scale, bool is_causal) {
+  check_not_causal(is_causal);
   const c10::cuda::CUDAGuard device_guard(q.device());
   Prepared p = prepare(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
                        summary_offsets);
