@@ -62,11 +62,9 @@ def _refuser(device_type: str):
 
 if EXTENSION_ERROR is None:
     ops.register_pair("native")
-    # The CPU kernel implements causal segments and grouped-query attention; the CUDA kernel not yet (it refuses
-    # them, so "auto" takes another backend).
-    _FEATURES = {"cpu": frozenset({"causal", "gqa"}), "cuda": frozenset()}
     for _device in ("cpu", "cuda"):
-        dispatch.register(dispatch.Backend(_device, "native", (_device,), _refuser(_device), _FEATURES[_device]))
+        dispatch.register(dispatch.Backend(_device, "native", (_device,), _refuser(_device),
+                                           frozenset({"causal", "gqa"})))
 else:
     dispatch.mark_unavailable("cpu", EXTENSION_ERROR)
     dispatch.mark_unavailable("cuda", EXTENSION_ERROR)

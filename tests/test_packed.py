@@ -157,9 +157,7 @@ def test_varlen_other_errors():
 # ------------------------------------------------------------------------------------------- dispatch
 def test_backends_without_causal_or_gqa_refuse_and_auto_falls_back():
     q = torch.randn(1, 2, 8, 16)
-    for name in ("triton", "cuda"):
-        reason = dispatch.why_not(name, q, frozenset({"causal"}))
-        assert reason is not None
+    assert dispatch.why_not("triton", q, frozenset({"causal"})) is not None
     if clear_kernels.available_backends()["triton"] is None:  # the interpreter is on for CPU tensors
         assert "is_causal=True" in dispatch.why_not("triton", q, frozenset({"causal"}))
         assert "grouped-query" in dispatch.why_not("triton", q, frozenset({"gqa"}))
