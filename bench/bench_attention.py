@@ -4,6 +4,10 @@
     python bench/bench_attention.py --quick         # a smoke run: small batches, few repeats, short sweep
     python bench/bench_attention.py --device cuda --backends triton cuda   # the GPU backends reuse this file
 
+Besides CLEAR's shapes, the "packed causal documents" cases time the commonest use of block-diagonal attention:
+one row of L = 2k, 8k or 16k tokens packed with documents of 20 to 2000 tokens, attending causally inside each
+document (``is_causal=True``; SDPA and FlexAttention get the same document-causal mask).
+
 For each case it times the forward and the forward+backward (median of repeats after warm-up) of:
   * ``segment[<backend>]``  clear_kernels.segment_attention with that backend;
   * ``dense_sdpa``          F.scaled_dot_product_attention with the materialised [B, 1, L, L] bool mask;
@@ -50,9 +54,13 @@ class Case:
     beats: int
     visible: Optional[int] = None  # pretraining encoder: this many random visible tokens per record, compact
     sweep: bool = False            # part of the beats-per-record sweep (for the plot)
+    packed_len: Optional[int] = None  # packed documents instead of heartbeats: tokens per row (beats is then 0)
+    causal: bool = False              # is_causal=True inside each segment (every implementation)
 
     def layout(self, device: str) -> SegmentLayout:
         gen = torch.Generator().manual_seed(0)
+        if self.packed_len is not None:
+            return packed_documents(self.batch, self.packed_len, gen).to(device)
         if self.visible is None:
             valid = torch.ones(self.batch, LEADS, self.beats, dtype=torch.bool)
             return SegmentLayout.conduction(valid).to(device)
@@ -62,6 +70,24 @@ class Case:
         return SegmentLayout.conduction(valid.view(self.batch, LEADS, self.beats), compact=True).to(device)
 
 
+DOC_LENGTHS = (20, 2000)  # packed documents: lengths drawn uniformly in this range (the last one cut to fit)
+
+
+def packed_documents(batch: int, length: int, gen: torch.Generator) -> SegmentLayout:
+    """Rows of ``length`` tokens filled with documents of random lengths in ``DOC_LENGTHS``."""
+    lo, hi = DOC_LENGTHS
+    rows = []
+    for _ in range(batch):
+        row, filled = [], 0
+        while filled < length:
+            n = min(int(torch.randint(lo, hi + 1, (1,), generator=gen)), length - filled)
+            row.append(n)
+            filled += n
+        rows.append(row)
+    width = max(map(len, rows))
+    return SegmentLayout.block_diagonal([r + [0] * (width - len(r)) for r in rows], total_len=length)
+
+
 def main_cases(quick: bool) -> list[Case]:
     b = 8 if quick else 64
     return [
@@ -69,7 +95,14 @@ def main_cases(quick: bool) -> list[Case]:
         Case("decoder (CLEAR)", b, 16, 32, 15),
         Case("pretrain encoder (12+35 tokens)", b, 8, 96, 15, visible=35),
         Case("long record (150 beats)", 2 if quick else 8, 8, 96, 150),
-    ]
+    ] + packed_cases(quick)
+
+
+def packed_cases(quick: bool) -> list[Case]:
+    """Packed causal documents: one row, 4 heads of 64 (dense SDPA's L x L scores still fit at L = 8k)."""
+    lengths = (2048,) if quick else (2048, 8192, 16384)
+    return [Case(f"packed causal documents L={n // 1024}k", 1, 4, 64, 0, packed_len=n, causal=True)
+            for n in lengths]
 
 
 def sweep_cases(quick: bool) -> list[Case]:
@@ -86,7 +119,7 @@ DENSE_MAX_BYTES = 1 << 30  # dense SDPA's [B, H, L, L] scores beyond this are no
 
 def make_segment(backend: str) -> Maker:
     def make(case, layout, q):
-        return (lambda q, k, v: segment_attention(q, k, v, layout, backend=backend)), None
+        return (lambda q, k, v: segment_attention(q, k, v, layout, is_causal=case.causal, backend=backend)), None
     return make
 
 
@@ -94,12 +127,14 @@ def make_dense(case, layout, q):
     b, h, length, _ = q.shape
     if b * h * length * length * 4 > DENSE_MAX_BYTES:
         return None, f"skipped: L x L scores need {b * h * length * length * 4 / 2**30:.0f} GiB"
-    mask = layout.materialize()
+    mask = layout.materialize(case.causal)
     mask = (mask | torch.diag_embed(~mask.any(-1)))[:, None]  # padding rows see themselves: no NaN rows
     return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), None
 
 
 def make_reshape(case, layout, q):
+    if case.packed_len is not None:
+        return None, "n/a: documents of unequal length"
     if case.visible is not None:
         return None, "n/a: beats of unequal length (masked tokens)"
     b, h, _, d = q.shape
@@ -124,6 +159,8 @@ def make_flex(case, layout, q):
     def mask_mod(b, h, q_idx, kv_idx):
         sq, sk = seg[b, q_idx], seg[b, kv_idx]
         same_segment = (sq >= 0) & (sq == sk)
+        if case.causal:  # FlexAttention's document-causal mask
+            same_segment = same_segment & (kv_idx <= q_idx)
         summary_pair = (grp[b, q_idx] == grp[b, kv_idx]) & ((sq == SUMMARY) | (sk == SUMMARY))
         return (sq != PADDING) & (sk != PADDING) & (same_segment | summary_pair)
 
