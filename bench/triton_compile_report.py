@@ -31,7 +31,7 @@ from clear_kernels.triton_kernels import backward, common, forward  # noqa: E402
 
 DATA_PTRS = {"Q", "K", "V", "Out", "GradOut", "GradQ", "GradK", "GradV"}
 STAT_PTRS = {"Lse", "Delta"}
-INT_ARGS = {"L", "H", "NUM_GROUPS", "MAX_SUMMARY", "N"}
+INT_ARGS = {"L", "H", "H_KV", "NUM_GROUPS", "MAX_SUMMARY", "N"}
 FLOAT_ARGS = {"scale", "qk_scale"}
 TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -56,7 +56,7 @@ def _signature(fn, dtype: str) -> dict:
             sig[name] = "i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name[0].isupper() and name not in ("D", "BLOCK_D", "F32", "BLOCK_M", "BLOCK_N", "ROWS"):
+        elif name[0].isupper() and name not in ("D", "BLOCK_D", "F32", "CAUSAL", "BLOCK_M", "BLOCK_N", "ROWS"):
             sig[name] = "*i32"  # layout tensors
         else:
             sig[name] = "constexpr"
@@ -83,6 +83,8 @@ def compile_one(name: str, dtype: str, head_dim: int, config, arch: int) -> dict
         consts["F32"] = dtype == "float32"
     if "ROWS" in fn.arg_names:
         consts["ROWS"] = backward.DELTA_ROWS
+    if "CAUSAL" in fn.arg_names:
+        consts["CAUSAL"] = False  # the causal variants add a mask and a bound, no registers worth a second report
     options = {"num_warps": 4, "num_stages": 1}
     if config is not None:
         consts.update(config.kwargs)

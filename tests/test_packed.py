@@ -155,21 +155,28 @@ def test_varlen_other_errors():
 
 
 # ------------------------------------------------------------------------------------------- dispatch
-def test_backends_without_causal_or_gqa_refuse_and_auto_falls_back():
+def test_a_backend_without_a_feature_refuses_it_and_auto_falls_back(monkeypatch):
+    # A stand-in "cpu" backend that lists no optional feature (every real backend implements both).
+    monkeypatch.setitem(dispatch._registry, "cpu", dispatch.Backend("cpu", "reference", ("cpu",), lambda q: None))
+    monkeypatch.setattr(dispatch, "_warned", set())
+    layout = SegmentLayout.block_diagonal([[5, 3]])
     q = torch.randn(1, 2, 8, 16)
-    assert dispatch.why_not("triton", q, frozenset({"causal"})) is not None
-    if clear_kernels.available_backends()["triton"] is None:  # the interpreter is on for CPU tensors
-        assert "is_causal=True" in dispatch.why_not("triton", q, frozenset({"causal"}))
-        assert "grouped-query" in dispatch.why_not("triton", q, frozenset({"gqa"}))
-        with pytest.raises(ValueError, match="backend='triton' cannot run these inputs: it does not implement "
-                                             "is_causal=True"):
-            segment_attention(q, q, q, SegmentLayout.block_diagonal([[8]]), is_causal=True, backend="triton")
-        # A direct call of the op is refused too, never answered without the rule.
-        layout = SegmentLayout.block_diagonal([[8]])
-        with pytest.raises(NotImplementedError, match="is_causal=True is not implemented in the Triton kernels"):
-            torch.ops.clear_kernels.triton_fwd(q, q, q, *layout.kernel_args(), 0.25, True)
-    if CPU:
-        assert dispatch.select("auto", q, frozenset({"causal", "gqa"})).name == "cpu"
+    assert "does not implement is_causal=True" in dispatch.why_not("cpu", q, frozenset({"causal"}))
+    assert "grouped-query" in dispatch.why_not("cpu", q, frozenset({"gqa"}))
+    assert dispatch.why_not("cpu", q) is None
+    with pytest.raises(ValueError, match="backend='cpu' cannot run these inputs: it does not implement "
+                                         "is_causal=True"):
+        segment_attention(q, q, q, layout, is_causal=True, backend="cpu")
+    with pytest.warns(RuntimeWarning, match="falling back to the 'reference' backend: 'cpu' not used because it "
+                                            "does not implement is_causal=True"):
+        out = segment_attention(q, q, q, layout, is_causal=True)
+    torch.testing.assert_close(out, segment_attention(q, q, q, layout, is_causal=True, backend="reference"))
+
+
+def test_every_kernel_backend_lists_causal_and_gqa():
+    for name in ("cpu", "cuda", "triton", "reference"):
+        if name in dispatch._registry:
+            assert dispatch._registry[name].features == frozenset({"causal", "gqa"}), name
 
 
 # ------------------------------------------------------------------------------------------------ parity

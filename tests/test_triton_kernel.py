@@ -76,6 +76,43 @@ def test_parity_hypothesis_layouts():
 
 
 @CPU_DEVICE
+@pytest.mark.parametrize("name", ["conduction", "many_summary", "long_runs", "block_diagonal_zeros",
+                                  "one_long_segment", "random_with_empty_row"])
+@pytest.mark.parametrize("is_causal, heads, kv_heads", [(True, 2, None), (False, 2, 1), (True, 4, 2)],
+                         ids=["causal", "mqa", "causal_gqa"])
+def test_parity_causal_gqa(name, is_causal, heads, kv_heads):
+    _triton_usable()
+    check_parity("triton", CASES[name], heads=heads, head_dim=32, is_causal=is_causal, kv_heads=kv_heads)
+
+
+@CPU_DEVICE
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_parity_causal_gqa_half(dtype):
+    _triton_usable()
+    for name in ("many_summary", "long_runs"):
+        check_parity("triton", CASES[name], heads=4, head_dim=32, dtype=dtype, is_causal=True, kv_heads=2)
+
+
+@CPU_DEVICE
+def test_parity_causal_gqa_hypothesis_layouts():
+    _triton_usable()
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=8, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(seed=st.integers(0, 10_000), length=st.integers(1, 70), max_seg=st.integers(1, 60),
+                      p_summary=st.sampled_from([0.0, 0.1]), is_causal=st.booleans(),
+                      group_size=st.sampled_from([1, 2]))
+    def check(seed, length, max_seg, p_summary, is_causal, group_size):
+        layout = random_layout(seed, batch=2, length=length, num_groups=2, max_seg=max_seg, p_summary=p_summary,
+                               p_pad=0.1)
+        check_parity("triton", layout, heads=2 * group_size, kv_heads=2, head_dim=16, seed=seed,
+                     is_causal=is_causal)
+
+    check()
+
+
+@CPU_DEVICE
 @pytest.mark.parametrize("head_dim", [32, 96])
 @pytest.mark.parametrize("name", ["conduction", "random_mixed", "one_token_segments"])
 def test_parity_bfloat16(name, head_dim):
@@ -236,6 +273,17 @@ def test_gpu_parity(name, dtype):
     _triton_usable()
     for head_dim in (32, 40, 96, 128):
         check_parity("triton", CASES[name], heads=2, head_dim=head_dim, dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_parity_causal_gqa(dtype):
+    _triton_usable()
+    packed = SegmentLayout.block_diagonal([[700, 20, 1300, 28], [2000, 48, 0, 0]])
+    for layout in (CASES["many_summary"], CASES["long_runs"], packed):
+        check_parity("triton", layout, heads=8, kv_heads=2, head_dim=128, dtype=dtype, device="cuda",
+                     is_causal=True)
+    check_parity("triton", CASES["conduction"], heads=4, kv_heads=1, head_dim=96, dtype=dtype, device="cuda")
 
 
 @pytest.mark.gpu

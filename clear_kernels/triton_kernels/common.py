@@ -145,6 +145,13 @@ def tile_window(seg, grp, start, end, SumOff, L, NUM_GROUPS):
 
 
 @triton.jit
+def kv_head(bh, H, H_KV):
+    """The (batch * kv head) index that query head ``bh`` (= batch * H + head) reads: grouped-query attention
+    maps query head h to kv head h // (H // H_KV), as SDPA's enable_gqa."""
+    return (bh // H) * H_KV + (bh % H) // (H // H_KV)
+
+
+@triton.jit
 def load_rows(Base, rows, row_ok, offs_d, d_ok, D: tl.constexpr, F32: tl.constexpr):
     """A ``[len(rows), BLOCK_D]`` tile of a ``[L, D]`` matrix; ``rows`` must already be clamped in range."""
     t = tl.load(Base + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)

@@ -19,15 +19,6 @@ from .forward import segment_attention_forward
 FWD, BWD = ops.define_pair("triton")
 
 
-def _check_supported(q, k, is_causal) -> None:
-    # Not implemented in these kernels yet: the backend does not list the features, so dispatch never sends
-    # them here; a direct call of the op is refused rather than answered without the rule.
-    if is_causal:
-        raise NotImplementedError("clear_kernels::triton: is_causal=True is not implemented in the Triton kernels")
-    if k.shape != q.shape:
-        raise ValueError(f"clear_kernels::triton: k must have the shape of q {tuple(q.shape)} (grouped-query "
-                         f"attention is not implemented in the Triton kernels), got {tuple(k.shape)}")
-
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -35,18 +26,17 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 @torch.library.impl(FWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_fwd(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
                 summary_offsets, scale, is_causal=False):
-    _check_supported(q, k, is_causal)
     return segment_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), segment, group, seg_start,
-                                     seg_end, group_index, group_offsets, summary_index, summary_offsets, scale)
+                                     seg_end, group_index, group_offsets, summary_index, summary_offsets, scale,
+                                     is_causal)
 
 
 @torch.library.impl(BWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_bwd(grad_out, q, k, v, out, lse, segment, group, seg_start, seg_end, group_index, group_offsets,
                 summary_index, summary_offsets, scale, is_causal=False):
-    _check_supported(q, k, is_causal)
     return segment_attention_backward(grad_out, q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
                                       segment, group, seg_start, seg_end, group_index, group_offsets,
-                                      summary_index, summary_offsets, scale)
+                                      summary_index, summary_offsets, scale, is_causal)
 
 
 ops.register_pair("triton")
@@ -68,4 +58,5 @@ def refuse(q: torch.Tensor) -> Optional[str]:
 
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
-dispatch.register(dispatch.Backend(name="triton", op_prefix="triton", device_types=DEVICE_TYPES, refuse=refuse))
+dispatch.register(dispatch.Backend(name="triton", op_prefix="triton", device_types=DEVICE_TYPES, refuse=refuse,
+                                   features=frozenset({"causal", "gqa"})))
