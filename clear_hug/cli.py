@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -32,13 +32,17 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clear-hug pretrain", description="Masked-reconstruction pretraining of "
                                 "CLEAR; run under `torchrun --nproc-per-node N` for several processes.")
     _common(p)
-    p.add_argument("--out", required=True, help="run folder: last.pt, metrics.jsonl (resumed when present)")
+    p.add_argument("--out", required=True, help="run folder: last.pt, metrics.jsonl (resumed when present), and "
+                   "at the end pretrained/ (model.safetensors + config.json)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="base")
     p.add_argument("--attn-impl", choices=ATTN_IMPLS, default=None)
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--mask-ratio", type=float, default=None)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="variable-length batches: records of similar length, at most this many padded tokens per "
+                        "batch (instead of --batch-size records); for ragged long-record caches")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=5)
@@ -47,6 +51,9 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
     p.add_argument("--stop-after-epochs", type=int, default=None,
                    help="end this invocation after N epochs (the schedule still spans --epochs); resume later")
+    p.add_argument("--extend-schedule", action="store_true",
+                   help="resume with another --epochs than OUT/last.pt was started with: the cosine decay is "
+                        "stretched to the new end from the current step on (refused without this flag)")
     return p
 
 
@@ -56,7 +63,8 @@ def finetune_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", default=None, help="pretraining checkpoint (last.pt); omit for a random encoder")
     p.add_argument("--preset", choices=sorted(PRESETS), default="base", help="random encoder's preset")
-    p.add_argument("--out", required=True, help="folder for head checkpoints and results.jsonl")
+    p.add_argument("--out", required=True, help="folder for head checkpoints and results.jsonl, and pretrained/ "
+                   "(model.safetensors + config.json): the classifier with the best validation AUROC")
     p.add_argument("--head", choices=("hug", "linear", "both"), default="hug")
     p.add_argument("--fusion", choices=("mean", "concat"), default="mean")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
@@ -88,12 +96,30 @@ def _setup_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def cmd_pretrain(argv) -> int:
+def _preprocessing(meta: dict) -> dict:
+    """How the cache turned records into tokens: what a model saved with ``save_pretrained`` expects."""
+    keys = ("fs", "bandpass", "token_len", "max_beats", "source")
+    return {"detector": "clear_hug.data.rpeaks.detect_rpeaks", **{k: meta[k] for k in keys if k in meta}}
+
+
+def _val_split(cache: str):
+    """The cache's validation split, or None (said on stderr) when it holds no records."""
+    from .data.cache import TokenDataset
+
+    val = TokenDataset(cache, "val")
+    if len(val) == 0:
+        print(f"note: {cache} has no validation records; no validation loss is computed", file=sys.stderr)
+        return None
+    return val
+
+
+def cmd_pretrain(argv: Sequence[str]) -> int:
     args = pretrain_parser().parse_args(argv)
     _setup_threads(args)
+    from .checkpoint import load_encoder
     from .config import get_config
     from .data.cache import TokenDataset
-    from .train.common import setup_distributed
+    from .train.common import json_line, setup_distributed
     from .train.pretrain import PretrainArgs, pretrain
 
     cfg = get_config(args.preset, attn_impl=args.attn_impl, dropout=args.dropout, mask_ratio=args.mask_ratio)
@@ -101,12 +127,18 @@ def cmd_pretrain(argv) -> int:
     run = PretrainArgs(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, clip=args.clip, seed=args.seed,
                        amp=args.amp, out_dir=args.out, resume=not args.no_resume,
-                       stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress, device=args.device)
-    history = pretrain(cfg, TokenDataset(args.cache, "train"), run, TokenDataset(args.cache, "val"), info)
+                       stop_after_epochs=args.stop_after_epochs, extend_schedule=args.extend_schedule,
+                       progress=not args.no_progress, device=args.device, max_tokens=args.max_tokens)
+    train_set = TokenDataset(args.cache, "train")
+    history = pretrain(cfg, train_set, run, _val_split(args.cache), info)
+    if info.is_main and history["epochs"] and history["epochs"][-1]["epoch"] == args.epochs - 1:
+        # The finished run's encoder as a portable folder (safetensors + config.json).
+        load_encoder(Path(args.out) / "last.pt").save_pretrained(Path(args.out) / "pretrained",
+                                                                 _preprocessing(train_set.meta))
     if info.is_main and history["epochs"]:
         last = history["epochs"][-1]
-        print(json.dumps({"epoch": last["epoch"], "train_loss": last["train_loss"],
-                          "val_loss": last.get("val_loss"), "checkpoint": str(Path(args.out) / "last.pt")}))
+        print(json_line({"epoch": last["epoch"], "train_loss": last["train_loss"],
+                         "val_loss": last.get("val_loss"), "checkpoint": str(Path(args.out) / "last.pt")}))
     if info.distributed:
         import torch.distributed as dist
 
@@ -114,30 +146,34 @@ def cmd_pretrain(argv) -> int:
     return 0
 
 
-def _encoder(checkpoint: Optional[str], preset: str, seed: int):
+def _encoder(path: Optional[str], preset: str, seed: int):
+    from .checkpoint import load_encoder
     from .config import get_config
     from .model import CLEAR
     from .train import common
-    from .train.pretrain import load_encoder
 
-    if checkpoint:
-        return load_encoder(checkpoint)
+    if path:
+        return load_encoder(path)
     common.seed_everything(seed)
     return CLEAR(get_config(preset))
 
 
-def cmd_finetune(argv) -> int:
+def cmd_finetune(argv: Sequence[str]) -> int:
     args = finetune_parser().parse_args(argv)
     _setup_threads(args)
     import torch
 
+    from .checkpoint import load_classifier, save_head
     from .data.cache import TokenDataset
     from .train import common
-    from .train.finetune import (FinetuneArgs, evaluate, extract_features, finetune_end_to_end,
-                                 train_head_on_features)
+    from .train.common import json_line
+    from .train.finetune import FinetuneArgs, extract_features, finetune_end_to_end, train_head_on_features
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_set, val_set = TokenDataset(args.cache, "train"), TokenDataset(args.cache, "val")
+    for name, split in (("train", train_set), ("val", val_set)):
+        if len(split) == 0:
+            raise ValueError(f"the {name!r} split of {args.cache} has no records; heads need both train and val")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     heads = ("hug", "linear") if args.head == "both" else (args.head,)
@@ -146,13 +182,14 @@ def cmd_finetune(argv) -> int:
     if not args.finetune_encoder:
         feats = [extract_features(encoder, s, device=device, amp=args.amp, progress=not args.no_progress)
                  for s in (train_set, val_set)]
+    best: Optional[tuple] = None  # (val_auroc, head checkpoint)
     for head in heads:
         for fraction in args.fractions:
             for seed in seeds:
                 run = FinetuneArgs(head=head, fusion=args.fusion, epochs=args.epochs, batch_size=args.batch_size,
                                    lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                                    min_lr=args.min_lr, seed=seed, label_fraction=fraction,
-                                   freeze=not args.finetune_encoder, encoder_lr=args.encoder_lr, amp=args.amp,
+                                   encoder_lr=args.encoder_lr, amp=args.amp,
                                    progress=not args.no_progress, device=str(device))
                 name = f"{head}_f{fraction:g}_s{seed}"
                 logger = common.JsonlLogger(out / f"{name}.jsonl")
@@ -160,60 +197,49 @@ def cmd_finetune(argv) -> int:
                     enc = _encoder(args.checkpoint, args.preset, args.seed).to(device)
                     model, result = finetune_end_to_end(enc, train_set, val_set, len(train_set.class_names), run,
                                                         logger)
-                    head_module, enc_state = model.head, model.encoder.state_dict()
+                    head_module, enc_module, enc_file = model.head, model.encoder, None
                 else:
                     head_module, result = train_head_on_features(*feats[0], *feats[1], run, logger)
-                    enc_state = None if args.checkpoint else encoder.state_dict()
-                common.atomic_save({
-                    "head": head, "fusion": args.fusion, "head_state": head_module.state_dict(),
-                    "num_classes": len(train_set.class_names), "class_names": train_set.class_names,
-                    "encoder_checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-                    "encoder_config": encoder.cfg.to_dict(), "encoder_state": enc_state,
-                    "args": asdict(run), "result": {k: v for k, v in result.items() if k != "history"},
-                }, out / f"{name}.pt")
+                    # A frozen pretrained encoder stays in its own file; the head names it (relative path, digest).
+                    enc_module, enc_file = encoder, args.checkpoint
+                save_head(out / f"{name}.pt", head=head, fusion=args.fusion, head_state=head_module.state_dict(),
+                          class_names=train_set.class_names, encoder_config=enc_module.cfg.to_dict(),
+                          encoder_state=enc_module.state_dict(), encoder_file=enc_file, args=asdict(run),
+                          result={k: v for k, v in result.items() if k != "history"})
                 summary = {"head": head, "fraction": fraction, "seed": seed, "n_train": result["n_train"],
                            "best_epoch": result["best_epoch"], "val_auroc": result["val_auroc"],
-                           "checkpoint": str(out / f"{name}.pt")}
+                           "selection": result["selection"], "checkpoint": str(out / f"{name}.pt")}
                 common.JsonlLogger(out / "results.jsonl").log(**summary)
-                print(json.dumps(summary))
+                print(json_line(summary))
+                score = result["val_auroc"]
+                if best is None or (not math.isnan(score) and (math.isnan(best[0]) or score > best[0])):
+                    best = (score, out / f"{name}.pt")
+    load_classifier(best[1]).save_pretrained(out / "pretrained", train_set.class_names,
+                                             _preprocessing(train_set.meta))
     return 0
 
 
-def load_classifier(path):
-    """A head checkpoint (from `finetune`) as an encoder + head ``Classifier``."""
-    from .config import CLEARConfig
-    from .heads import Classifier, build_head
-    from .model import CLEAR
-    from .train import common
-
-    state = common.load_checkpoint(path)
-    if state["encoder_state"] is not None:
-        encoder = CLEAR(CLEARConfig.from_dict(state["encoder_config"]))
-        encoder.load_state_dict(state["encoder_state"])
-    else:
-        from .train.pretrain import load_encoder
-
-        encoder = load_encoder(state["encoder_checkpoint"])
-    head = build_head(state["head"], encoder.cfg.enc_dim, state["num_classes"], state["fusion"])
-    head.load_state_dict(state["head_state"])
-    return Classifier(encoder, head)
-
-
-def cmd_evaluate(argv) -> int:
+def cmd_evaluate(argv: Sequence[str]) -> int:
     args = evaluate_parser().parse_args(argv)
     _setup_threads(args)
     import torch
 
+    from .checkpoint import load_classifier
     from .data.cache import TokenDataset
     from .train import common
+    from .train.common import json_line
     from .train.finetune import evaluate
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = TokenDataset(args.cache, args.split)
+    if len(dataset) == 0:
+        raise ValueError(f"the {args.split!r} split of {args.cache} has no records")
     for path in args.heads:
-        result = {"checkpoint": path, "split": args.split, **evaluate(load_classifier(path), dataset, device=device)}
-        common.JsonlLogger(args.out).log(**result) if args.out else None
-        print(json.dumps(result))
+        model = load_classifier(path, class_names=dataset.class_names)  # refuses a head of other classes
+        result = {"checkpoint": path, "split": args.split, **evaluate(model, dataset, device=device)}
+        if args.out:
+            common.JsonlLogger(args.out).log(**result)
+        print(json_line(result))
     return 0
 
 
@@ -232,7 +258,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
-    return {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate}[command](rest)
+    try:
+        return {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate}[command](rest)
+    except (ValueError, FileNotFoundError) as exc:  # bad input or files (CheckpointError is a ValueError)
+        print(f"clear-hug {command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

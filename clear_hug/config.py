@@ -1,4 +1,4 @@
-"""Model configuration for CLEAR: one dataclass and named presets (SPEC §3.2)."""
+"""Model configuration for CLEAR: one dataclass and named presets (docs/clear_hug.md, Model)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ ATTN_IMPLS = ("sparse", "dense", "full")
 
 @dataclass(frozen=True)
 class CLEARConfig:
-    # Token grid: 12 leads x up to max_beats heartbeats of token_len samples (100 Hz, 0.96 s windows).
+    # Token grid: 12 leads x any number of heartbeats of token_len samples (100 Hz, 0.96 s windows). There is
+    # no length cap: time and beat positions are sinusoidal, so a model trained on 10 s strips runs on hours.
     num_leads: int = 12
-    max_beats: int = 15
     token_len: int = 96
-    # Time ids are "the second of the strip the R-peak falls in"; 64 covers records of about a minute.
-    num_time: int = 64
     # Encoder (sees the summary tokens and the visible heartbeats).
     enc_layers: int = 12
     enc_dim: int = 768
@@ -44,6 +42,7 @@ class CLEARConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CLEARConfig":
+        # Fields of older configs (max_beats, num_time: the learned position tables' sizes) are ignored.
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads; 0 (default): up to 2, fewer when other processes keep cores busy")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--long", action="store_true",
+                   help="the long-record demo instead: per-beat AF detection on minutes-long records "
+                        "(clear-hug demo --long --help for its options)")
     return p
 
 
@@ -109,12 +113,12 @@ def plot_reconstructions(model, dataset, path: Path, n: int = 6, seed: int = 0) 
     mask = random_mask(valid, model.cfg.mask_ratio, torch.Generator().manual_seed(seed))
     out = model(tokens, valid, time_ids, mask)
     leads = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
-    where = torch.nonzero(out["mask"][0])
+    where = torch.nonzero(out.mask[0])
     pick = where[torch.linspace(0, len(where) - 1, n).long()]
     fig, axes = plt.subplots(2, n // 2, figsize=(3 * (n // 2), 4.5), sharex=True)
     for ax, (lead, beat) in zip(axes.flat, pick.tolist()):
-        ax.plot(out["target"][0, lead, beat].numpy(), color="k", lw=1.2, label="masked heartbeat")
-        ax.plot(out["pred"][0, lead, beat].numpy(), color="tab:red", lw=1.2, label="reconstruction")
+        ax.plot(out.target[0, lead, beat].numpy(), color="k", lw=1.2, label="masked heartbeat")
+        ax.plot(out.pred[0, lead, beat].numpy(), color="tab:red", lw=1.2, label="reconstruction")
         ax.set_title(f"lead {leads[lead]}, beat {beat + 1}", fontsize=9)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"masked heartbeats and reconstructions ({model.cfg.mask_ratio:.0%} of tokens masked)")
@@ -124,7 +128,13 @@ def plot_reconstructions(model, dataset, path: Path, n: int = 6, seed: int = 0) 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--long" in argv:
+        from .demo_long import main as long_main
+
+        return long_main([a for a in argv if a != "--long"])
     args = build_parser().parse_args(argv)
+    from .checkpoint import load_encoder
     from .config import get_config
     from .data.cache import TokenDataset
     from .data.prepare import main as prepare_main
@@ -156,8 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = PretrainArgs(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
                        out_dir=str(out / "pretrain"), resume=False, progress=progress, device=args.device)
     history = pretrain(cfg, splits["train"], run, splits["val"])
-    clear = CLEAR(cfg)
-    clear.load_state_dict(common.load_checkpoint(out / "pretrain" / "last.pt")["model"])
+    clear = load_encoder(out / "pretrain" / "last.pt")
     timings["pretrain_s"] = time.perf_counter() - t0
     print(f"pretrained {args.preset} CLEAR for {args.epochs} epochs in {timings['pretrain_s']:.0f}s: "
           f"val loss {history['epochs'][0].get('val_loss', float('nan')):.3f} -> "
@@ -209,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = {"args": vars(args), "config": cfg.to_dict(), "class_names": splits["train"].class_names,
               "split_sizes": {s: len(d) for s, d in splits.items()}, "summary": summary, "runs": runs,
               "pretrain_epochs": history["epochs"], "timings": timings, "table": table}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.json").write_text(json.dumps(common.json_safe(result), indent=1, allow_nan=False))
     print(f"wrote {out}/results.json and 3 PNGs in {timings['total_s']:.0f}s "
           f"(prepare {timings['prepare_s']:.0f}s, pretrain {timings['pretrain_s']:.0f}s, "
           f"features {timings['features_s']:.0f}s, heads {timings['heads_s']:.0f}s)")

@@ -1,11 +1,14 @@
-"""Downstream heads on the 12 lead summary outputs ``[B, 12, E]`` of the encoder (SPEC §3.3)."""
+"""Downstream heads on the 12 lead summary outputs ``[B, 12, E]`` of the encoder (docs/clear_hug.md, Heads)."""
 
 from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-# Lead order I, II, III, aVR, aVL, aVF, V1-V6 (SPEC §3.1).
+# Lead order I, II, III, aVR, aVL, aVF, V1-V6, the order of every lead axis in the package (data/leads.py).
 LEAD_GROUPS = {"limb": (0, 1, 2), "augmented": (3, 4, 5), "chest": (6, 7, 8, 9, 10, 11)}
 GROUP_PAIRS = ((0, 1), (0, 2), (1, 2))
 FUSIONS = ("mean", "concat")
@@ -73,3 +76,66 @@ class Classifier(nn.Module):
 
     def forward(self, tokens, valid, time) -> torch.Tensor:
         return self.head(self.encoder.forward_features(tokens, valid, time))
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], class_names: Sequence[str],
+                        preprocessing: Optional[dict] = None) -> os.PathLike:
+        """Write ``model.safetensors`` + ``config.json`` (see ``clear_hug.checkpoint.save_pretrained``)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, class_names=class_names, preprocessing=preprocessing)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "Classifier":
+        """The classifier saved by ``save_pretrained`` (no pickle is read); class names: ``load_pretrained_config``."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(directory, kind="classifier")
+
+class BeatHead(nn.Module):
+    """Per-beat head beside HUG: token outputs to per-beat logits ``[B, beats, C]``.
+
+    Beat ``j`` is the same cardiac cycle in every lead, so its token outputs are first averaged over the leads
+    where it is valid (``pool_leads``, done once when the encoder is frozen). A depthwise convolution over
+    ``context`` neighbouring beats then lets a beat see the rhythm around it (AF is irregularity over several
+    beats), and an MLP gives the logits. Cost and memory are linear in beats; beats without a valid lead give
+    zero features and are masked out of the loss.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: int | None = None, context: int = 9) -> None:
+        super().__init__()
+        if context < 1 or context % 2 == 0:
+            raise ValueError(f"context must be a positive odd number of beats, got {context}")
+        hidden = hidden or in_dim
+        self.norm = nn.LayerNorm(in_dim)
+        self.mix = nn.Conv1d(in_dim, in_dim, context, padding=context // 2, groups=in_dim)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+
+    @staticmethod
+    def pool_leads(grid: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``[B, leads, beats, E]`` token outputs to ``[B, beats, E]``: the mean over the leads a beat is valid in."""
+        if grid.dim() != 4 or valid.shape != grid.shape[:3]:
+            raise ValueError(f"grid must be [B, leads, beats, E] with valid [B, leads, beats], got "
+                             f"{tuple(grid.shape)} and {tuple(valid.shape)}")
+        w = valid.to(grid.dtype)[..., None]
+        return (grid * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+    def forward(self, beats: torch.Tensor, beat_valid: torch.Tensor) -> torch.Tensor:
+        """``beats [B, n, E]`` (from ``pool_leads``) and ``beat_valid [B, n]`` to logits ``[B, n, C]``."""
+        if beats.dim() != 3 or beat_valid.shape != beats.shape[:2]:
+            raise ValueError(f"beats must be [B, n, E] with beat_valid [B, n], got {tuple(beats.shape)} and "
+                             f"{tuple(beat_valid.shape)}")
+        x = self.norm(beats) * beat_valid[..., None]  # padding beats add nothing to their neighbours
+        x = x + self.mix(x.transpose(1, 2)).transpose(1, 2)
+        return self.mlp(x)
+
+
+class BeatClassifier(nn.Module):
+    """Encoder + per-beat head, end to end: ``(tokens, valid, time) -> [B, beats, C]`` logits."""
+
+    def __init__(self, encoder: nn.Module, head: BeatHead) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, tokens, valid, time) -> torch.Tensor:
+        grid, _ = self.encoder.forward_tokens(tokens, valid, time)
+        return self.head(BeatHead.pool_leads(grid, valid), valid.any(1))

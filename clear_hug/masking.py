@@ -1,4 +1,4 @@
-"""Random masking of heartbeat tokens for masked-autoencoder pretraining (SPEC §3.2)."""
+"""Random masking of heartbeat tokens for masked-autoencoder pretraining (docs/clear_hug.md, Model)."""
 
 from __future__ import annotations
 

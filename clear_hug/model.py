@@ -1,4 +1,4 @@
-"""CLEAR: a masked autoencoder over heartbeat tokens with conduction-sparse attention (SPEC §3.2).
+"""CLEAR: a masked autoencoder over heartbeat tokens with conduction-sparse attention (docs/clear_hug.md, Model).
 
 Tokens live on a ``[B, leads, beats]`` grid (``tokens [B, leads, beats, 96]``, ``valid``, ``time``). Each block
 runs on a sequence built by ``SegmentLayout.conduction``: the 12 lead summary tokens, then the valid heartbeats in
@@ -8,7 +8,9 @@ decoder's); the decoder's holds every valid heartbeat, masked ones as a learned 
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import os
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,21 +77,47 @@ class Block(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+# Periods of the sinusoidal encodings, geometric from 2 (the shortest an integer index resolves) to 20 000
+# (5.5 hours in seconds, or beats): every record up to a day gets distinct, smoothly varying codes, and longer ones
+# still get bounded, well-defined codes rather than an index error.
+_NUM_FREQ = 16
+_PERIODS = torch.logspace(math.log10(2.0), math.log10(20000.0), _NUM_FREQ, dtype=torch.float64)
+
+
+def sinusoid(x: torch.Tensor) -> torch.Tensor:
+    """``[...]`` positions (any real values) to ``[..., 2 * _NUM_FREQ]`` sin/cos features; defined for any length."""
+    angle = x.to(torch.float64)[..., None] * (2 * math.pi / _PERIODS.to(x.device))
+    return torch.cat([angle.sin(), angle.cos()], -1).to(torch.float32)
+
+
 class _Positions(nn.Module):
-    """Learned lead, time (second of the strip) and position (beat index) embeddings, summed per token."""
+    """Learned lead embedding plus a learned linear map of sinusoidal codes of the token's time (seconds from the
+    start of the record or window) and beat index, summed per token.
+
+    Sinusoids rather than learned tables, so no length is baked into the weights: a model trained on 15-beat strips
+    runs on a 30-minute record, and the code of beat j does not depend on how many beats follow it.
+    """
 
     def __init__(self, cfg: CLEARConfig, dim: int) -> None:
         super().__init__()
-        self.num_time = cfg.num_time
         self.lead = nn.Parameter(torch.zeros(cfg.num_leads, dim))
-        self.time = nn.Embedding(cfg.num_time, dim)
-        self.beat = nn.Embedding(cfg.max_beats, dim)
+        self.proj = nn.Linear(4 * _NUM_FREQ, dim)
 
     def forward(self, time: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         beats = time.shape[-1]
-        # Padding may carry any time id; records longer than num_time seconds share the last time id.
-        t = torch.where(valid, time, torch.zeros_like(time)).clamp(0, self.num_time - 1)
-        return self.lead[:, None, :] + self.time(t) + self.beat.weight[:beats]
+        t = torch.where(valid, time, torch.zeros_like(time))  # padding may carry any time id
+        beat = torch.arange(beats, device=time.device).expand_as(t)
+        codes = torch.cat([sinusoid(t), sinusoid(beat)], -1)
+        return self.lead[:, None, :] + self.proj(codes.to(self.proj.weight.dtype))
+
+
+class CLEAROutput(NamedTuple):
+    """What ``CLEAR.forward`` returns."""
+
+    loss: torch.Tensor  # scalar: MSE over the masked valid tokens only
+    pred: torch.Tensor  # [B, leads, beats, 96] the reconstruction
+    target: torch.Tensor  # [B, leads, beats, 96] z-normalised input tokens
+    mask: torch.Tensor  # [B, leads, beats] bool: the masked valid tokens the loss is over
 
 
 class CLEAR(nn.Module):
@@ -124,8 +152,8 @@ class CLEAR(nn.Module):
         c = self.cfg
         if tokens.dim() != 4 or tokens.shape[1] != c.num_leads or tokens.shape[3] != c.token_len:
             raise ValueError(f"tokens must be [B, {c.num_leads}, beats, {c.token_len}], got {tuple(tokens.shape)}")
-        if tokens.shape[2] > c.max_beats:
-            raise ValueError(f"{tokens.shape[2]} beats per lead exceed max_beats={c.max_beats} of the config")
+        if tokens.shape[2] < 1:
+            raise ValueError("tokens must hold at least one beat per lead (a window with none is all padding)")
         if valid.shape != tokens.shape[:3] or time.shape != tokens.shape[:3]:
             raise ValueError(f"valid {tuple(valid.shape)} and time {tuple(time.shape)} must be {tuple(tokens.shape[:3])}")
 
@@ -151,11 +179,18 @@ class CLEAR(nn.Module):
         x, _ = self.encode(tokens, valid, time)
         return x[:, : self.cfg.num_leads]
 
-    def forward(self, tokens, valid, time, mask) -> dict:
+    def forward_tokens(self, tokens: torch.Tensor, valid: torch.Tensor,
+                       time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder outputs on every valid heartbeat: the token grid ``[B, leads, beats, enc_dim]`` (zeros at
+        padding) and the 12 lead summaries ``[B, leads, enc_dim]``; per-beat heads read the grid."""
+        x, layout = self.encode(tokens, valid, time)
+        return layout.seq_to_grid(x)
+
+    def forward(self, tokens, valid, time, mask) -> CLEAROutput:
         """Reconstruct the masked heartbeats. ``mask`` (bool, like ``valid``) marks the masked tokens.
 
-        Returns ``loss`` (MSE over the masked valid tokens only, targets z-normalised per token), ``pred`` (the
-        ``[B, leads, beats, 96]`` reconstruction), ``target`` and ``mask``.
+        Returns a ``CLEAROutput``: ``loss`` (MSE over the masked valid tokens only, targets z-normalised per
+        token), ``pred`` (the ``[B, leads, beats, 96]`` reconstruction), ``target`` and ``mask``.
         """
         mask = mask & valid
         visible = valid & ~mask
@@ -176,7 +211,20 @@ class CLEAR(nn.Module):
         err = (pred - target).pow(2).mean(-1)
         weight = mask.to(err.dtype)
         loss = (err * weight).sum() / weight.sum().clamp(min=1.0)
-        return {"loss": loss, "pred": pred, "target": target, "mask": mask}
+        return CLEAROutput(loss, pred, target, mask)
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], preprocessing: Optional[dict] = None) -> os.PathLike:
+        """Write ``model.safetensors`` + ``config.json`` (see ``clear_hug.checkpoint.save_pretrained``)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, preprocessing=preprocessing)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "CLEAR":
+        """The encoder saved by ``save_pretrained`` (no pickle is read)."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(directory, kind="clear")
 
 
 def count_parameters(module: nn.Module) -> int:

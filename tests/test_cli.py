@@ -1,30 +1,57 @@
 """The clear-hug command on tiny settings: prepare -> pretrain -> finetune -> evaluate (in process)."""
 
 import json
+import shutil
 
 import pytest
+import torch
 
+from clear_hug.checkpoint import load_checkpoint, load_classifier, load_pretrained_config
 from clear_hug.cli import main
+from clear_hug.heads import Classifier
+from clear_hug.model import CLEAR
+
+
+def _strict(constant):
+    raise ValueError(f"{constant} is not JSON")  # json.loads would otherwise accept NaN and -Infinity
 
 
 def _json_lines(text):
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return [json.loads(line, parse_constant=_strict) for line in text.splitlines() if line.startswith("{")]
+
+
+def _jsonl(path):
+    lines = path.read_text().splitlines()
+    assert lines and all(line.startswith("{") for line in lines)
+    return _json_lines("\n".join(lines))
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    cache, pt, ft = tmp_path / "cache", tmp_path / "pt", tmp_path / "ft"
+    work = tmp_path / "work"
+    cache, pt, ft = work / "cache", work / "pt", work / "ft"
     assert main(["prepare", "--out", str(cache), "--n-records", "40", "--workers", "1", "--no-progress"]) == 0
     assert (cache / "meta.json").exists()
     assert main(["pretrain", "--cache", str(cache), "--out", str(pt), "--preset", "tiny", "--epochs", "2",
                  "--stop-after-epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu"]) == 0
     first = _json_lines(capsys.readouterr().out)[-1]
-    assert first["epoch"] == 0
+    assert first["epoch"] == 0 and not (pt / "pretrained").exists()  # written when the schedule is done
     # A second invocation resumes from last.pt and finishes the schedule.
     assert main(["pretrain", "--cache", str(cache), "--out", str(pt), "--preset", "tiny", "--epochs", "2",
                  "--batch-size", "16", "--no-progress", "--device", "cpu"]) == 0
     second = _json_lines(capsys.readouterr().out)[-1]
     assert second["epoch"] == 1 and second["train_loss"] > 0
-    assert len((pt / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(_jsonl(pt / "metrics.jsonl")) == 2
+    # Resuming with more epochs would change the learning-rate schedule: refused unless asked for.
+    longer = ["pretrain", "--cache", str(cache), "--out", str(pt), "--preset", "tiny", "--epochs", "3",
+              "--batch-size", "16", "--no-progress", "--device", "cpu"]
+    assert main(longer) == 2
+    assert "epochs 2 -> 3" in capsys.readouterr().err
+    assert main(longer + ["--extend-schedule"]) == 0
+    assert _json_lines(capsys.readouterr().out)[-1]["epoch"] == 2
+    assert [r["epoch"] for r in _jsonl(pt / "metrics.jsonl")] == [0, 1, 2]
+    encoder = CLEAR.from_pretrained(pt / "pretrained")
+    last = load_checkpoint(pt / "last.pt", "pretrain")["model"]
+    assert all(torch.equal(v, last[k]) for k, v in encoder.state_dict().items())
     assert main(["finetune", "--cache", str(cache), "--checkpoint", str(pt / "last.pt"), "--out", str(ft),
                  "--head", "both", "--fractions", "0.5", "1", "--epochs", "2", "--no-progress",
                  "--device", "cpu"]) == 0
@@ -32,13 +59,24 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert {(r["head"], r["fraction"]) for r in results} == {("hug", 0.5), ("hug", 1.0), ("linear", 0.5),
                                                              ("linear", 1.0)}
     assert all(r["n_train"] >= 1 for r in results)
-    heads = [str(ft / "hug_f1_s0.pt"), str(ft / "linear_f0.5_s0.pt")]
-    assert main(["evaluate", "--cache", str(cache), *heads, "--split", "val", "--out", str(tmp_path / "ev.jsonl"),
-                 "--device", "cpu"]) == 0
+    assert len(_jsonl(ft / "results.jsonl")) == 4 and len(_jsonl(ft / "hug_f1_s0.jsonl")) == 2
+    # The best head (by validation AUROC) as a portable classifier folder.
+    best = max(results, key=lambda r: r["val_auroc"])
+    portable = Classifier.from_pretrained(ft / "pretrained")
+    head = load_classifier(best["checkpoint"])
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in portable.state_dict().items())
+    assert load_pretrained_config(ft / "pretrained")["class_names"] == json.loads((cache / "meta.json").read_text())[
+        "class_names"]
+    # The run folders move together (another disk, another machine): heads still find their encoder.
+    moved = tmp_path / "moved"
+    shutil.move(work, moved)
+    heads = [str(moved / "ft" / "hug_f1_s0.pt"), str(moved / "ft" / "linear_f0.5_s0.pt")]
+    assert main(["evaluate", "--cache", str(moved / "cache"), *heads, "--split", "val",
+                 "--out", str(tmp_path / "ev.jsonl"), "--device", "cpu"]) == 0
     evals = _json_lines(capsys.readouterr().out)
     assert len(evals) == 2 and all(e["split"] == "val" for e in evals)
-    assert all(e["auroc"] != e["auroc"] or 0.0 <= e["auroc"] <= 1.0 for e in evals)  # NaN allowed: tiny split
-    assert len((tmp_path / "ev.jsonl").read_text().splitlines()) == 2
+    assert all(e["classes_scored"] >= 1 and 0.0 <= e["auroc"] <= 1.0 for e in evals)
+    assert _jsonl(tmp_path / "ev.jsonl") == evals
 
 
 def test_cli_random_encoder_and_errors(tmp_path, capsys):

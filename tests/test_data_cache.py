@@ -36,15 +36,17 @@ def test_build_and_roundtrip(tmp_path):
     assert meta["skipped_by_kind"] == {"no_beats": 1} and meta["skipped"][0]["record"] == src.record_ids[FLAT]
     assert meta["split_counts"] == {"train": 5, "val": 2, "test": 2}
     assert meta["class_counts"] == {"a": 5, "b": 4, "c": 9} and meta["class_names"] == ["a", "b", "c"]
-    tokens = np.load(tmp_path / "c" / "tokens.npy", mmap_mode="r")
-    assert isinstance(tokens, np.memmap) and tokens.shape == (N - 1, 12, 15, 96)
+    tokens = np.load(tmp_path / "c" / "tokens.npy", mmap_mode="r")  # ragged: beat rows of all records
+    offsets = np.load(tmp_path / "c" / "offsets.npy")
+    assert isinstance(tokens, np.memmap) and tokens.shape == (offsets[-1], 12, 96) and len(offsets) == N
+    assert meta["beats_total"] == offsets[-1] and meta["beats_dropped"] == 0  # ~11 beats per 10 s, under 15
     ids = np.load(tmp_path / "c" / "record_ids.npy")
     assert src.record_ids[FLAT] not in ids.tolist()
 
     ds = TokenDataset(tmp_path / "c", split="train")
     assert len(ds) == 5 and ds.class_names == ["a", "b", "c"]
     item = ds[4]
-    assert set(item) == {"tokens", "valid", "time", "labels"}
+    assert set(item) == {"tokens", "valid", "time", "labels", "beat_labels"}
     assert item["tokens"].dtype == torch.float32 and item["tokens"].shape == (12, 15, 96)
     assert item["valid"].dtype == torch.bool and item["time"].dtype == torch.int64
     assert item["labels"].dtype == torch.float32 and item["labels"].shape == (3,)
@@ -70,7 +72,8 @@ def test_resume_after_a_killed_run(tmp_path):
     src = _fake_source()
     out = tmp_path / "c"
     build_cache(src, out, shard_size=3, progress=False)
-    ref = {k: np.load(out / f"{k}.npy") for k in ("tokens", "valid", "time", "labels", "splits", "record_ids")}
+    ref = {k: np.load(out / f"{k}.npy") for k in ("tokens", "valid", "time", "labels", "splits", "record_ids",
+                                                  "offsets")}
     # Simulate a run killed midway: the final files and two shards never written, a half-written temp shard and a
     # damaged shard left behind.
     for name in ("meta.json", "tokens.npy", "labels.npy"):
@@ -93,7 +96,7 @@ def test_resume_after_a_killed_run(tmp_path):
     with pytest.raises(ValueError, match="other options"):
         build_cache(src, out, shard_size=3, max_beats=20, progress=False)
     meta2 = build_cache(src, out, shard_size=3, max_beats=20, overwrite=True, progress=False)
-    assert meta2["max_beats"] == 20 and np.load(out / "tokens.npy").shape[2] == 20
+    assert meta2["max_beats"] == 20 and TokenDataset(out, None)[0]["tokens"].shape == (12, 20, 96)
 
 
 def test_worker_processes_give_the_same_cache(tmp_path):
@@ -120,7 +123,11 @@ def test_prepare_cinc_folder_skips_bad_records(tmp_path, capsys):
     assert rc == 0
     meta = load_meta(tmp_path / "c")
     assert meta["n_total"] == 6 and meta["n_records"] == 4 and meta["skipped_by_kind"] == {"unreadable": 2}
-    assert sorted(s["record"] for s in meta["skipped"]) == ["BROKEN", "TRUNC"]
+    reasons = {s["record"]: s["reason"] for s in meta["skipped"]}
+    assert sorted(reasons) == ["BROKEN", "TRUNC"]
+    # Said in the record's terms, not as wfdb's "Samples were not loaded correctly".
+    assert "signal file TRUNC.mat is truncated: 3000 bytes, the header's 5000 samples need 120024" in reasons["TRUNC"]
+    assert "the header has no record line" in reasons["BROKEN"]
     assert "skipped 2" in capsys.readouterr().out
     ds = TokenDataset(tmp_path / "c", split=None)
     assert ds[0]["tokens"].shape == (12, 20, 96) and "SNR" in ds.class_names
@@ -131,18 +138,12 @@ def test_prepare_cinc_folder_skips_bad_records(tmp_path, capsys):
     assert ds[j]["labels"][ds.class_names.index("STach")] == 1
 
 
-def test_prepare_synthetic_without_generator(tmp_path, capsys):
-    try:
-        import clear_hug.data.synthetic  # noqa: F401
-    except ImportError:
-        rc = prepare.main(["--source", "synthetic", "--out", str(tmp_path / "s"), "--no-progress"])
-        assert rc == 2 and "synthetic" in capsys.readouterr().err
-    else:
-        rc = prepare.main(["--source", "synthetic", "--n-records", "24", "--out", str(tmp_path / "s"),
-                           "--workers", "1", "--no-progress"])
-        assert rc == 0
-        meta = load_meta(tmp_path / "s")
-        assert meta["n_total"] == 24 and meta["n_records"] + meta["n_skipped"] == 24
+def test_prepare_synthetic(tmp_path):
+    rc = prepare.main(["--source", "synthetic", "--n-records", "24", "--out", str(tmp_path / "s"),
+                       "--workers", "1", "--no-progress"])
+    assert rc == 0
+    meta = load_meta(tmp_path / "s")
+    assert meta["n_total"] == 24 and meta["n_records"] + meta["n_skipped"] == 24
 
 
 def test_prepare_ptbxl_folder(tmp_path):
@@ -163,7 +164,7 @@ def test_prepare_ptbxl_folder(tmp_path):
     assert bool((item["valid"].sum(1) == 11).all())
 
 
-def _fake_generator(with_start: bool):
+def _fake_generator():
     """A stand-in for clear_hug.data.synthetic with the agreed interface (records depend only on seed and index)."""
     import types
 
@@ -183,26 +184,85 @@ def _fake_generator(with_start: bool):
                                      rpeaks=[b for _, b, _ in recs],
                                      splits=np.array([stable_split(f"{seed}-{start + k}") for k in range(n_records)]))
 
-    if not with_start:
-        def generate_dataset(n_records, seed, fs=100, duration_s=10.0, _g=generate_dataset):  # noqa: F811
-            return _g(n_records, seed, fs, duration_s)
     return types.SimpleNamespace(generate_dataset=generate_dataset)
 
 
-def test_synthetic_source_lazy_and_eager_agree(tmp_path, monkeypatch):
+def test_synthetic_source_shards_concatenate_exactly(tmp_path, monkeypatch):
     import sys
 
-    from clear_hug.data.cache import SyntheticSource, synthetic_source
+    from clear_hug.data.cache import synthetic_source
 
+    monkeypatch.setitem(sys.modules, "clear_hug.data.synthetic", _fake_generator())
     outs = {}
-    for lazy in (True, False):
-        monkeypatch.setitem(sys.modules, "clear_hug.data.synthetic", _fake_generator(with_start=lazy))
+    for shard_size in (6, 20):  # shards generated in the workers vs the whole dataset in one call
         src = synthetic_source(20, seed=5, use_true_rpeaks=True)
-        assert isinstance(src, SyntheticSource) == lazy
-        meta = build_cache(src, tmp_path / str(lazy), shard_size=6, progress=False)
+        meta = build_cache(src, tmp_path / str(shard_size), shard_size=shard_size, progress=False)
         assert meta["n_total"] == 20 and meta["skipped_by_kind"] == {"no_beats": 3}  # records 3, 10, 17
-        outs[lazy] = {k: np.load(tmp_path / str(lazy) / f"{k}.npy") for k in
-                      ("tokens", "valid", "labels", "splits", "record_ids")}
-    for k in outs[True]:
-        np.testing.assert_array_equal(outs[True][k], outs[False][k])
-    assert outs[True]["labels"][:, 0].tolist() == [k % 2 for k in range(20) if k % 7 != 3]
+        outs[shard_size] = {k: np.load(tmp_path / str(shard_size) / f"{k}.npy") for k in
+                            ("tokens", "valid", "labels", "splits", "record_ids")}
+    for k in outs[6]:
+        np.testing.assert_array_equal(outs[6][k], outs[20][k])
+    assert outs[6]["labels"][:, 0].tolist() == [k % 2 for k in range(20) if k % 7 != 3]
+
+
+def test_prepare_counts_and_skips_any_failing_record(tmp_path, capsys):
+    d = need_ecg("cinc2021")
+    root = tmp_path / "cinc"
+    root.mkdir()
+    for name in ("HR06000", "E07500"):
+        for ext in (".hea", ".mat"):
+            os.symlink(d / (name + ext), root / (name + ext))
+    header = (d / "HR06001.hea").read_text().splitlines()
+    for name, rate in (("RATE_TEXT", "abc"), ("RATE_HUGE", "1e12"), ("RATE_TINY", "0.001")):
+        lines = [f"{name} 12 {rate} 5000"] + [s.replace("HR06001", name) for s in header[1:]]
+        (root / f"{name}.hea").write_text("\n".join(lines) + "\n")
+        os.symlink(d / "HR06001.mat", root / f"{name}.mat")
+    rc = prepare.main(["--source", "cinc", "--root", str(root), "--out", str(tmp_path / "c"), "--workers", "1",
+                       "--no-progress"])
+    assert rc == 0
+    meta = load_meta(tmp_path / "c")
+    assert meta["n_records"] == 2 and meta["skipped_by_kind"] == {"unreadable": 3}
+    reasons = {s["record"]: s["reason"] for s in meta["skipped"]}
+    assert "'abc' is not a number" in reasons["RATE_TEXT"]
+    assert "1e+12 Hz is outside" in reasons["RATE_HUGE"] and "0.001 Hz is outside" in reasons["RATE_TINY"]
+
+
+def test_a_record_failing_in_an_unexpected_way_is_a_counted_skip(tmp_path):
+    src = _fake_source()
+    src.signals = list(src.signals)
+    src.signals[2] = src.signals[2][:5]  # 5 leads where the tokeniser needs 12
+    meta = build_cache(src, tmp_path / "c", shard_size=4, progress=False)
+    assert meta["n_records"] == N - 2 and meta["skipped_by_kind"] == {"no_beats": 1, "failed": 1}
+    failed = [s for s in meta["skipped"] if s["kind"] == "failed"]
+    assert failed[0]["record"] == "fake000002" and "12" in failed[0]["reason"]
+
+
+def test_empty_results_are_errors(tmp_path, capsys):
+    def run(*args):
+        rc = prepare.main([*args, "--out", str(tmp_path / "out"), "--workers", "1", "--no-progress"])
+        return rc, capsys.readouterr()
+
+    (tmp_path / "empty").mkdir()
+    rc, io = run("--source", "cinc", "--root", str(tmp_path / "empty"))
+    assert rc == 2 and "no WFDB records" in io.err
+    ptbxl = write_ptbxl_fixture(tmp_path / "ptbxl")
+    shutil.rmtree(ptbxl / "records500")
+    rc, io = run("--source", "ptbxl", "--root", str(ptbxl), "--sampling-rate", "500")
+    assert rc == 2 and "has no records500/" in io.err
+    scipy_io = pytest.importorskip("scipy.io")
+    cpsc = tmp_path / "cpsc2018"
+    cpsc.mkdir()
+    scipy_io.savemat(cpsc / "A0001.mat", {"ECG": {"sex": "Male", "age": 60, "data": np.zeros((12, 5000))}})
+    rc, io = run("--source", "cinc", "--root", str(cpsc))
+    assert rc == 2 and "original CPSC 2018" in io.err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("X1", "X2"):
+        (broken / f"{name}.hea").write_text("not a header\n")
+    rc, io = run("--source", "cinc", "--root", str(broken))
+    assert rc == 2 and "none of the 2 records" in io.err and not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_array_source_refuses_an_implausible_rate():
+    with pytest.raises(ValueError, match="sampling rate 0.001 Hz is outside"):
+        ArraySource(np.zeros((2, 12, 1000)), 0.001, np.zeros((2, 1)), ["a"], [0, 0])

@@ -77,3 +77,14 @@ def test_cached_filtfilt_matches_scipy(shape):
     ref = sps.sosfiltfilt(sos, x, axis=-1, padlen=pad)
     np.testing.assert_allclose(filtfilt_sos(sos, zi, x, pad), ref, rtol=1e-9, atol=1e-9)
     assert butter_bandpass(100.0, 0.67, 40.0, 5)[0] is sos  # designed once per rate
+
+
+@pytest.mark.parametrize("fs", [0.001, 10.0, 1e12, float("nan"), float("inf")])
+def test_implausible_sampling_rates_are_refused_before_allocating(fs):
+    x = np.zeros((12, 10), np.float32)  # at 0.001 Hz these 10 samples would become a million at 100 Hz
+    with pytest.raises(ValueError, match="outside the plausible range of an ECG"):
+        resample(x, fs)
+    with pytest.raises(ValueError, match="outside the plausible range of an ECG"):
+        preprocess(x, fs)
+    with pytest.raises(TypeError, match="fs must be a number"):
+        preprocess(x, "500")

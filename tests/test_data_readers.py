@@ -164,3 +164,40 @@ def test_snomed_table():
     assert snomed_name(164889003) == "AF" and snomed_name(999999) == "999999"
     assert len(set(SNOMED_NAMES.values())) == len(SNOMED_NAMES)  # one name per code, no accidental clashes
     assert stable_split("E07500") == stable_split("E07500")
+
+
+def _with_record_line(tmp_path, name, record_line):
+    """A copy of real record HR06000 (header rewritten, signal file linked) whose record line is ``record_line``."""
+    d = need_ecg("cinc2021")
+    lines = (d / "HR06000.hea").read_text().splitlines()
+    lines[0] = record_line.format(name=name)
+    (tmp_path / f"{name}.hea").write_text("\n".join(lines).replace("HR06000.mat", f"{name}.mat") + "\n")
+    if not (tmp_path / f"{name}.mat").exists():
+        os.symlink(d / "HR06000.mat", tmp_path / f"{name}.mat")
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("{name} 12 abc 5000", "sampling-rate field 'abc' is not a number"),  # wfdb: 250 Hz
+    ("{name} 12 5x0 5000", "sampling-rate field '5x0' is not a number"),  # wfdb: 5 Hz
+    ("{name} 12 -500 5000", "sampling-rate field '-500' is not a number"),  # wfdb: 250 Hz
+    ("{name} 12", "gives no sampling rate"),  # wfdb: 250 Hz
+    ("{name} 12 1e12 5000", "sampling rate 1e\\+12 Hz is outside the plausible range"),  # wfdb: 1 Hz
+    ("{name} 12 0.001 5000", "sampling rate 0.001 Hz is outside the plausible range"),
+])
+def test_unreadable_or_implausible_sampling_rate_is_refused(tmp_path, line, reason):
+    base = _with_record_line(tmp_path, "rate", line)
+    with pytest.raises(RecordReadError, match=reason):
+        read_record(base)
+
+
+def test_sizes_are_checked_before_reading(tmp_path):
+    # 10^10 samples of 12 leads would be 960 GB of float64: refused from the header alone.
+    base = _with_record_line(tmp_path, "huge", "{name} 12 500 10000000000")
+    with pytest.raises(RecordReadError, match="more than the .* values one record may hold"):
+        read_record(base)
+    base = _with_record_line(tmp_path, "long", "{name} 12 500 6000")  # the .mat holds 5000 samples
+    with pytest.raises(RecordReadError, match=r"long.mat is truncated: 120024 bytes, the header's 6000 samples"):
+        read_record(base)
+    sig, fs, _ = read_record(_with_record_line(tmp_path, "fine", "{name} 12 500/1000 5000"))
+    assert fs == 500.0 and sig.shape == (12, 5000)

@@ -89,3 +89,18 @@ def test_speed_ten_second_strip():
         detect_rpeaks(x, 100)
     per = (time.perf_counter() - t0) / 10
     assert per < 0.05, per  # a few ms on one core; generous bound for a loaded CI machine
+
+
+def test_envelope_is_never_nan_after_a_huge_transient():
+    # An electrode pop (a huge sample) followed by a flat signal: the running mean of the pooled energy comes out
+    # a rounding error below zero behind the transient, and its square root was NaN over the rest of the record.
+    from clear_hug.data.rpeaks import _combined_envelope
+
+    fs = 100.0
+    x, _ = toy_ecg(fs, [0.8] * 11)
+    x = np.array(x, dtype=np.float64, copy=True)
+    x[:, 400] = 1e6
+    x[:, 401:] = 0.0
+    env, _ = _combined_envelope(x, fs)
+    assert np.isfinite(env).all()
+    assert (env >= 0).all()

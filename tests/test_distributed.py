@@ -7,6 +7,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
+from clear_hug import checkpoint
 from clear_hug.masking import random_mask
 from clear_hug.model import CLEAR
 from clear_hug.train import common
@@ -61,7 +62,7 @@ def _simulate(out_dir_args):
             step = 0.0
             for r, b in enumerate(batches):
                 mask = random_mask(b["valid"], cfg.mask_ratio, gens[r])
-                loss = model(b["tokens"], b["valid"], b["time"], mask)["loss"]
+                loss = model(b["tokens"], b["valid"], b["time"], mask).loss
                 (loss / WORLD).backward()
                 step += float(loss.detach()) / WORLD
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -74,9 +75,9 @@ def _simulate(out_dir_args):
 def test_two_process_ddp_matches_gradient_averaging(tmp_path):
     out_dir = str(tmp_path)
     mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True, start_method="spawn")
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
-    h0 = torch.load(tmp_path / "rank0.pt", weights_only=False)["history"]
-    h1 = torch.load(tmp_path / "rank1.pt", weights_only=False)["history"]
+    ckpt = checkpoint.load_checkpoint(tmp_path / "last.pt", "pretrain")
+    h0 = torch.load(tmp_path / "rank0.pt", weights_only=True)["history"]
+    h1 = torch.load(tmp_path / "rank1.pt", weights_only=True)["history"]
     # Logged losses are all-reduced, so both ranks report the same numbers.
     assert h0["steps"] == h1["steps"] and len(h0["steps"]) == 2 * 2  # 14 records / 2 ranks / batch 4 -> 2 steps
     assert len(ckpt["mask_generator"]) == WORLD

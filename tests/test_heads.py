@@ -1,11 +1,14 @@
 """HUG and the linear probe, label subsets, macro AUROC."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from clear_hug.heads import HUG, LEAD_GROUPS, LinearProbe, build_head
 from clear_hug.metrics import macro_auroc
+from clear_hug.train import common
 from clear_hug.train.finetune import FinetuneArgs, label_subset, train_head_on_features
 
 
@@ -89,3 +92,24 @@ def test_head_training_learns_a_separable_task():
     head, result = train_head_on_features(feats[:150], labels[:150], feats[150:], labels[150:], args)
     assert result["val_auroc"] > 0.95 and result["n_train"] == 150
     assert 0 <= result["best_epoch"] < 30
+
+
+def test_unscorable_validation_keeps_the_last_epoch_and_logs_valid_json(tmp_path):
+    torch.manual_seed(0)
+    feats, labels = torch.randn(40, 12, 8), (torch.rand(40, 2) < 0.5).float()
+    val_labels = torch.zeros(10, 2)  # no positive anywhere: AUROC is undefined for every class
+    args = FinetuneArgs(head="linear", epochs=3, batch_size=16, lr=1e-2, warmup_epochs=1)
+    log = common.JsonlLogger(tmp_path / "log.jsonl")
+    head, result = train_head_on_features(feats[:30], labels[:30], feats[30:], val_labels, args, log)
+    assert result["selection"] == "last_epoch" and result["best_epoch"] == 2 and np.isnan(result["val_auroc"])
+    torch.manual_seed(0)  # train_head_on_features seeds 0 before building the head: this is its initial state
+    initial = build_head("linear", 8, 2)
+    assert not torch.equal(head.linear.weight, initial.linear.weight)  # trained, not the untouched head
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert [json.loads(line, parse_constant=strict)["val_auroc"] for line in lines] == [None, None, None]
+    with pytest.raises(ValueError, match="val holds no records"):
+        train_head_on_features(feats[:30], labels[:30], feats[:0], labels[:0], args)

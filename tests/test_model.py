@@ -31,9 +31,9 @@ def test_shapes(preset):
     tokens, valid, time = token_batch(3)
     mask = random_mask(valid, cfg.mask_ratio, torch.Generator().manual_seed(0))
     out = model(tokens, valid, time, mask)
-    assert out["pred"].shape == tokens.shape and out["loss"].dim() == 0 and torch.isfinite(out["loss"])
+    assert out.pred.shape == tokens.shape and out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert model.forward_features(tokens, valid, time).shape == (3, 12, cfg.enc_dim)
-    out["loss"].backward()
+    out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
@@ -42,9 +42,8 @@ def test_bad_inputs_raise():
     tokens, valid, time = token_batch(2)
     with pytest.raises(ValueError, match="tokens"):
         model.forward_features(tokens[..., :90], valid, time)
-    with pytest.raises(ValueError, match="max_beats"):
-        t2, v2, tm2 = token_batch(2, beats=16)
-        model.forward_features(t2, v2, tm2)
+    with pytest.raises(ValueError, match="at least one beat"):
+        model.forward_features(tokens[:, :, :0], valid[:, :, :0], time[:, :, :0])
     with pytest.raises(ValueError, match="attn_impl"):
         tiny_config(attn_impl="flash")
 
@@ -86,7 +85,7 @@ def _loss_and_grads(impl, state, tokens, valid, time, mask):
     model.load_state_dict(state)
     out = model(tokens, valid, time, mask)
     feats = model.forward_features(tokens, valid, time)
-    grads = torch.autograd.grad(out["loss"] + feats.square().mean(), list(model.parameters()))
+    grads = torch.autograd.grad(out.loss + feats.square().mean(), list(model.parameters()))
     return out, feats, grads
 
 
@@ -97,8 +96,8 @@ def test_sparse_and_dense_agree_in_outputs_and_gradients():
     mask = random_mask(valid, 0.8, torch.Generator().manual_seed(3))
     s_out, s_feats, s_grads = _loss_and_grads("sparse", state, tokens, valid, time, mask)
     d_out, d_feats, d_grads = _loss_and_grads("dense", state, tokens, valid, time, mask)
-    torch.testing.assert_close(s_out["pred"], d_out["pred"], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(s_out["loss"], d_out["loss"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_out.pred, d_out.pred, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s_out.loss, d_out.loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s_feats, d_feats, rtol=1e-10, atol=1e-10)
     # float64: a wrong mask shows up at 1e-3; summation order across threads moves the smallest grads ~1e-12.
     for gs, gd in zip(s_grads, d_grads):
@@ -106,7 +105,7 @@ def test_sparse_and_dense_agree_in_outputs_and_gradients():
     # "full" drops the conduction mask, so it must give something else on the same weights.
     f_out, f_feats, _ = _loss_and_grads("full", state, tokens, valid, time, mask)
     assert (f_feats - d_feats).abs().max() > 1e-4
-    assert torch.isfinite(f_out["loss"])
+    assert torch.isfinite(f_out.loss)
 
 
 def test_sparse_and_dense_agree_in_float32():
@@ -119,7 +118,7 @@ def test_sparse_and_dense_agree_in_float32():
         model = CLEAR(tiny_config(attn_impl=impl))
         model.load_state_dict(state)
         outs.append(model.forward_features(tokens, valid, time))
-        grads.append(torch.autograd.grad(model(tokens, valid, time, mask)["loss"], list(model.parameters())))
+        grads.append(torch.autograd.grad(model(tokens, valid, time, mask).loss, list(model.parameters())))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for gs, gd in zip(*grads):
         torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-6)
@@ -145,14 +144,14 @@ def test_loss_counts_masked_tokens_only():
     tokens, valid, time = token_batch(3, dtype=torch.float64, seed=8)
     mask = random_mask(valid, 0.8, torch.Generator().manual_seed(9))
     out = model(tokens, valid, time, mask)
-    err = (out["pred"] - znorm(tokens)).pow(2).mean(-1)
-    torch.testing.assert_close(out["loss"], err[mask].mean())
+    err = (out.pred - znorm(tokens)).pow(2).mean(-1)
+    torch.testing.assert_close(out.loss, err[mask].mean())
     # Garbage in padding slots changes nothing (it is neither seen nor scored).
     padded = tokens.clone()
     padded[~valid] = 1e3 * torch.randn_like(padded[~valid])
-    torch.testing.assert_close(model(padded, valid, time, mask)["loss"], out["loss"], rtol=0, atol=0)
+    torch.testing.assert_close(model(padded, valid, time, mask).loss, out.loss, rtol=0, atol=0)
     # A mask that marks padding is clipped to the valid tokens.
-    torch.testing.assert_close(model(tokens, valid, time, mask | ~valid)["loss"], out["loss"], rtol=0, atol=0)
+    torch.testing.assert_close(model(tokens, valid, time, mask | ~valid).loss, out.loss, rtol=0, atol=0)
 
 
 def test_targets_are_znormalised_per_token():

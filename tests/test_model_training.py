@@ -1,11 +1,12 @@
 """Pretraining: checkpoints are atomic and a resumed CPU run repeats the uninterrupted run's losses exactly."""
 
-import os
-
+import pytest
 import torch
 
+from clear_hug import checkpoint
+from clear_hug.checkpoint import load_encoder
 from clear_hug.train import common
-from clear_hug.train.pretrain import PretrainArgs, load_encoder, pretrain
+from clear_hug.train.pretrain import PretrainArgs, pretrain
 from model_fixtures import ListDataset, tiny_config
 
 
@@ -25,8 +26,8 @@ def test_resume_reproduces_the_uninterrupted_losses_bitwise(tmp_path):
     assert len(resumed["steps"]) == len(full["steps"]) == 3 * 2
     assert resumed["steps"] == full["steps"]  # exact float equality, step by step
     assert [e["val_loss"] for e in resumed["epochs"]] == [e["val_loss"] for e in full["epochs"]]
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    a = checkpoint.load_checkpoint(tmp_path / "full" / "last.pt", "pretrain")["model"]
+    b = checkpoint.load_checkpoint(tmp_path / "part" / "last.pt", "pretrain")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # A different seed gives different losses (the equality above is not vacuous).
     other = pretrain(cfg, train, _args(tmp_path / "other", seed=4, epochs=1), val)
@@ -46,7 +47,7 @@ def test_training_lowers_the_loss_and_checkpoint_loads(tmp_path):
 
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
-    common.atomic_save({"x": 1}, path)
+    checkpoint.save_checkpoint(path, "head", {"x": 1})
 
     def broken_save(obj, f):
         with open(f, "wb") as fh:
@@ -54,12 +55,10 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    try:
-        common.atomic_save({"x": 2}, path)
-    except OSError:
-        pass
+    with pytest.raises(OSError, match="disk full"):  # the failure reaches the caller
+        checkpoint.save_checkpoint(path, "head", {"x": 2})
     monkeypatch.undo()
-    assert common.load_checkpoint(path) == {"x": 1}
+    assert checkpoint.load_checkpoint(path, "head") == {"format": checkpoint.FORMAT, "kind": "head", "x": 1}
     assert [f.name for f in tmp_path.iterdir()] == ["ck.pt"]
 
 
@@ -75,3 +74,31 @@ def test_warmup_cosine_schedule():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert abs(lrs[14] - 0.01) < 1e-12 and abs(lrs[15] - 0.01) < 1e-12
+
+
+def test_an_empty_validation_set_is_an_error_not_a_zero_loss(tmp_path):
+    empty = torch.utils.data.Subset(ListDataset(4, seed=1), [])
+    with pytest.raises(ValueError, match="val_set is empty"):
+        pretrain(tiny_config(), ListDataset(8, seed=2), _args(tmp_path, epochs=1), empty)
+
+
+def test_resuming_with_more_epochs_is_refused_or_extends_the_schedule(tmp_path):
+    cfg, train = tiny_config(), ListDataset(16, seed=2)  # 2 steps per epoch
+    pretrain(cfg, train, _args(tmp_path, epochs=2, stop_after_epochs=1, min_lr=1e-5), None)
+    with pytest.raises(ValueError, match=r"epochs 2 -> 4.*extend_schedule=True"):
+        pretrain(cfg, train, _args(tmp_path, epochs=4, min_lr=1e-5), None)
+    with pytest.raises(ValueError, match=r"lr 0.001 -> 0.002\) \(only epochs can change"):
+        pretrain(cfg, train, _args(tmp_path, epochs=4, lr=2e-3, min_lr=1e-5, extend_schedule=True), None)
+    hist = pretrain(cfg, train, _args(tmp_path, epochs=4, min_lr=1e-5, extend_schedule=True), None)
+    assert [e["epoch"] for e in hist["epochs"]] == [0, 1, 2, 3]
+    # From step 2 on the cosine runs to step 8, not 4: the lr after epoch 1 (step 4) is halfway down.
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    reference = common.warmup_cosine(opt, warmup_steps=2, total_steps=8, min_lr=1e-5)
+    lrs = []
+    for _ in range(8):
+        opt.step()
+        reference.step()
+        lrs.append(reference.get_last_lr()[0])
+    assert [e["lr"] for e in hist["epochs"][1:]] == pytest.approx([lrs[3], lrs[5], lrs[7]], rel=1e-12)
+    assert hist["epochs"][-1]["lr"] == pytest.approx(1e-5)

@@ -5,7 +5,8 @@ from .readers import (CinCFolderDataset, PTBXLDataset, RecordReadError, parse_he
 from .preprocess import bandpass, flat_leads, preprocess, repair_nans, resample
 from .rpeaks import BEAT_SYMBOLS, detect_rpeaks, detection_scores, match_beats
 from .tokenize import BeatTokens, NoBeatsError, tokenize_beats, tokenize_records
-from .cache import ArraySource, PathSource, SyntheticSource, TokenDataset, build_cache, synthetic_source
+from .cache import (ArraySource, PathSource, SyntheticSource, TokenDataset, build_cache, long_synthetic_source,
+                    pad_collate, synthetic_source)
 
 __all__ = [
     "LEADS", "NUM_LEADS", "lead_index", "map_leads",
@@ -14,4 +15,5 @@ __all__ = [
     "BEAT_SYMBOLS", "detect_rpeaks", "detection_scores", "match_beats",
     "BeatTokens", "NoBeatsError", "tokenize_beats", "tokenize_records",
     "ArraySource", "PathSource", "SyntheticSource", "TokenDataset", "build_cache", "synthetic_source",
+    "long_synthetic_source", "pad_collate",
 ]

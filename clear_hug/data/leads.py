@@ -8,7 +8,7 @@ names are matched case-insensitively, after a few well-known aliases are resolve
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 NUM_LEADS = len(LEADS)
@@ -46,9 +46,3 @@ def map_leads(names: Sequence[str]) -> List[Optional[int]]:
             seen.add(idx)
         out.append(idx)
     return out
-
-
-def missing_leads(names: Iterable[str]) -> List[str]:
-    """Canonical names of the 12 leads that ``names`` does not provide."""
-    present = {i for i in map_leads(list(names)) if i is not None}
-    return [LEADS[i] for i in range(NUM_LEADS) if i not in present]

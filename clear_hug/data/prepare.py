@@ -8,11 +8,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .cache import PathSource, build_cache, synthetic_source
+from .cache import PathSource, Source, build_cache, synthetic_source
 from .readers import PTBXL_TASKS, CinCFolderDataset, PTBXLDataset
 
 
-def make_source(args):
+def make_source(args: argparse.Namespace) -> Source:
     if args.source == "synthetic":
         return synthetic_source(args.n_records or 1000, seed=args.seed, use_true_rpeaks=args.true_rpeaks)
     if not args.root:
@@ -22,7 +22,21 @@ def make_source(args):
         info = {"root": os.path.abspath(args.root), "task": args.task, "sampling_rate": args.sampling_rate}
         return PathSource(index, "ptbxl", info, limit=args.n_records)
     index = CinCFolderDataset(args.root)
-    return PathSource(index, "cinc", {"root": os.path.abspath(args.root)}, limit=args.n_records)
+    return PathSource(index, "cinc", {"root": os.path.abspath(args.root)}, limit=args.n_records,
+                      annotations=args.annotations, beat_class_names=args.beat_classes or ())
+
+
+def max_beats_arg(text: str):
+    """``--max-beats``: a positive int, or ``all`` for every beat of the record."""
+    if text.lower() in ("all", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-beats must be a positive int or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--max-beats must be a positive int or 'all', got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="dataset folder (ptbxl: holds ptbxl_database.csv; cinc: .hea/.mat records)")
     p.add_argument("--out", required=True, help="cache folder to create or resume")
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    p.add_argument("--max-beats", type=int, default=15)
+    p.add_argument("--max-beats", type=max_beats_arg, default=15,
+                   help="beats kept per record or window (15 for 10 s strips; 'all' keeps every beat); beats "
+                        "beyond it are counted and reported")
+    p.add_argument("--window", type=float, default=None, help="cut records into windows of this many seconds")
+    p.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: --window)")
+    p.add_argument("--annotations", default=None,
+                   help="cinc: WFDB annotation extension (e.g. atr) whose rhythm episodes label the beats")
+    p.add_argument("--beat-classes", nargs="+", default=None,
+                   help="with --annotations: rhythm names that become per-beat labels (e.g. AFIB N)")
     p.add_argument("--n-records", type=int, default=None,
                    help="synthetic: how many to generate (default 1000); real sources: use only the first N")
     p.add_argument("--seed", type=int, default=0)
@@ -50,14 +72,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         source = make_source(args)
-    except (RuntimeError, FileNotFoundError, ValueError) as exc:
+        meta = build_cache(source, args.out, max_beats=args.max_beats, bandpass=args.bandpass,
+                           workers=args.workers, shard_size=args.shard_size, overwrite=args.overwrite,
+                           progress=not args.no_progress, window_s=args.window, stride_s=args.stride)
+    except (FileNotFoundError, ValueError) as exc:  # no records, none readable, a folder of another format
         print(f"prepare: {exc}", file=sys.stderr)
         return 2
-    meta = build_cache(source, args.out, max_beats=args.max_beats, bandpass=args.bandpass, workers=args.workers,
-                       shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"prepared {meta['n_records']} of {meta['n_total']} records from {meta['source']} into {args.out}; "
           f"skipped {meta['n_skipped']} {meta['skipped_by_kind'] or ''}; splits {meta['split_counts']}; "
           f"{len(meta['class_names'])} classes")
+    print(f"{meta['beats_total']} beats tokenised (per item: {meta['beats_per_item']}); "
+          f"{meta['beats_dropped']} beats dropped by --max-beats {meta['max_beats']} in {meta['items_capped']} items"
+          + (f"; {meta['windows_without_beats']} windows without beats left out" if meta['window_s'] else ""))
     return 0
 
 

@@ -5,6 +5,7 @@ All functions take ``[C, T]`` (or ``[T]``) arrays and work along the last axis, 
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from functools import lru_cache
 from typing import Tuple
@@ -13,6 +14,32 @@ import numpy as np
 from scipy import signal as sps
 
 TARGET_FS = 100
+
+# What a recording can plausibly be, checked before anything is allocated for it. ECGs are stored at 100 Hz
+# (PTB-XL's low-rate copy) up to a few kHz; below 50 Hz a QRS is 2-4 samples wide, above 20 kHz no ECG device
+# records. A rate outside the range is a damaged header: 0.001 Hz would make resampling to 100 Hz allocate
+# gigabytes, 1e12 Hz cannot be resampled at all.
+MIN_FS, MAX_FS = 50.0, 20_000.0
+# Samples of all channels of one record: 2^29 float64 values are 4 GiB (24 h of 12 leads at 500 Hz).
+MAX_VALUES = 2**29
+
+
+def check_sampling_rate(fs: float) -> float:
+    """``fs`` as a float, or ValueError when it is not a plausible ECG sampling rate (``MIN_FS`` to ``MAX_FS``)."""
+    if isinstance(fs, bool) or not isinstance(fs, (int, float, np.integer, np.floating)):
+        raise TypeError(f"fs must be a number, got {type(fs).__name__}")
+    fs = float(fs)
+    if not (math.isfinite(fs) and MIN_FS <= fs <= MAX_FS):
+        raise ValueError(f"sampling rate {fs:g} Hz is outside the plausible range of an ECG "
+                         f"({MIN_FS:g} to {MAX_FS:g} Hz)")
+    return fs
+
+
+def check_size(n_samples: int, n_channels: int, fs: float) -> None:
+    """ValueError when a record of ``n_samples`` x ``n_channels`` would exceed ``MAX_VALUES``."""
+    if n_samples * n_channels > MAX_VALUES:
+        raise ValueError(f"{n_samples} samples x {n_channels} channels ({n_samples / fs / 3600:.1f} h at {fs:g} Hz) "
+                         f"is more than the {MAX_VALUES} values one record may hold")
 
 
 def resample_ratio(fs_in: float, fs_out: float = TARGET_FS, max_den: int = 1000) -> Tuple[int, int]:
@@ -32,6 +59,7 @@ def resample_ratio(fs_in: float, fs_out: float = TARGET_FS, max_den: int = 1000)
 def resample(x: np.ndarray, fs_in: float, fs_out: float = TARGET_FS) -> np.ndarray:
     """Polyphase resampling (anti-aliased) along the last axis; returns float32. A no-op at the target rate."""
     x = np.asarray(x)
+    fs_in = check_sampling_rate(fs_in)
     if abs(float(fs_in) - float(fs_out)) < 1e-9:
         return x.astype(np.float32, copy=False)
     up, down = resample_ratio(fs_in, fs_out)
@@ -134,6 +162,7 @@ def preprocess(x: np.ndarray, fs: float, bandpass_filter: bool = False, fs_out: 
 
     Flat leads are judged on the repaired signal at the original rate, before filtering can smear a step.
     """
+    fs = check_sampling_rate(fs)
     x = repair_nans(x)
     flat = flat_leads(x, fs)
     y = resample(x, fs, fs_out)

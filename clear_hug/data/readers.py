@@ -12,11 +12,12 @@ import os
 import re
 import hashlib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .leads import LEADS, NUM_LEADS, map_leads
+from .preprocess import check_sampling_rate, check_size
 from .snomed import snomed_name
 
 ECG_DIR_ENV = "CLEAR_HUG_ECG_DIR"
@@ -82,19 +83,78 @@ def parse_header_comments(comments: Sequence[str]) -> Dict[str, object]:
     return out
 
 
-def read_record(path) -> Tuple[np.ndarray, float, Dict[str, object]]:
+_RATE = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_FORMAT = re.compile(r"(\d+)(?:x(\d+))?(?::\d+)?(?:\+(\d+))?")
+_BYTES_PER_SAMPLE = {8: 1, 80: 1, 16: 2, 61: 2, 160: 2, 212: 1.5, 310: 4 / 3, 311: 4 / 3, 24: 3, 32: 4}
+
+
+def _header_rate(base: str) -> Tuple[float, Optional[int]]:
+    """The sampling rate and samples per channel that the record line of ``base.hea`` declares, checked.
+
+    Read here, not by wfdb, which falls back to 250 Hz when the rate field is missing or unreadable and reads
+    "1e12" as 1 and "5x0" as 5. The size is checked against the rate, and against the signal files on disk,
+    before wfdb allocates anything (so a truncated file is named as such, not as "cannot reshape array").
+    """
+    try:
+        with open(base + ".hea", encoding="utf-8", errors="replace") as fh:
+            lines = [t for t in (raw.strip() for raw in fh) if t and not t.startswith("#")]
+    except OSError as exc:
+        raise RecordReadError(f"{base}: cannot open the header ({exc})") from exc
+    fields = lines[0].split() if lines else []
+    if len(fields) < 2 or not fields[1].isdigit():
+        raise RecordReadError(f"{base}: the header has no record line (name, number of signals, sampling rate)")
+    if len(fields) < 3:
+        raise RecordReadError(f"{base}: the header gives no sampling rate (wfdb would silently assume 250 Hz)")
+    rate = fields[2].split("/")[0]  # "500/1000(0)": sampling rate / counter frequency (base counter value)
+    if not _RATE.fullmatch(rate):
+        raise RecordReadError(f"{base}: the header's sampling-rate field {fields[2]!r} is not a number")
+    try:
+        fs = check_sampling_rate(float(rate))
+        n_samples = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else None
+        if n_samples is not None:
+            check_size(n_samples, int(fields[1]), fs)
+    except ValueError as exc:
+        raise RecordReadError(f"{base}: {exc}") from exc
+    if n_samples is not None:
+        _check_signal_files(base, lines[1:1 + int(fields[1])], n_samples)
+    return fs, n_samples
+
+
+def _check_signal_files(base: str, signal_lines: Sequence[str], n_samples: int) -> None:
+    """RecordReadError when a signal file is missing or shorter than the header's samples need (known formats)."""
+    need: Dict[str, float] = {}
+    for line in signal_lines:
+        parts = line.split()
+        m = _FORMAT.fullmatch(parts[1]) if len(parts) > 1 else None
+        if m is None or int(m.group(1)) not in _BYTES_PER_SAMPLE:
+            return  # a format not checked here (compressed, say): wfdb reports what it finds
+        per_frame = _BYTES_PER_SAMPLE[int(m.group(1))] * int(m.group(2) or 1)
+        need[parts[0]] = need.get(parts[0], int(m.group(3) or 0)) + per_frame * n_samples
+    for name, size in need.items():
+        path = os.path.join(os.path.dirname(base), name)
+        if not os.path.exists(path):
+            raise RecordReadError(f"{base}: signal file {name} named by the header is missing")
+        have = os.path.getsize(path)
+        if have < int(size):
+            raise RecordReadError(f"{base}: signal file {name} is truncated: {have} bytes, the header's "
+                                  f"{n_samples} samples need {int(size)}")
+
+
+def read_record(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, float, Dict[str, object]]:
     """Read one WFDB record (``.dat`` or the CinC ``.mat`` variant) as ``(signal [12, T] float32 mV, fs, meta)``.
 
     Leads are put in the canonical order by name (case-insensitive); leads the file lacks are zeros and listed
     in ``meta["missing_leads"]``; extra channels (PTB's Frank leads, say) are ignored. ``meta`` holds
     ``record``, ``lead_names`` (as in the file), ``missing_leads``, ``age``, ``sex`` and ``dx`` (list of int).
-    Raises ``RecordReadError`` for anything that cannot be read.
+    Raises ``RecordReadError`` for anything that cannot be read, and for a sampling rate or length that no ECG
+    has (see ``preprocess.check_sampling_rate``), before reading the samples.
     """
     import wfdb  # local import: keeps `import clear_hug.data` light for users of the token cache only
 
     base = _record_base(path)
     if not os.path.exists(base + ".hea"):
         raise RecordReadError(f"{base}: header file {base}.hea not found")
+    fs, _ = _header_rate(base)
     try:
         rec = wfdb.rdrecord(base, physical=True)
     except Exception as exc:  # wfdb raises many types (ValueError, HeaderSyntaxError, OSError, IndexError...)
@@ -104,8 +164,8 @@ def read_record(path) -> Tuple[np.ndarray, float, Dict[str, object]]:
         raise RecordReadError(f"{base}: record has no samples")
     if rec.sig_len is not None and sig.shape[0] != rec.sig_len:
         raise RecordReadError(f"{base}: truncated, {sig.shape[0]} of {rec.sig_len} samples")
-    if not rec.fs or rec.fs <= 0:
-        raise RecordReadError(f"{base}: invalid sampling frequency {rec.fs}")
+    if not rec.fs or abs(float(rec.fs) - fs) > 1e-9 * fs:
+        raise RecordReadError(f"{base}: wfdb read the sampling rate as {rec.fs}, the header says {fs:g} Hz")
     names = list(rec.sig_name or [])
     units = list(rec.units or [""] * len(names))
     idx = map_leads(names)
@@ -124,7 +184,7 @@ def read_record(path) -> Tuple[np.ndarray, float, Dict[str, object]]:
         "missing_leads": [LEADS[i] for i in range(NUM_LEADS) if i not in present],
     }
     meta.update(parse_header_comments(rec.comments or []))
-    return out, float(rec.fs), meta
+    return out, fs, meta
 
 
 def _header_comments(base: str) -> List[str]:
@@ -209,7 +269,8 @@ class PTBXLDataset(RecordIndex):
 
     source = "ptbxl"
 
-    def __init__(self, root, sampling_rate: int = 100, task: str = "superdiagnostic", drop_empty: bool = True):
+    def __init__(self, root: Union[str, os.PathLike], sampling_rate: int = 100, task: str = "superdiagnostic",
+                 drop_empty: bool = True) -> None:
         import pandas as pd
 
         if sampling_rate not in (100, 500):
@@ -221,6 +282,10 @@ class PTBXLDataset(RecordIndex):
         for p in (db_path, st_path):
             if not p.exists():
                 raise FileNotFoundError(f"PTB-XL file not found: {p}")
+        folder = root / f"records{sampling_rate}"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"PTB-XL folder {root} has no {folder.name}/ (the records at "
+                                    f"sampling_rate={sampling_rate} Hz)")
         db = pd.read_csv(db_path)
         statements = pd.read_csv(st_path, index_col=0)
         col = "filename_lr" if sampling_rate == 100 else "filename_hr"
@@ -235,6 +300,8 @@ class PTBXLDataset(RecordIndex):
             paths.append(str(root / getattr(row, col)))
             label_sets.append(labels)
             splits.append(0 if fold <= 8 else 1 if fold == 9 else 2)
+        if not paths:
+            raise ValueError(f"{db_path} lists no record with a label for the {task!r} task")
         class_names = sorted({c for s in label_sets for c in s})
         pos = {c: i for i, c in enumerate(class_names)}
         y = np.zeros((len(paths), len(class_names)), dtype=np.float32)
@@ -252,6 +319,17 @@ def stable_split(name: str, val: float = 0.1, test: float = 0.1) -> int:
     return 2 if u < test else 1 if u < test + val else 0
 
 
+def _is_cpsc2018_original(path: Path) -> bool:
+    """Whether a ``.mat`` file is a record of the original CPSC 2018 release (a struct variable named ``ECG``)."""
+    from scipy.io import whosmat
+    from scipy.io.matlab import MatReadError
+
+    try:
+        return any(name == "ECG" and cls == "struct" for name, _, cls in whosmat(str(path)))
+    except (MatReadError, ValueError, OSError):  # not a MATLAB file scipy can list, so not that format
+        return False
+
+
 class CinCFolderDataset(RecordIndex):
     """A folder (searched recursively) of PhysioNet/CinC records labelled by their ``# Dx:`` SNOMED codes.
 
@@ -262,11 +340,21 @@ class CinCFolderDataset(RecordIndex):
 
     source = "cinc"
 
-    def __init__(self, root, val: float = 0.1, test: float = 0.1):
+    def __init__(self, root: Union[str, os.PathLike], val: float = 0.1, test: float = 0.1) -> None:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"CinC folder not found: {root}")
         headers = sorted(root.rglob("*.hea"))
+        if not headers:
+            mats = sorted(root.rglob("*.mat"))
+            if mats and _is_cpsc2018_original(mats[0]):
+                raise ValueError(
+                    f"{root} holds the original CPSC 2018 release ({mats[0].name}: a MATLAB struct 'ECG', no WFDB "
+                    "headers), which is not read here: it has no header with the sampling rate and its labels "
+                    "are in a separate REFERENCE.csv. Use the PhysioNet/CinC 2020 or 2021 copy of CPSC 2018 "
+                    "(WFDB .hea + .mat with SNOMED codes), e.g. its 'cpsc_2018' folder")
+            raise ValueError(f"{root} holds no WFDB records (no .hea header files)"
+                             + (f"; its {len(mats)} .mat files have no headers" if mats else ""))
         ids, paths, label_sets, splits = [], [], [], []
         for h in headers:
             base = str(h)[:-4]

@@ -34,7 +34,6 @@ _INTEGRATION_S = 0.10  # about one QRS width
 _REFINE_S = 0.08  # half-width of the window in which the R extremum is searched
 _THRESHOLD = 0.50  # fraction of the local typical beat level a candidate must reach
 _SEARCHBACK = 0.25  # lower fraction used when searching a gap that is too long
-_LOCAL_WEIGHTS = True  # per-sample lead weights from the local noise floor (see _combined_envelope)
 _LW_POWER = 3  # how hard a locally noisy lead is turned down (3: tuned on CPSC2021 noise, MIT-BIH, synthetic)
 # Lead weighting by QRS size (see _combined_envelope): weight ~ (QRS slope above noise, relative to the median
 # lead) ** _AMP_POWER, at most _AMP_CAP ** _AMP_POWER. Power 2 makes the pooled energy a (noise-gated) spatial
@@ -42,8 +41,6 @@ _LW_POWER = 3  # how hard a locally noisy lead is turned down (3: tuned on CPSC2
 _AMP_POWER = 2
 _AMP_CAP = 4.0
 _NOISE_MAX = 5.0  # a 2 s block maximum of pure noise slope is about 4.5 times its median (Gaussian, 100-500 Hz)
-_GLOBAL_RR = True
-_EDGE = True  # judge beats at the strip's ends on the raw samples (see _edge_beats)
 _EDGE_SUMMIT = 0.7  # energy fraction of a typical R summit the edge sample needs: R within ~0.6 sample of it
 _INNER_SUMMIT = 0.5  # the same for an edge-zone beat whose summit is inside the strip (rejects T, P waves)
 _T_WAVE_S = 0.36  # beats closer than this to the previous one are checked for being T waves
@@ -120,7 +117,7 @@ def _combined_envelope(x: np.ndarray, fs: float) -> Tuple[np.ndarray, np.ndarray
     if w.sum() <= 0:
         return np.zeros(x.shape[-1]), w
     w = w / w.sum()
-    if _LOCAL_WEIGHTS and x.shape[0] > 1:
+    if x.shape[0] > 1:
         # Noise bursts are usually in one lead at a time (an electrode moving). A lead's mean slope over the
         # surrounding second rises in a burst; weighting each lead down by it, sample by sample, lets the clean
         # leads speak there.
@@ -134,7 +131,9 @@ def _combined_envelope(x: np.ndarray, fs: float) -> Tuple[np.ndarray, np.ndarray
     else:
         energy = np.tensordot(w, dn * dn, axes=(0, 0))
     width = max(int(round(_INTEGRATION_S * fs)), 1)
-    env = np.sqrt(ndimage.uniform_filter1d(energy, width, mode="nearest"))
+    # A running mean of non-negative energy can come out a rounding error below zero (cancellation in the
+    # filter's running sum); its square root would be NaN and silently lose the beats around it.
+    env = np.sqrt(np.maximum(ndimage.uniform_filter1d(energy, width, mode="nearest"), 0.0))
     return env, w
 
 
@@ -157,10 +156,9 @@ def _searchback(peaks, cand, heights, levels, fs):
             return peaks
         rr = np.diff(peaks)
         med_rr = ndimage.median_filter(rr.astype(np.float64), size=9, mode="nearest")
-        if _GLOBAL_RR:
-            # Near a strip's end the local median sees mostly the gaps themselves (missed ectopic beats late in
-            # a strip leave doubled intervals there): the record's median interval bounds it.
-            med_rr = np.minimum(med_rr, np.median(rr))
+        # Near a strip's end the local median sees mostly the gaps themselves (missed ectopic beats late in
+        # a strip leave doubled intervals there): the record's median interval bounds it.
+        med_rr = np.minimum(med_rr, np.median(rr))
         gaps = np.nonzero(rr > 1.6 * med_rr)[0]
         added = []
         for g in gaps:
@@ -207,8 +205,7 @@ def _refine(peaks, x, w, fs):
     offs = np.arange(-half, half + 1)
     idx = np.clip(peaks[:, None] + offs[None, :], 0, len(comb) - 1)
     best = idx[np.arange(len(peaks)), np.argmax(comb[idx], axis=1)]
-    if _EDGE:
-        best = _edge_beats(best, x, w, level, fs)
+    best = _edge_beats(best, x, w, level, fs)  # beats at the strip's ends are judged on the raw samples
     # Two envelope peaks may refine onto the same R wave; keep one.
     return np.unique(best)
 
@@ -295,15 +292,14 @@ def detect_rpeaks(sig: np.ndarray, fs: float) -> np.ndarray:
     # Beats found by the search-back are not T-wave checked again: a premature ventricular beat is wide, so weak in
     # the QRS band, comes early, and is followed by a compensatory pause, exactly the gap the search-back fills.
     peaks = _searchback(peaks, cand, heights, levels, fs)
-    if _EDGE:
-        # A beat cut by an edge is only partly inside the integration window, so its envelope peak is lower:
-        # edge candidates get the search-back threshold here and are then judged on the raw samples (_edge_beats).
-        half = max(int(round(_REFINE_S * fs)), 1)
-        at_edge = ((cand < half) | (cand > n - 1 - half)) & (heights >= _SEARCHBACK * levels)
-        extra = cand[at_edge]
-        if len(peaks):
-            extra = extra[np.min(np.abs(extra[:, None] - peaks[None, :]), axis=1) >= dist]
-        peaks = np.sort(np.concatenate([peaks, extra]))
+    # A beat cut by an edge is only partly inside the integration window, so its envelope peak is lower:
+    # edge candidates get the search-back threshold here and are then judged on the raw samples (_edge_beats).
+    half = max(int(round(_REFINE_S * fs)), 1)
+    at_edge = ((cand < half) | (cand > n - 1 - half)) & (heights >= _SEARCHBACK * levels)
+    extra = cand[at_edge]
+    if len(peaks):
+        extra = extra[np.min(np.abs(extra[:, None] - peaks[None, :]), axis=1) >= dist]
+    peaks = np.sort(np.concatenate([peaks, extra]))
     peaks = _refine(peaks, x, w, fs)
     # After refinement two beats can sit closer than the refractory period; keep the stronger.
     if len(peaks) > 1:

@@ -1,4 +1,4 @@
-"""ECG records to heartbeat tokens (SPEC section 3.1).
+"""ECG records to heartbeat tokens.
 
 A token is one heartbeat of one lead: 96 samples at 100 Hz with the R peak at index 48. The R peaks are
 detected once on all leads together, so token ``[lead, j]`` is the same cardiac cycle for every lead, which is
@@ -30,11 +30,14 @@ class NoBeatsError(ValueError):
 class BeatTokens:
     """Heartbeat tokens of one record (or, from ``tokenize_records``, a batch with a leading record axis).
 
-    tokens  float32 [12, max_beats, 96]  z-normalised beat windows, zeros where invalid
-    valid   bool    [12, max_beats]      beat exists, the lead is present and not flat, the window not constant
-    time    int64   [12, max_beats]      the second of the strip the beat's R peak falls in (0 where invalid)
-    rpeaks  int64   [n_beats]            R peaks at 100 Hz (all detected, not only the first max_beats)
-    flat    bool    [12]                 leads judged flat, disconnected or missing
+    tokens  float32 [12, beats, 96]  z-normalised beat windows, zeros where invalid
+    valid   bool    [12, beats]      beat exists, the lead is present and not flat, the window not constant
+    time    int64   [12, beats]      the second of the record the beat's R peak falls in (0 where invalid)
+    rpeaks  int64   [n_beats]        R peaks at 100 Hz (all detected, not only the first max_beats)
+    flat    bool    [12]             leads judged flat, disconnected or missing
+    n_dropped                        detected beats left out by the ``max_beats`` cap (0 without a cap)
+
+    ``beats`` is ``max_beats`` (missing beats are padding), or every detected beat when ``max_beats`` is None.
     """
 
     tokens: np.ndarray
@@ -43,6 +46,7 @@ class BeatTokens:
     rpeaks: Union[np.ndarray, List[np.ndarray]]
     flat: np.ndarray
     failed: List[Tuple[int, str]] = field(default_factory=list)
+    n_dropped: Union[int, np.ndarray] = 0
 
 
 def beat_windows(rpeaks: np.ndarray, n_samples: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -85,7 +89,7 @@ def _missing_mask(missing_leads) -> np.ndarray:
 def tokenize_beats(
     signal: np.ndarray,
     fs: float,
-    max_beats: int = 15,
+    max_beats: Optional[int] = 15,
     rpeaks: Optional[np.ndarray] = None,
     bandpass: bool = False,
     missing_leads=None,
@@ -94,13 +98,13 @@ def tokenize_beats(
 
     ``rpeaks``, when given, are sample indices at ``fs`` (ground truth from a generator, say) and replace the
     detector. ``missing_leads`` (names, indices or a bool mask) marks leads whose tokens are invalid; leads that
-    are flat are invalid too. Raises ``NoBeatsError`` when no beat is found.
+    are flat are invalid too. ``max_beats=None`` tokenises every beat of the record (Holter, long records);
+    with a cap, the beats after it are counted in ``n_dropped``. Raises ``NoBeatsError`` when no beat is found.
     """
     x = np.asarray(signal)
     if x.ndim != 2 or x.shape[0] != NUM_LEADS:
         raise ValueError(f"signal must be [{NUM_LEADS}, T] in the order {LEADS}, got shape {x.shape}")
-    if max_beats < 1:
-        raise ValueError(f"max_beats must be >= 1, got {max_beats}")
+    _check_max_beats(max_beats)
     y, flat = preprocess(x, fs, bandpass_filter=bandpass)
     flat = flat | _missing_mask(missing_leads)
     n = y.shape[-1]
@@ -116,8 +120,11 @@ def tokenize_beats(
         raise NoBeatsError(f"no beats detected in a record of {n / TARGET_FS:.1f} s")
 
     start, end = beat_windows(r, n)
-    rb, sb, eb = r[:max_beats], start[:max_beats], end[:max_beats]
+    cap = len(r) if max_beats is None else max_beats
+    rb, sb, eb = r[:cap], start[:cap], end[:cap]
     nb = len(rb)
+    if max_beats is None:
+        max_beats = nb
     # Gather every window at once: sample index of token position k of beat j is r_j - 48 + k.
     idx = rb[:, None] + (np.arange(TOKEN_LEN) - R_INDEX)[None, :]  # [nb, 96]
     inside = (idx >= sb[:, None]) & (idx < eb[:, None])
@@ -137,7 +144,46 @@ def tokenize_beats(
     valid[:, :nb] = ~flat[:, None] & alive
     tokens[:, :nb] = np.where(valid[:, :nb, None], win, 0.0)
     time[:, :nb] = np.where(valid[:, :nb], (rb // TARGET_FS)[None, :], 0)
-    return BeatTokens(tokens=tokens, valid=valid, time=time, rpeaks=r, flat=flat)
+    return BeatTokens(tokens=tokens, valid=valid, time=time, rpeaks=r, flat=flat, n_dropped=len(r) - nb)
+
+
+def _check_max_beats(max_beats) -> None:
+    if max_beats is None:
+        return
+    if isinstance(max_beats, bool) or not isinstance(max_beats, (int, np.integer)):
+        raise TypeError(f"max_beats must be an int or None, got {type(max_beats).__name__}")
+    if max_beats < 1:
+        raise ValueError(f"max_beats must be >= 1 or None, got {max_beats}")
+
+
+def split_windows(bt: BeatTokens, window_s: float, stride_s: float,
+                  duration_s: float) -> List[Tuple[float, BeatTokens]]:
+    """Cut the tokens of a whole record (``tokenize_beats(..., max_beats=None)``) into windows of ``window_s``
+    seconds every ``stride_s`` seconds, for records of hours.
+
+    A beat belongs to a window when its R peak does; its token is the one of the whole record (so beats at a
+    window's edge keep their full shape). Times restart at 0 in each window. Windows with no beat are left out
+    (the caller counts them); a window with fewer beats than others is simply shorter, padded when batched.
+    Returns ``[(start_s, BeatTokens)]``.
+    """
+    for name, v in (("window_s", window_s), ("stride_s", stride_s)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
+    r = np.asarray(bt.rpeaks)
+    if bt.tokens.shape[1] != len(r):
+        raise ValueError("split_windows needs the tokens of every beat (tokenize_beats with max_beats=None)")
+    out = []
+    n_windows = max(1, int(np.ceil((duration_s - window_s) / stride_s - 1e-9)) + 1)
+    for w in range(n_windows):
+        start = w * stride_s
+        lo, hi = np.searchsorted(r, [start * TARGET_FS, (start + window_s) * TARGET_FS])
+        if hi <= lo:
+            continue
+        valid = bt.valid[:, lo:hi]
+        time = np.where(valid, ((r[lo:hi] - int(round(start * TARGET_FS))) // TARGET_FS)[None, :], 0)
+        out.append((float(start), BeatTokens(tokens=bt.tokens[:, lo:hi], valid=valid, time=time,
+                                             rpeaks=r[lo:hi], flat=bt.flat)))
+    return out
 
 
 def tokenize_records(
@@ -149,8 +195,13 @@ def tokenize_records(
     """Tokenise many ``(signal, fs)`` records into stacked arrays with a leading record axis.
 
     ``errors="raise"`` propagates the first ``NoBeatsError``; ``errors="skip"`` leaves that record's row all
-    padding and lists ``(position, reason)`` in ``failed``.
+    padding and lists ``(position, reason)`` in ``failed``. ``n_dropped`` ``[N]`` counts each record's beats
+    beyond ``max_beats`` (a stacked batch needs a cap; the token cache stores records of any length).
     """
+    if max_beats is None:
+        raise ValueError("tokenize_records stacks records and needs an int max_beats; use the token cache "
+                         "(build_cache(..., max_beats=None)) for records of any length")
+    _check_max_beats(max_beats)
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
     n = len(records)
@@ -160,6 +211,7 @@ def tokenize_records(
     flat = np.ones((n, NUM_LEADS), dtype=bool)
     rpeaks: List[np.ndarray] = []
     failed: List[Tuple[int, str]] = []
+    dropped = np.zeros(n, dtype=np.int64)
     for i, (sig, fs) in enumerate(records):
         try:
             bt = tokenize_beats(sig, fs, max_beats=max_beats, bandpass=bandpass)
@@ -169,6 +221,7 @@ def tokenize_records(
             failed.append((i, str(exc)))
             rpeaks.append(np.zeros(0, dtype=np.int64))
             continue
-        tokens[i], valid[i], time[i], flat[i] = bt.tokens, bt.valid, bt.time, bt.flat
+        tokens[i], valid[i], time[i], flat[i], dropped[i] = bt.tokens, bt.valid, bt.time, bt.flat, bt.n_dropped
         rpeaks.append(bt.rpeaks)
-    return BeatTokens(tokens=tokens, valid=valid, time=time, rpeaks=rpeaks, flat=flat, failed=failed)
+    return BeatTokens(tokens=tokens, valid=valid, time=time, rpeaks=rpeaks, flat=flat, failed=failed,
+                      n_dropped=dropped)

@@ -1,4 +1,7 @@
-"""Shared training plumbing: distributed setup, schedules, atomic checkpoints, JSONL logs, RNG state."""
+"""Shared training plumbing: distributed setup, schedules, precision, seeding, JSONL logs.
+
+Checkpoints have their own module, ``clear_hug.checkpoint``.
+"""
 
 from __future__ import annotations
 
@@ -115,39 +118,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities (undefined metrics) as None and numpy scalars as Python numbers."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ------------------------------------------------------------------ files
-def atomic_save(obj: Any, path: os.PathLike) -> None:
-    """Write a checkpoint to a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX),
-    so an interrupted run never leaves a half-written checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # only when saving failed
-            tmp.unlink()
-
-
-def load_checkpoint(path: os.PathLike) -> dict:
-    # Checkpoints hold RNG states (numpy arrays, tuples), so they are not weights-only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+def json_line(record: dict) -> str:
+    """``record`` as one line of standard JSON. An undefined metric (NaN, an infinity) is written as ``null``:
+    ``json.dumps`` would write ``NaN`` or ``-Infinity``, which JSON parsers other than Python's reject."""
+    return json.dumps(json_safe(record), default=float, allow_nan=False)
 
 
 class JsonlLogger:
@@ -162,4 +149,4 @@ class JsonlLogger:
         if self.path is None:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(json_line(record) + "\n")

@@ -1,11 +1,13 @@
-"""Downstream training of HUG or the linear probe on a (frozen by default) CLEAR encoder (SPEC §3.3)."""
+"""Downstream training of HUG or the linear probe on a (frozen by default) CLEAR encoder."""
 
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -13,18 +15,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ..data.cache import pad_collate
 from ..heads import Classifier, build_head
 from ..metrics import macro_auroc
 from ..model import CLEAR
 from . import common
 from .pretrain import batch_inputs
 
-LABEL_FRACTIONS = (0.01, 0.1, 1.0)
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class FinetuneArgs:
-    # The paper's recipe (SPEC §3.3).
+    # The paper's downstream recipe (AdamW, warm-up then cosine decay, BCE on multi-hot labels).
     head: str = "hug"
     fusion: str = "mean"
     epochs: int = 100
@@ -36,7 +39,6 @@ class FinetuneArgs:
     clip: float = 3.0
     seed: int = 0
     label_fraction: float = 1.0
-    freeze: bool = True
     encoder_lr: Optional[float] = None  # fine-tuning only; defaults to lr / 10
     amp: Optional[bool] = None
     progress: bool = False
@@ -72,7 +74,8 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128, device=None, amp=None,
+def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128,
+                     device: Optional[Union[str, torch.device]] = None, amp: Optional[bool] = None,
                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's 12 summary outputs for every record (``[N, 12, E]`` float32) and the labels ``[N, C]``.
 
@@ -82,8 +85,9 @@ def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128, de
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
-    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="features", disable=not progress,
-                      leave=False):
+    # pad_collate: records of a ragged (long-record) cache have different beat counts.
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size, collate_fn=pad_collate), desc="features",
+                      disable=not progress, leave=False):
         tokens, valid, time_ids = batch_inputs(batch, device)
         with common.autocast(device, amp):
             feats.append(encoder.forward_features(tokens, valid, time_ids).float().cpu())
@@ -93,13 +97,17 @@ def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128, de
 
 
 @torch.no_grad()
-def predict(module, batches, device) -> tuple[np.ndarray, np.ndarray]:
+def predict(module: torch.nn.Module, batches: Iterable,
+            device: Union[str, torch.device]) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores and labels over ``(inputs, labels)`` batches."""
     module.eval()
     scores, labels = [], []
     for inputs, y in batches:
         scores.append(torch.sigmoid(module(*[x.to(device) for x in inputs]).float()).cpu())
         labels.append(y)
     module.train()
+    if not scores:
+        raise ValueError("no records to score")
     return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
 
@@ -111,22 +119,29 @@ def _feature_batches(feats, labels, batch_size, shuffle=False, generator=None):
 
 
 def _record_batches(dataset, batch_size, shuffle=False, generator=None):
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator):
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                            collate_fn=pad_collate):
         yield (batch["tokens"].float(), batch["valid"].bool(), batch["time"].long()), batch["labels"].float()
 
 
-def fit(module: torch.nn.Module, train, val, args: FinetuneArgs, n_train: int, device,
-        param_groups=None, logger: Optional[common.JsonlLogger] = None) -> dict:
+def fit(module: torch.nn.Module, train: Callable[[torch.Generator], Iterable], val: Callable[[], Iterable],
+        args: FinetuneArgs, n_train: int, device: Union[str, torch.device], param_groups: Optional[list] = None,
+        logger: Optional[common.JsonlLogger] = None) -> dict:
     """Train ``module`` with BCE; keep the weights with the best validation macro AUROC (checked every epoch).
 
-    ``train(generator)`` and ``val()`` return iterables of ``(inputs, labels)`` batches.
+    ``train(generator)`` and ``val()`` return iterables of ``(inputs, labels)`` batches. When the validation
+    split cannot be scored (no class has both a positive and a negative record there), no epoch can be chosen
+    on it: the last epoch's weights are kept, ``selection`` says ``"last_epoch"`` (else ``"best_val_auroc"``),
+    ``val_auroc`` is NaN and a warning is logged.
     """
+    if args.epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {args.epochs}")
     gen = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(param_groups or module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = max(1, -(-n_train // args.batch_size))
     scheduler = common.warmup_cosine(optimizer, round(args.warmup_epochs * steps_per_epoch),
                                      args.epochs * steps_per_epoch, args.min_lr)
-    best = {"val_auroc": -np.inf, "epoch": -1, "state": copy.deepcopy(module.state_dict())}
+    best = None
     history = []
     module.train()
     for epoch in tqdm(range(args.epochs), desc=f"{args.head} {args.label_fraction:g}", disable=not args.progress,
@@ -149,16 +164,29 @@ def fit(module: torch.nn.Module, train, val, args: FinetuneArgs, n_train: int, d
         history.append(record)
         if logger is not None:
             logger.log(**record)
-        # NaN (no scorable validation class) never beats a number; the first epoch stands in then.
-        if score > best["val_auroc"]:
+        if not math.isnan(score) and (best is None or score > best["val_auroc"]):
             best = {"val_auroc": score, "epoch": epoch, "state": copy.deepcopy(module.state_dict())}
+    if best is None:
+        log.warning("the validation split has no class with both positive and negative records, so no epoch "
+                    "can be selected on it: keeping the last epoch's weights")
+        return {"best_epoch": args.epochs - 1, "val_auroc": float("nan"), "selection": "last_epoch",
+                "history": history}
     module.load_state_dict(best["state"])
-    return {"best_epoch": best["epoch"], "val_auroc": float(best["val_auroc"]), "history": history}
+    return {"best_epoch": best["epoch"], "val_auroc": float(best["val_auroc"]), "selection": "best_val_auroc",
+            "history": history}
 
 
-def train_head_on_features(train_feats, train_labels, val_feats, val_labels, args: FinetuneArgs,
-                           logger=None) -> tuple[torch.nn.Module, dict]:
+def _require_records(**sizes: int) -> None:
+    for name, n in sizes.items():
+        if n == 0:
+            raise ValueError(f"{name} holds no records")
+
+
+def train_head_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
+                           val_labels: torch.Tensor, args: FinetuneArgs,
+                           logger: Optional[common.JsonlLogger] = None) -> tuple[torch.nn.Module, dict]:
     """Frozen-encoder path: a head trained on precomputed summary features of a label subset."""
+    _require_records(train=len(train_feats), val=len(val_feats))
     common.seed_everything(args.seed)
     idx = torch.as_tensor(label_subset(train_labels.numpy(), args.label_fraction, args.seed))
     x, y = train_feats[idx], train_labels[idx]
@@ -170,8 +198,9 @@ def train_head_on_features(train_feats, train_labels, val_feats, val_labels, arg
 
 
 def finetune_end_to_end(encoder: CLEAR, train_set: Dataset, val_set: Dataset, num_classes: int,
-                        args: FinetuneArgs, logger=None) -> tuple[Classifier, dict]:
-    """Fine-tuning path (``freeze=False``): encoder and head train together, encoder at a lower lr."""
+                        args: FinetuneArgs, logger: Optional[common.JsonlLogger] = None) -> tuple[Classifier, dict]:
+    """Fine-tuning path: encoder and head train together, the encoder at a lower lr."""
+    _require_records(train_set=len(train_set), val_set=len(val_set))
     common.seed_everything(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     labels = np.stack([train_set[i]["labels"] for i in range(len(train_set))])
@@ -186,7 +215,8 @@ def finetune_end_to_end(encoder: CLEAR, train_set: Dataset, val_set: Dataset, nu
     return model, result
 
 
-def evaluate(module, feats_or_set, labels=None, device="cpu") -> dict:
+def evaluate(module: torch.nn.Module, feats_or_set: Union[torch.Tensor, Dataset],
+             labels: Optional[torch.Tensor] = None, device: Union[str, torch.device] = "cpu") -> dict:
     """Test macro AUROC of a head on features (``labels`` given) or of a Classifier on a dataset."""
     batches = (_feature_batches(feats_or_set, labels, 1024) if labels is not None
                else _record_batches(feats_or_set, 256))

@@ -1,4 +1,4 @@
-"""Labelled synthetic 12-lead ECGs from a cardiac dipole model: the project's default data (SPEC 3.5).
+"""Labelled synthetic 12-lead ECGs from a cardiac dipole model: the project's default data, generated offline.
 
 Physics.  The heart is a 3-D dipole (x left, y inferior, z anterior).  Each beat is a sum of waves (P, septal q, R,
 S, terminal R' of RBBB, infarct Q vectors, ST, T), each a fixed direction times an asymmetric Gaussian in time,
