@@ -195,6 +195,20 @@ def test_opcheck():
 
 
 @CPU_DEVICE
+def test_opcheck_causal_gqa():
+    _triton_usable()
+    layout = conduction_layout(3, batch=1, leads=3, beats=3)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, layout.seq_len, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 1, layout.seq_len, 16, generator=gen, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(ops.op("triton", "fwd"), (q, k, v, *layout.kernel_args(), 0.25, True))
+    out, lse = ops.op("triton", "fwd")(q.detach(), k.detach(), v.detach(), *layout.kernel_args(), 0.25, True)
+    torch.library.opcheck(ops.op("triton", "bwd"),
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                           *layout.kernel_args(), 0.25, True))
+
+
+@CPU_DEVICE
 def test_module_path_with_autograd():
     _triton_usable()
     layout = CASES["conduction_compact"]
