@@ -14,7 +14,10 @@ For each case it times the forward and the forward+backward (median of repeats a
   * ``flex``                FlexAttention compiled with torch.compile, block mask from the layout's ids
                             (forward only on CPU, where FlexAttention has no backward);
   * ``reshape``             heartbeats folded into the batch: beat j's leads as one [leads, D] sequence, plain SDPA;
-                            it ignores the summary tokens, so it is a lower bound on work, not the same op.
+                            it ignores the summary tokens, so it is a lower bound on work, not the same op;
+  * ``torch_varlen`` and ``flash_varlen`` (packed documents on CUDA only): torch.nn.attention.varlen.varlen_attn
+                            and flash_attn_varlen_func on the documents packed as [T, H, D] (the repacking from
+                            [B, H, L, D] is timed with them).
 It prints a table with the ratio of each time to dense SDPA's, and writes JSON (machine, versions, commit) and a
 PNG of time against beats per record into bench/results/.
 """
@@ -177,9 +180,58 @@ def make_flex(case, layout, q):
     return fn, None
 
 
+def _varlen_inputs(layout: SegmentLayout):
+    """``cu_seqlens`` over the rows of a packed layout laid end to end, the longest document, and a function that
+    packs ``[B, H, L, D]`` into ``[B * L, H, D]``."""
+    seg = layout.segment.reshape(-1)
+    pos = torch.arange(layout.seq_len, device=seg.device).repeat(layout.batch_size)
+    starts = torch.nonzero((seg >= 0) & (layout.seg_start.reshape(-1) == pos)).flatten()
+    cu = torch.cat([starts, starts.new_tensor([seg.numel()])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return cu, max_len, lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+
+def _make_varlen(kind: str) -> Maker:
+    def make(case, layout, q):
+        if q.device.type != "cuda":
+            return None, "n/a: CUDA only"
+        try:
+            if kind == "torch":
+                from torch.nn.attention.varlen import varlen_attn as attn
+            else:
+                from flash_attn import flash_attn_varlen_func as attn
+        except ImportError as exc:
+            return None, f"unavailable: {exc}"
+        cu, max_len, pack = _varlen_inputs(layout)
+        shape = q.shape
+
+        def unpack(out):
+            return out.view(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2)
+
+        if kind == "torch":
+            window = (-1, 0) if case.causal else (-1, -1)
+            fn = lambda q, k, v: unpack(attn(pack(q), pack(k), pack(v), cu, cu, max_len, max_len,  # noqa: E731
+                                             window_size=window))
+        else:
+            fn = lambda q, k, v: unpack(attn(pack(q), pack(k), pack(v), cu, cu, max_len, max_len,  # noqa: E731
+                                             causal=case.causal))
+        try:
+            with torch.no_grad():
+                fn(q, q, q)
+        except Exception as exc:  # noqa: BLE001 - any failure is a result to report, not a crash
+            return None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        return fn, None
+    return make
+
+
+# Baselines that only apply to packed documents (rows of the other cases are not printed for them).
+PACKED_ONLY = ("torch_varlen", "flash_varlen")
+
+
 def implementations(device: str, backends: list[str]) -> dict[str, Maker]:
     impls: dict[str, Maker] = {f"segment[{name}]": make_segment(name) for name in backends}
-    impls.update({"dense_sdpa": make_dense, "flex": make_flex, "reshape": make_reshape})
+    impls.update({"dense_sdpa": make_dense, "flex": make_flex, "reshape": make_reshape,
+                  "torch_varlen": _make_varlen("torch"), "flash_varlen": _make_varlen("flash")})
     return impls
 
 
@@ -235,6 +287,8 @@ def run_case(case: Case, impls: dict[str, Maker], device: str, dtype: torch.dtyp
     for impl, maker in impls.items():
         if case.sweep and impl == "flex":
             continue  # one compile per length: the sweep is about the scaling of the kernels
+        if impl in PACKED_ONLY and case.packed_len is None:
+            continue
         forward, reason = maker(case, layout, probe)
         entry = {"case": case.name, "impl": impl, "batch": case.batch, "heads": case.heads,
                  "head_dim": case.head_dim, "beats": case.beats, "seq_len": layout.seq_len,
