@@ -56,7 +56,8 @@ def _signature(fn, dtype: str) -> dict:
             sig[name] = "i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name[0].isupper() and name not in ("D", "BLOCK_D", "F32", "CAUSAL", "BLOCK_M", "BLOCK_N", "ROWS"):
+        elif name[0].isupper() and name not in ("D", "BLOCK_D", "F32", "CAUSAL", "GROUP", "BLOCK_M", "BLOCK_N",
+                                                "ROWS"):
             sig[name] = "*i32"  # layout tensors
         else:
             sig[name] = "constexpr"
@@ -85,6 +86,8 @@ def compile_one(name: str, dtype: str, head_dim: int, config, arch: int) -> dict
         consts["ROWS"] = backward.DELTA_ROWS
     if "CAUSAL" in fn.arg_names:
         consts["CAUSAL"] = False  # the causal variants add a mask and a bound, no registers worth a second report
+    if "GROUP" in fn.arg_names:
+        consts["GROUP"] = 1  # query heads per kv head: plain multi-head attention
     options = {"num_warps": 4, "num_stages": 1}
     if config is not None:
         consts.update(config.kwargs)

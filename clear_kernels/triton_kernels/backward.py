@@ -103,15 +103,15 @@ def _bwd_segment_dq(
 def _bwd_segment_dkdv(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, Seg, Grp, SegStart, SegEnd, SumIdx, SumOff,
     L, H, H_KV, NUM_GROUPS, MAX_SUMMARY, scale, qk_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, CAUSAL: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Key tiles of ``BLOCK_M`` positions of one kv head (the tile names mirror the forward: the tile's own tokens
-    are M), summed over the query heads that read it."""
+    are M), summed over the ``GROUP = H // H_KV`` query heads that read it. GROUP is a compile-time constant: with
+    one query head per kv head the loop disappears and the kernel keeps its registers (no spills at D = 96)."""
     pid_m = tl.program_id(0)
     bj = tl.program_id(1)  # batch * H_KV + kv head
     b = bj // H_KV
-    group_size = H // H_KV
     row_base = b.to(tl.int64) * L
     kv_base = bj.to(tl.int64) * L * D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,8 +128,8 @@ def _bwd_segment_dkdv(
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for hq in range(0, group_size):
-        bh = (b * H + (bj % H_KV) * group_size + hq).to(tl.int64)
+    for hq in tl.static_range(GROUP):
+        bh = (b * H + (bj % H_KV) * GROUP + hq).to(tl.int64)
         base = bh * L * D
         stat_base = bh * L
         dk, dv = _dkdv_head(Q + base, GradOut + base, Lse + stat_base, Delta + stat_base, Seg, Grp, SumIdx, k, v,
@@ -185,7 +185,8 @@ def _dkdv_head(Q, GradOut, Lse, Delta, Seg, Grp, SumIdx, k, v, dk, dv, seg_k, gr
 def _bwd_summary(
     Q, K, V, GradOut, Lse, Delta, GradQ, GradK, GradV, Grp, GrpIdx, GrpOff, SumIdx, SumOff,
     L, H, H_KV, NUM_GROUPS, MAX_SUMMARY, scale, qk_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, CAUSAL: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One program per (summary slot, batch * kv head): the summary token's dq in each query head that reads the
     kv head, and its dk/dv summed over those heads, in head order. (Pairs with a summary token are the same with
@@ -193,7 +194,6 @@ def _bwd_summary(
     i = tl.program_id(0)
     bj = tl.program_id(1)
     b = bj // H_KV
-    group_size = H // H_KV
     row_base = b.to(tl.int64) * L
     kv_base = bj.to(tl.int64) * L * D
     count = tl.load(SumOff + b * (NUM_GROUPS + 1) + NUM_GROUPS)
@@ -209,8 +209,8 @@ def _bwd_summary(
         v_s = tl.load(V + kv_base + own, mask=d_ok, other=0.0).to(tl.float32)
         dk = tl.zeros([BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_D], tl.float32)
-        for hq in range(0, group_size):
-            bh = (b * H + (bj % H_KV) * group_size + hq).to(tl.int64)
+        for hq in tl.static_range(GROUP):
+            bh = (b * H + (bj % H_KV) * GROUP + hq).to(tl.int64)
             base = bh * L * D
             dq, dk, dv = _summary_head(Q + base, K + kv_base, V + kv_base, GradOut + base, Lse + bh * L,
                                        Delta + bh * L, GrpIdx, row_base, pos, own, g_lo, g_hi, k_s, v_s, dk, dv,
@@ -279,9 +279,9 @@ def segment_attention_backward(grad_out, q, k, v, out, lse, segment, group, seg_
     layout = (segment, group, seg_start, seg_end, sum_idx, summary_offsets)
     _bwd_segment_dq[grid](q, k, v, grad_out, lse, delta, grad_q, *layout, **common, **fixed(INTERPRET_TILE))
     _bwd_segment_dkdv[kv_grid](q, k, v, grad_out, lse, delta, grad_k, grad_v, *layout, **common,
-                               **fixed(INTERPRET_TILE))
+                               GROUP=heads // kv_heads, **fixed(INTERPRET_TILE))
     if max_summary > 0:
         _bwd_summary[(max_summary, batch * kv_heads)](
             q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, group, group_index, group_offsets, sum_idx,
-            summary_offsets, **common, **fixed(INTERPRET_ROW))
+            summary_offsets, **common, GROUP=heads // kv_heads, **fixed(INTERPRET_ROW))
     return grad_q, grad_k, grad_v
