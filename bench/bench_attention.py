@@ -1,25 +1,32 @@
-"""Segment attention against the dense baselines, side by side in one process (SPEC §2.4).
+"""Segment attention against the alternatives, side by side in one process, on CPU or GPU (SPEC §2.4).
 
-    python bench/bench_attention.py                 # CPU, float32, every case, results into bench/results/
-    python bench/bench_attention.py --quick         # a smoke run: small batches, few repeats, short sweep
-    python bench/bench_attention.py --device cuda --backends triton cuda   # the GPU backends reuse this file
+    python bench/bench_attention.py                          # CPU, float32, every case, results into bench/results/
+    python bench/bench_attention.py --quick                  # a smoke run: small batches, few repeats, short sweep
+    python bench/bench_attention.py --device cuda --dtype bfloat16 --must-show --profile   # the GPU figures
+    python bench/bench_attention.py --render bench/results/attention_cpu_float32.json      # rewrite the .md
 
-Besides CLEAR's shapes, the "packed causal documents" cases time the commonest use of block-diagonal attention:
-one row of L = 2k, 8k or 16k tokens packed with documents of 20 to 2000 tokens, attending causally inside each
-document (``is_causal=True``; SDPA and FlexAttention get the same document-causal mask).
+One case list (``cases``), one set of implementations (``implementations``), one JSON schema and one Markdown
+writer for both devices. Per case and implementation: the forward and the forward+backward time (GPU:
+``triton.testing.do_bench`` median, plus a kernel-only column replayed from a CUDA graph; CPU:
+``torch.utils.benchmark``), the ratio to dense SDPA, and the memory-traffic floor of the shape (the bytes of q, k,
+v, out and, for forward+backward, of dO, dq, dk, dv, over the copy bandwidth measured on the same device).
 
-For each case it times the forward and the forward+backward (median of repeats after warm-up) of:
-  * ``segment[<backend>]``  clear_kernels.segment_attention with that backend;
+Implementations:
+  * ``segment[<backend>]``  clear_kernels.segment_attention with that backend (triton, cuda, cpu);
   * ``dense_sdpa``          F.scaled_dot_product_attention with the materialised [B, 1, L, L] bool mask;
-  * ``flex``                FlexAttention compiled with torch.compile, block mask from the layout's ids
-                            (forward only on CPU, where FlexAttention has no backward);
-  * ``reshape``             heartbeats folded into the batch: beat j's leads as one [leads, D] sequence, plain SDPA;
-                            it ignores the summary tokens, so it is a lower bound on work, not the same op;
-  * ``torch_varlen`` and ``flash_varlen`` (packed documents on CUDA only): torch.nn.attention.varlen.varlen_attn
-                            and flash_attn_varlen_func on the documents packed as [T, H, D] (the repacking from
-                            [B, H, L, D] is timed with them).
-It prints a table with the ratio of each time to dense SDPA's, and writes JSON (machine, versions, commit) and a
-PNG of time against beats per record into bench/results/.
+  * ``flex[128]``, ``flex[<128]``  FlexAttention compiled (recompile limit raised, so a new shape never drops it
+                            to the unfused eager path), block mask from the layout's ids with BLOCK_SIZE 128 and
+                            the best smaller size; the block-mask build time is reported apart (``mask_ms``);
+                            forward only on CPU, where FlexAttention has no backward;
+  * ``reshape``             heartbeats folded into the batch ([B * beats, H, 12, D], plain SDPA); ignores the
+                            summary tokens: a lower bound on work, not the same op;
+  * ``varlen``              torch's varlen attention (or flash-attn's) where importable, over the segments only
+                            (summary tokens as one-token sequences): also not the same op, except on packed
+                            documents.
+
+The "packed causal documents" cases time the commonest use of block-diagonal attention: one row of L = 2k, 8k or
+16k tokens packed with documents of 20 to 2000 tokens, attending causally inside each document (``is_causal=True``;
+SDPA, FlexAttention and varlen get the same document-causal rule).
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ from clear_kernels import PADDING, SUMMARY, SegmentLayout, segment_attention  # 
 
 RESULTS = ROOT / "bench" / "results"
 LEADS = 12
+# Implementations flagged as computing less than the op (they drop the summary tokens).
+NOT_THE_SAME_OP = {"reshape": "segments only, summary tokens dropped",
+                   "varlen": "segments only, summary tokens as one-token sequences"}
 
 
 # ------------------------------------------------------------------------------------------------- cases
@@ -57,6 +67,7 @@ class Case:
     beats: int
     visible: Optional[int] = None  # pretraining encoder: this many random visible tokens per record, compact
     sweep: bool = False            # part of the beats-per-record sweep (for the plot)
+    must_show: bool = False        # a shape the GPU aims of issue #12 are measured at
     packed_len: Optional[int] = None  # packed documents instead of heartbeats: tokens per row (beats is then 0)
     causal: bool = False              # is_causal=True inside each segment (every implementation)
 
@@ -91,16 +102,6 @@ def packed_documents(batch: int, length: int, gen: torch.Generator) -> SegmentLa
     return SegmentLayout.block_diagonal([r + [0] * (width - len(r)) for r in rows], total_len=length)
 
 
-def main_cases(quick: bool) -> list[Case]:
-    b = 8 if quick else 64
-    return [
-        Case("encoder (CLEAR)", b, 8, 96, 15),
-        Case("decoder (CLEAR)", b, 16, 32, 15),
-        Case("pretrain encoder (12+35 tokens)", b, 8, 96, 15, visible=35),
-        Case("long record (150 beats)", 2 if quick else 8, 8, 96, 150),
-    ] + packed_cases(quick)
-
-
 def packed_cases(quick: bool) -> list[Case]:
     """Packed causal documents: one row, 4 heads of 64 (dense SDPA's L x L scores still fit at L = 8k)."""
     lengths = (2048,) if quick else (2048, 8192, 16384)
@@ -108,135 +109,178 @@ def packed_cases(quick: bool) -> list[Case]:
             for n in lengths]
 
 
-def sweep_cases(quick: bool) -> list[Case]:
+def cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
+    """The case list for a device: the CLEAR shapes, then the beats-per-record sweep. ``tiny`` (the GPU check's
+    dry run under the Triton interpreter) shrinks everything to seconds."""
+    if tiny:
+        return [Case("encoder (CLEAR)", 1, 2, 96, 2, must_show=True),
+                Case("long record (150 beats)", 1, 1, 96, 4, must_show=True)]
+    gpu = device == "cuda"
+    b = 8 if quick else (256 if gpu else 64)
+    long_b = 2 if quick else 8
+    out = [
+        Case("encoder (CLEAR)", b, 8, 96, 15, must_show=True),
+        Case("decoder (CLEAR)", b, 16, 32, 15),
+        Case("pretrain encoder (12+35 tokens)", b, 8, 96, 15, visible=35),
+        Case("long record (150 beats)", long_b, 8, 96, 150, must_show=True),
+    ]
+    out += packed_cases(quick)
     beats = (15, 60, 150) if quick else (15, 30, 60, 150, 300, 600)
-    return [Case(f"sweep {n} beats", 2 if quick else 8, 8, 96, n, sweep=True) for n in beats]
+    out += [Case(f"sweep {n} beats", long_b, 8, 96, n, sweep=True) for n in beats]
+    return out
 
 
 # ---------------------------------------------------------------------------------------- implementations
-# Each maker returns (forward, reason) where forward(q, k, v) -> out, or (None, why it cannot run).
-Maker = Callable[[Case, SegmentLayout, torch.Tensor], tuple[Optional[Callable], Optional[str]]]
+# Each maker returns (forward, reason, extra) where forward(q, k, v) -> out, or (None, why it cannot run, {}).
+Maker = Callable[[Case, SegmentLayout, torch.Tensor], tuple]
 
 DENSE_MAX_BYTES = 1 << 30  # dense SDPA's [B, H, L, L] scores beyond this are not worth the memory
 
 
 def make_segment(backend: str) -> Maker:
     def make(case, layout, q):
-        return (lambda q, k, v: segment_attention(q, k, v, layout, is_causal=case.causal, backend=backend)), None
+        from clear_kernels import available_backends
+        reason = available_backends(q).get(backend)
+        if reason is not None:
+            return None, f"unavailable: {reason}", {}
+        return (lambda q, k, v: segment_attention(q, k, v, layout, is_causal=case.causal, backend=backend)), None, {}
     return make
 
 
 def make_dense(case, layout, q):
     b, h, length, _ = q.shape
     if b * h * length * length * 4 > DENSE_MAX_BYTES:
-        return None, f"skipped: L x L scores need {b * h * length * length * 4 / 2**30:.0f} GiB"
+        return None, f"skipped: L x L scores need {b * h * length * length * 4 / 2**30:.0f} GiB", {}
     mask = layout.materialize(case.causal)
     mask = (mask | torch.diag_embed(~mask.any(-1)))[:, None]  # padding rows see themselves: no NaN rows
-    return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), None
+    return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), None, {}
 
 
 def make_reshape(case, layout, q):
     if case.packed_len is not None:
-        return None, "n/a: documents of unequal length"
+        return None, "n/a: documents of unequal length", {}
     if case.visible is not None:
-        return None, "n/a: beats of unequal length (masked tokens)"
+        return None, "n/a: beats of unequal length (masked tokens)", {}
     b, h, _, d = q.shape
 
-    def fold(x):  # [B, H, 12 + beats * 12, D] -> [B * beats, H, 12, D], summary tokens dropped
+    def fold(x):  # [B, H, 12 + beats * 12, D] -> [B * beats, H, 12, D] (4-D: SDPA's fused kernels take it)
         return x[:, :, LEADS:].reshape(b, h, case.beats, LEADS, d).permute(0, 2, 1, 3, 4).reshape(-1, h, LEADS, d)
 
-    return (lambda q, k, v: F.scaled_dot_product_attention(fold(q), fold(k), fold(v))), None
+    return (lambda q, k, v: F.scaled_dot_product_attention(fold(q), fold(k), fold(v))), None, {}
+
+
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        return "torch", varlen_attn
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_varlen_func
+        return "flash_attn", flash_attn_varlen_func
+    except ImportError:
+        return None, None
+
+
+def make_varlen(case, layout, q):
+    if q.device.type != "cuda":
+        return None, "n/a: CUDA only", {}
+    source, fn = _varlen_fn()
+    if fn is None:
+        return None, "unavailable: neither torch.nn.attention.varlen nor flash_attn", {}
+    seg = layout.segment.cpu()
+    b, h, length, d = q.shape
+    # Runs of one segment id are sequences; summary and padding tokens are one-token sequences.
+    flat = seg.reshape(-1)
+    new_run = torch.ones_like(flat, dtype=torch.bool)
+    new_run[1:] = (flat[1:] != flat[:-1]) | (flat[1:] < 0)
+    new_run[::length] = True
+    starts = torch.nonzero(new_run).flatten()
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32).to(q.device)
+    max_len = int((cu[1:] - cu[:-1]).max())
+
+    # Causal documents: torch's varlen takes a (left, right) window, flash-attn a flag.
+    causal = {} if not case.causal else ({"window_size": (-1, 0)} if source == "torch" else {"causal": True})
+
+    def run(q, k, v):
+        pack = lambda t: t.transpose(1, 2).reshape(b * length, h, d)  # noqa: E731
+        out = fn(pack(q), pack(k), pack(v), cu, cu, max_len, max_len, **causal)  # the same positional order in both
+        return out.view(b, length, h, d).transpose(1, 2)
+
+    return run, None, {"varlen_source": source}
+
+
+def _raise_recompile_limit(limit: int = 256) -> None:
+    # One compiled FlexAttention serves every shape of the run; past dynamo's recompile limit (8) it would
+    # silently run eagerly, i.e. unfused. The setting was renamed across torch versions.
+    import torch._dynamo.config as dynamo_config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(limit, getattr(dynamo_config, name)))
 
 
 _FLEX_COMPILED = None
 
 
-def make_flex(case, layout, q):
-    global _FLEX_COMPILED
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as exc:
-        return None, f"unavailable: {exc}"
-    seg, grp = layout.segment.to(torch.int64), layout.group.to(torch.int64)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        sq, sk = seg[b, q_idx], seg[b, kv_idx]
-        same_segment = (sq >= 0) & (sq == sk)
-        if case.causal:  # FlexAttention's document-causal mask
-            same_segment = same_segment & (kv_idx <= q_idx)
-        summary_pair = (grp[b, q_idx] == grp[b, kv_idx]) & ((sq == SUMMARY) | (sk == SUMMARY))
-        return (sq != PADDING) & (sk != PADDING) & (same_segment | summary_pair)
-
-    try:
-        block_mask = create_block_mask(mask_mod, layout.batch_size, None, layout.seq_len, layout.seq_len,
-                                       device=str(q.device))
-        if _FLEX_COMPILED is None:
-            _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
-        fn = lambda q, k, v: _FLEX_COMPILED(q, k, v, block_mask=block_mask)  # noqa: E731
-        with torch.no_grad():
-            fn(q, q, q)  # compile now, so a failure is reported here and not timed
-    except Exception as exc:  # noqa: BLE001 - any failure is a result to report, not a crash
-        return None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    return fn, None
-
-
-def _varlen_inputs(layout: SegmentLayout):
-    """``cu_seqlens`` over the rows of a packed layout laid end to end, the longest document, and a function that
-    packs ``[B, H, L, D]`` into ``[B * L, H, D]``."""
-    seg = layout.segment.reshape(-1)
-    pos = torch.arange(layout.seq_len, device=seg.device).repeat(layout.batch_size)
-    starts = torch.nonzero((seg >= 0) & (layout.seg_start.reshape(-1) == pos)).flatten()
-    cu = torch.cat([starts, starts.new_tensor([seg.numel()])]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    return cu, max_len, lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
-
-
-def _make_varlen(kind: str) -> Maker:
+def make_flex(block_size: int) -> Maker:
     def make(case, layout, q):
-        if q.device.type != "cuda":
-            return None, "n/a: CUDA only"
+        global _FLEX_COMPILED
         try:
-            if kind == "torch":
-                from torch.nn.attention.varlen import varlen_attn as attn
-            else:
-                from flash_attn import flash_attn_varlen_func as attn
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         except ImportError as exc:
-            return None, f"unavailable: {exc}"
-        cu, max_len, pack = _varlen_inputs(layout)
-        shape = q.shape
+            return None, f"unavailable: {exc}", {}
+        seg, grp = layout.segment.to(torch.int64), layout.group.to(torch.int64)
 
-        def unpack(out):
-            return out.view(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2)
+        def mask_mod(b, h, q_idx, kv_idx):
+            sq, sk = seg[b, q_idx], seg[b, kv_idx]
+            same_segment = (sq >= 0) & (sq == sk)
+            if case.causal:  # FlexAttention's document-causal mask
+                same_segment = same_segment & (kv_idx <= q_idx)
+            summary_pair = (grp[b, q_idx] == grp[b, kv_idx]) & ((sq == SUMMARY) | (sk == SUMMARY))
+            return (sq != PADDING) & (sk != PADDING) & (same_segment | summary_pair)
 
-        if kind == "torch":
-            window = (-1, 0) if case.causal else (-1, -1)
-            fn = lambda q, k, v: unpack(attn(pack(q), pack(k), pack(v), cu, cu, max_len, max_len,  # noqa: E731
-                                             window_size=window))
-        else:
-            fn = lambda q, k, v: unpack(attn(pack(q), pack(k), pack(v), cu, cu, max_len, max_len,  # noqa: E731
-                                             causal=case.causal))
         try:
+            if _FLEX_COMPILED is None:
+                _raise_recompile_limit()
+                _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+            _sync(q.device.type)
+            start = time.perf_counter()
+            block_mask = create_block_mask(mask_mod, layout.batch_size, None, layout.seq_len, layout.seq_len,
+                                           device=str(q.device), BLOCK_SIZE=block_size)
+            _sync(q.device.type)
+            mask_ms = (time.perf_counter() - start) * 1e3
+            # Kernel tiles no larger than the mask's blocks (forward: BLOCK_M/N; backward: BLOCK_M1/N1/M2/N2).
+            tiles = {k: block_size for k in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+            options = {} if block_size == 128 else {"kernel_options": tiles}
+            fn = lambda q, k, v: _FLEX_COMPILED(q, k, v, block_mask=block_mask, **options)  # noqa: E731
             with torch.no_grad():
-                fn(q, q, q)
+                fn(q, q, q)  # compile now, so a failure is reported here and not timed
         except Exception as exc:  # noqa: BLE001 - any failure is a result to report, not a crash
-            return None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        return fn, None
+            return None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}", {}
+        return fn, None, {"mask_ms": mask_ms, "block_size": block_size}
     return make
 
 
-# Baselines that only apply to packed documents (rows of the other cases are not printed for them).
-PACKED_ONLY = ("torch_varlen", "flash_varlen")
+FLEX_SMALLER = (64, 32)  # the smaller block sizes tried for "flex[<128]" (the best one is kept)
+FLEX_SMALLER_MUST_SHOW = (64,)  # the GPU check's time budget holds one more FlexAttention compile per shape
 
 
-def implementations(device: str, backends: list[str]) -> dict[str, Maker]:
+def implementations(device: str, backends: list[str], flex: bool = True,
+                    flex_smaller: tuple = FLEX_SMALLER) -> dict[str, Maker]:
     impls: dict[str, Maker] = {f"segment[{name}]": make_segment(name) for name in backends}
-    impls.update({"dense_sdpa": make_dense, "flex": make_flex, "reshape": make_reshape,
-                  "torch_varlen": _make_varlen("torch"), "flash_varlen": _make_varlen("flash")})
+    impls["dense_sdpa"] = make_dense
+    if flex:
+        impls["flex[128]"] = make_flex(128)
+        for size in flex_smaller:
+            impls[f"flex[{size}]"] = make_flex(size)
+    impls["reshape"] = make_reshape
+    if device == "cuda":
+        impls["varlen"] = make_varlen
     return impls
 
 
 def backward_unsupported(impl: str, device: str) -> Optional[str]:
-    if impl == "flex" and device == "cpu":
+    if impl.startswith("flex") and device == "cpu":
         return "n/a: FlexAttention has no CPU backward"
     return None
 
@@ -247,17 +291,32 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _do_bench(fn, warmup_ms: int, rep_ms: int, graph: bool = False) -> float:
+    import triton.testing as tt
+    if graph:
+        return float(tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    return float(tt.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def measure_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
+    """Median time of ``fn``: ``do_bench`` on GPU, ``torch.utils.benchmark`` on CPU (``repeats`` timed runs
+    after one warm-up)."""
+    if device == "cuda":
+        return _do_bench(fn, warmup_ms=25, rep_ms=max(20, 10 * repeats))
+    import torch.utils.benchmark as benchmark
+    fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return statistics.median(timer.timeit(1).median for _ in range(repeats)) * 1e3
+
+
+def graph_ms(fn: Callable[[], object], repeats: int) -> tuple[Optional[float], Optional[str]]:
+    """Kernel-only time: ``fn`` captured once in a CUDA graph and replayed, so no host work is counted; or None
+    and the reason capture failed (host synchronisation in ``fn``, say), which goes into the row's note."""
+    try:
+        return _do_bench(fn, 0, max(20, 10 * repeats), graph=True), None
+    except Exception as exc:  # noqa: BLE001 - reported in the note; the other columns stand
+        torch.cuda.synchronize()
+        return None, f"no CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
 
 def step_functions(forward: Callable, case: Case, device: str, dtype: torch.dtype, seq_len: int):
@@ -280,33 +339,68 @@ def step_functions(forward: Callable, case: Case, device: str, dtype: torch.dtyp
     return fwd, fwd_bwd
 
 
-def run_case(case: Case, impls: dict[str, Maker], device: str, dtype: torch.dtype, repeats: int) -> list[dict]:
+def copy_bandwidth_gbs(device: str, mib: int = 256) -> float:
+    """Measured device copy bandwidth (read + write bytes per second), the basis of the traffic floor."""
+    n = mib * 2**20 // 4
+    x = torch.empty(n, dtype=torch.float32, device=device).normal_()
+    y = torch.empty_like(x)
+    ms = measure_ms(lambda: y.copy_(x), device, 5)
+    return 2 * x.numel() * 4 / (ms / 1e3) / 1e9
+
+
+def traffic_floor_ms(case: Case, seq_len: int, elem: int, bandwidth_gbs: float) -> tuple[float, float]:
+    """Least time to move the op's tensors once: q, k, v in and out out (forward); plus dO in and dq, dk, dv out
+    with q, k, v, out read again (forward+backward: 12 tensor passes)."""
+    tensor = case.batch * case.heads * seq_len * case.head_dim * elem
+    return 4 * tensor / bandwidth_gbs / 1e6, 12 * tensor / bandwidth_gbs / 1e6
+
+
+def run_case(case: Case, impls: dict[str, Maker], device: str, dtype: torch.dtype, repeats: int,
+             bandwidth: Optional[float] = None) -> list[dict]:
     layout = case.layout(device)
     probe = torch.empty(case.batch, case.heads, layout.seq_len, case.head_dim, device=device, dtype=dtype)
+    floors = traffic_floor_ms(case, layout.seq_len, probe.element_size(), bandwidth) if bandwidth else (None, None)
     rows = []
     for impl, maker in impls.items():
-        if case.sweep and impl == "flex":
+        if case.sweep and impl.startswith("flex"):
             continue  # one compile per length: the sweep is about the scaling of the kernels
-        if impl in PACKED_ONLY and case.packed_len is None:
-            continue
-        forward, reason = maker(case, layout, probe)
+        forward, reason, extra = maker(case, layout, probe)
         entry = {"case": case.name, "impl": impl, "batch": case.batch, "heads": case.heads,
                  "head_dim": case.head_dim, "beats": case.beats, "seq_len": layout.seq_len,
-                 "density": float(layout.density().mean()), "fwd_ms": None, "fwd_bwd_ms": None, "note": reason}
+                 "density": float(layout.materialize(case.causal).float().mean()), "fwd_ms": None, "fwd_bwd_ms": None,
+                 "fwd_graph_ms": None, "fwd_bwd_graph_ms": None, "floor_fwd_ms": floors[0],
+                 "floor_fwd_bwd_ms": floors[1], "note": reason, **extra}
+        base = impl.split("[")[0]
+        if base in NOT_THE_SAME_OP and case.packed_len is None:  # on packed documents varlen is the same op
+            entry["same_op"] = False
+            entry["note"] = entry["note"] or NOT_THE_SAME_OP[base]
         if forward is not None:
             fwd, fwd_bwd = step_functions(forward, case, device, dtype, layout.seq_len)
+            graph_notes = []
             try:
-                entry["fwd_ms"] = median_ms(fwd, device, repeats)
+                entry["fwd_ms"] = measure_ms(fwd, device, repeats)
+                if device == "cuda":
+                    entry["fwd_graph_ms"], why = graph_ms(fwd, repeats)
+                    graph_notes.append(why)
                 no_bwd = backward_unsupported(impl, device)
                 if no_bwd:
                     entry["note"] = no_bwd
                 else:
-                    entry["fwd_bwd_ms"] = median_ms(fwd_bwd, device, repeats)
+                    entry["fwd_bwd_ms"] = measure_ms(fwd_bwd, device, repeats)
+                    if device == "cuda":
+                        entry["fwd_bwd_graph_ms"], why = graph_ms(fwd_bwd, repeats)
+                        graph_notes.append(why)
             except Exception as exc:  # noqa: BLE001 - reported in the table; the other rows still run
-                entry["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                entry["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            reasons = sorted({why for why in graph_notes if why})
+            if reasons:
+                entry["note"] = "; ".join(([entry["note"]] if entry["note"] else []) + reasons)
         rows.append(entry)
         print(f"  {case.name:34s} {impl:18s} fwd {_fmt(entry['fwd_ms'])} fwd+bwd {_fmt(entry['fwd_bwd_ms'])}"
               f"{'  (' + entry['note'] + ')' if entry['note'] else ''}", flush=True)
+    _keep_best_smaller_flex(rows)
     dense = next((r for r in rows if r["impl"] == "dense_sdpa"), None)
     for r in rows:
         for key in ("fwd_ms", "fwd_bwd_ms"):
@@ -315,24 +409,103 @@ def run_case(case: Case, impls: dict[str, Maker], device: str, dtype: torch.dtyp
     return rows
 
 
+def _keep_best_smaller_flex(rows: list[dict]) -> None:
+    """Of the FlexAttention runs with BLOCK_SIZE below 128, keep the fastest as ``flex[<128]``."""
+    smaller = [r for r in rows if r["impl"] in {f"flex[{s}]" for s in FLEX_SMALLER}]
+    if not smaller:
+        return
+    key = "fwd_bwd_ms" if any(r["fwd_bwd_ms"] for r in smaller) else "fwd_ms"
+    timed = [r for r in smaller if r[key] is not None]
+    best = min(timed, key=lambda r: r[key]) if timed else smaller[0]
+    for r in smaller:
+        rows.remove(r)
+    best["impl"] = "flex[<128]"
+    rows.append(best)
+
+
+# ------------------------------------------------------------------------------------- GPU detail tables
+def profile_table(case: Case, impls: dict[str, Maker], names: list[str], dtype: torch.dtype) -> str:
+    """Per-kernel CUDA times of one forward+backward of each named implementation (which SDPA kernel ran shows
+    in the kernel names)."""
+    from torch.profiler import ProfilerActivity, profile
+    layout = case.layout("cuda")
+    probe = torch.empty(case.batch, case.heads, layout.seq_len, case.head_dim, device="cuda", dtype=dtype)
+    parts = []
+    for name in names:
+        if name not in impls:
+            continue
+        forward, reason, _ = impls[name](case, layout, probe)
+        if forward is None:
+            parts.append(f"### {name}\n\n{reason}\n")
+            continue
+        _, fwd_bwd = step_functions(forward, case, "cuda", dtype, layout.seq_len)
+        fwd_bwd()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fwd_bwd()
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        table_text = "(the profiler reported no sortable device times)"
+        for sort in ("self_device_time_total", "self_cuda_time_total"):  # the name changed across torch versions
+            try:
+                table_text = averages.table(sort_by=sort, row_limit=12, max_name_column_width=70)
+                break
+            except (KeyError, AttributeError, ValueError):
+                continue
+        parts.append(f"### {name}: {case.name}, 3 x forward+backward\n\n```\n{table_text}\n```\n")
+    return "\n".join(parts)
+
+
+def triton_configs() -> dict:
+    """The configs the Triton autotuner chose in this process, per kernel and key (empty when pinned)."""
+    try:
+        from clear_kernels.triton_kernels import backward, forward
+    except ImportError:
+        return {}
+    found = {}
+    for name, fn in (("fwd", forward._fwd), ("bwd", backward._bwd)):
+        for key, config in getattr(fn, "cache", {}).items():
+            found[f"{name} {key}"] = str(config)
+    return found
+
+
 # --------------------------------------------------------------------------------------------- reporting
 def _fmt(ms: Optional[float]) -> str:
-    return f"{ms:9.2f} ms" if ms is not None else "        --  "
+    return f"{ms:9.3f} ms" if ms is not None else "        --  "
 
 
-def _ratio(x: Optional[float]) -> str:
-    return f"{x:6.1f}x" if x is not None else "    --"
+def _num(x: Optional[float], spec: str) -> str:
+    return format(x, spec) if x is not None else "--"
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"| {'case':34s} | {'impl':16s} | {'L':>5s} | {'fwd ms':>9s} | {'x dense':>7s} | {'fwd+bwd ms':>10s} "
-            f"| {'x dense':>7s} | note")
-    lines = [head, "|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|---"]
+    """The Markdown table of a run; the GPU-only columns (graph, floor) appear when the rows have them."""
+    graph = any(r.get("fwd_bwd_graph_ms") for r in rows)
+    floor = any(r.get("floor_fwd_bwd_ms") for r in rows)
+    head = ["case", "impl", "L", "fwd ms", "x dense", "fwd+bwd ms", "x dense"]
+    if graph:
+        head += ["fwd graph ms", "fwd+bwd graph ms"]
+    if floor:
+        head += ["fwd+bwd floor ms", "x floor"]
+    head.append("note")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        lines.append(
-            f"| {r['case']:34s} | {r['impl']:16s} | {r['seq_len']:5d} | {_fmt(r['fwd_ms'])[:9]} | "
-            f"{_ratio(r['fwd_x_dense']):>7s} | {_fmt(r['fwd_bwd_ms'])[:10]:>10s} | {_ratio(r['fwd_bwd_x_dense']):>7s} | "
-            f"{r['note'] or ''}")
+        cells = [r["case"], r["impl"], str(r["seq_len"]), _num(r["fwd_ms"], ".3f"),
+                 _num(r.get("fwd_x_dense"), ".1f") + ("x" if r.get("fwd_x_dense") else ""),
+                 _num(r["fwd_bwd_ms"], ".3f"),
+                 _num(r.get("fwd_bwd_x_dense"), ".1f") + ("x" if r.get("fwd_bwd_x_dense") else "")]
+        if graph:
+            cells += [_num(r.get("fwd_graph_ms"), ".3f"), _num(r.get("fwd_bwd_graph_ms"), ".3f")]
+        if floor:
+            ratio = (r["fwd_bwd_ms"] / r["floor_fwd_bwd_ms"]
+                     if r.get("fwd_bwd_ms") and r.get("floor_fwd_bwd_ms") else None)
+            cells += [_num(r.get("floor_fwd_bwd_ms"), ".3f"), _num(ratio, ".1f")]
+        note = r.get("note") or ""
+        if r.get("mask_ms") is not None:
+            note = (note + "; " if note else "") + f"block mask {r['mask_ms']:.1f} ms (BLOCK_SIZE {r['block_size']})"
+        cells.append(note)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -363,7 +536,8 @@ def machine_info(device: str) -> dict:
             "git_commit": commit, "git_dirty": dirty, "device": device,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
     return info
 
 
@@ -401,12 +575,30 @@ def machine_name(info: dict) -> str:
 
 
 def markdown_report(payload: dict) -> str:
-    """The table of a run, headed by the machine and versions it ran on (bench/results/<stem>.md)."""
+    """The tables of a run, headed by the machine and versions it ran on (bench/results/<stem>.md)."""
     info = payload["machine"]
+    timing = ("triton.testing.do_bench median" if info.get("device") == "cuda"
+              else f"median of {payload['repeats']} repeats")
     head = (f"{machine_name(info)}, {info['threads']} threads, torch {info['torch']}, triton {info['triton']}, "
-            f"{payload['dtype']}, median of {payload['repeats']} repeats, commit {info['git_commit'][:10]}"
+            f"{payload['dtype']}, {timing}, commit {info['git_commit'][:10]}"
             f"{' (dirty)' if info.get('git_dirty') else ''}")
-    return head + "\n\n" + table(payload["results"] + payload["sweep"]) + "\n"
+    if payload.get("copy_bandwidth_gbs"):
+        head += f"; measured copy bandwidth {payload['copy_bandwidth_gbs']:.0f} GB/s (the floor's basis)"
+    parts = [head, "", table(payload["results"] + payload.get("sweep", []))]
+    if payload.get("triton_configs"):
+        parts += ["", "## Triton configs chosen by the autotuner", ""]
+        parts += [f"* `{key}`: {value}" for key, value in sorted(payload["triton_configs"].items())]
+    if payload.get("profile"):
+        parts += ["", "## Kernels (torch.profiler)", "", payload["profile"]]
+    return "\n".join(parts) + "\n"
+
+
+def render(json_path: Path) -> Path:
+    """Rewrite the Markdown of a results file from its JSON (tables are never typed in)."""
+    payload = json.loads(Path(json_path).read_text())
+    md = Path(json_path).with_suffix(".md")
+    md.write_text(markdown_report(payload))
+    return md
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -417,40 +609,69 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
     parser.add_argument("--quick", action="store_true", help="small batches, 3 repeats, short sweep")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long shapes (the GPU check's dry run)")
+    parser.add_argument("--must-show", action="store_true", help="only the shapes the issue's aims name, no sweep")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (its compile is slow)")
+    parser.add_argument("--profile", action="store_true", help="GPU: per-kernel profiler table of the first case")
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this text")
-    parser.add_argument("--out", default=None, help="JSON/PNG name stem in bench/results/")
+    parser.add_argument("--out", default=None, help="JSON/MD/PNG name stem")
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where the results go (default bench/results)")
+    parser.add_argument("--render", default=None, help="only rewrite the .md of this results JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        print(f"wrote {render(Path(args.render))}")
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_attention: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
 
     device, dtype = args.device, getattr(torch, args.dtype)
     backends = args.backends or (["cpu"] if device == "cpu" else ["triton", "cuda"])
-    repeats = args.repeats or (3 if args.quick else 9)
-    impls = implementations(device, backends)
+    repeats = args.repeats or (3 if args.quick or args.tiny else 9)
+    impls = implementations(device, backends, flex=not args.no_flex,
+                            flex_smaller=FLEX_SMALLER_MUST_SHOW if args.must_show else FLEX_SMALLER)
     info = machine_info(device)
-    print(f"# {info['cpu']} | {info['threads']} threads | torch {info['torch']} | triton {info['triton']} | "
+    print(f"# {machine_name(info)} | {info['threads']} threads | torch {info['torch']} | triton {info['triton']} | "
           f"{args.dtype} | commit {info['git_commit'][:10]}{' (dirty)' if info['git_dirty'] else ''}", flush=True)
+    bandwidth = copy_bandwidth_gbs(device, 16 if args.tiny else 256)
 
+    keep = lambda case: ((args.only is None or args.only in case.name)  # noqa: E731
+                         and (not args.must_show or case.must_show))
+    all_cases = list(filter(keep, cases(device, args.quick, args.tiny)))
+    default_stem = f"attention_{device}_{args.dtype}{'_quick' if args.quick else ''}{'_tiny' if args.tiny else ''}"
+    stem = args.out or default_stem
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    keep = lambda case: args.only is None or args.only in case.name  # noqa: E731
-    for case in filter(keep, main_cases(args.quick)):
-        rows += run_case(case, impls, device, dtype, repeats)
     sweep_rows: list[dict] = []
-    if not args.no_sweep:
-        for case in filter(keep, sweep_cases(args.quick)):
-            sweep_rows += run_case(case, impls, device, dtype, repeats)
+    payload = {"machine": info, "dtype": args.dtype, "repeats": repeats, "quick": args.quick,
+               "copy_bandwidth_gbs": bandwidth, "results": rows, "sweep": sweep_rows, "complete": False}
 
+    def save() -> None:
+        # After every case: a run cut short by a timeout still leaves what it measured.
+        payload["triton_configs"] = triton_configs()
+        (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+        (out_dir / f"{stem}.md").write_text(markdown_report(payload))
+
+    for case in (c for c in all_cases if not c.sweep):
+        rows += run_case(case, impls, device, dtype, repeats, bandwidth)
+        save()
+    if not (args.no_sweep or args.must_show):
+        for case in (c for c in all_cases if c.sweep):
+            sweep_rows += run_case(case, impls, device, dtype, repeats, bandwidth)
+            save()
+    if args.profile and device == "cuda" and all_cases:
+        payload["profile"] = profile_table(all_cases[0], impls, [f"segment[{b}]" for b in backends] + ["dense_sdpa"],
+                                           dtype)
+    payload["complete"] = True
+    save()
     print()
     print(table(rows + sweep_rows))
-    stem = args.out or f"attention_{device}_{args.dtype}{'_quick' if args.quick else ''}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "dtype": args.dtype, "repeats": repeats, "quick": args.quick,
-               "results": rows, "sweep": sweep_rows}
-    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown_report(payload))
     if sweep_rows:
-        plot(sweep_rows, RESULTS / f"{stem}.png",
-             f"B=8, H=8, D=96, {args.dtype}, {info['threads']} threads, {machine_name(info)}")
-    print(f"\nwrote {RESULTS / stem}.json, .md" + (" and .png" if sweep_rows else ""))
+        plot(sweep_rows, out_dir / f"{stem}.png",
+             f"B={sweep_rows[0]['batch']}, H=8, D=96, {args.dtype}, {info['threads']} threads, {machine_name(info)}")
+    print(f"\nwrote {out_dir / stem}.json, .md" + (" and .png" if sweep_rows else ""))
     return 0
 
 

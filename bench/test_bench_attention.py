@@ -19,7 +19,7 @@ import bench_attention as ba
 FULL = os.environ.get("CLEAR_BENCH_FULL", "") == "1"
 DEVICE = os.environ.get("CLEAR_BENCH_DEVICE", "cpu")
 BACKENDS = os.environ.get("CLEAR_BENCH_BACKENDS", "cpu" if DEVICE == "cpu" else "triton,cuda").split(",")
-CASES = {case.name: case for case in ba.main_cases(quick=not FULL)}
+CASES = {case.name: case for case in ba.cases(DEVICE, quick=not FULL) if not case.sweep}
 IMPLS = ba.implementations(DEVICE, BACKENDS)
 
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -33,7 +33,7 @@ def test_attention(benchmark, case_name, impl, mode):
     case = CASES[case_name]
     layout = case.layout(DEVICE)
     probe = torch.empty(case.batch, case.heads, layout.seq_len, case.head_dim, device=DEVICE)
-    forward, reason = IMPLS[impl](case, layout, probe)
+    forward, reason, _ = IMPLS[impl](case, layout, probe)
     if forward is None:
         pytest.skip(reason)
     if mode == "fwd_bwd" and ba.backward_unsupported(impl, DEVICE):

@@ -4,6 +4,10 @@ memory per kernel, dtype, head dim and tile config (the compiled-code review of 
 Triton compiles to PTX and runs its bundled ``ptxas`` on any machine; only launching needs a device. The
 interpreter (``TRITON_INTERPRET=1``) skips compilation, so this is also the check that catches what it cannot
 (for example globals that are not constexpr). Run: ``python bench/triton_compile_report.py [--arch 90]``.
+
+``--all-configs`` compiles every config the autotuner may try (the spill-free ones kept by ``tuned_configs``),
+``--every-config`` every config of the list, marking which ones pruning keeps (how the budgets in
+``common.SPILL_FREE`` were measured); by default the pinned config (``CLEAR_KERNELS_TRITON_AUTOTUNE=0``).
 """
 
 from __future__ import annotations
@@ -31,18 +35,12 @@ from clear_kernels.triton_kernels import backward, common, forward  # noqa: E402
 
 DATA_PTRS = {"Q", "K", "V", "Out", "GradOut", "GradQ", "GradK", "GradV"}
 STAT_PTRS = {"Lse", "Delta"}
-INT_ARGS = {"L", "H", "H_KV", "NUM_GROUPS", "MAX_SUMMARY", "N"}
+INT_ARGS = {"L", "H", "NUM_GROUPS", "MAX_SUMMARY", "BUCKET", "sqb", "sqh", "sql", "sgb", "sgh", "sgl", "sob", "soh",
+            "sol"}
 FLOAT_ARGS = {"scale", "qk_scale"}
 TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
-KERNELS = {
-    "fwd_segment_rows": (forward._fwd_segment_rows, common.TILE_CONFIGS),
-    "fwd_summary_rows": (forward._fwd_summary_rows, common.ROW_CONFIGS),
-    "bwd_delta": (backward._bwd_delta, None),
-    "bwd_segment_dq": (backward._bwd_segment_dq, common.TILE_CONFIGS),
-    "bwd_segment_dkdv": (backward._bwd_segment_dkdv, common.TILE_CONFIGS),
-    "bwd_summary": (backward._bwd_summary, common.ROW_CONFIGS),
-}
+KERNELS = {"fwd": forward._fwd, "bwd": backward._bwd}
 
 
 def _signature(fn, dtype: str) -> dict:
@@ -56,8 +54,7 @@ def _signature(fn, dtype: str) -> dict:
             sig[name] = "i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name[0].isupper() and name not in ("D", "BLOCK_D", "F32", "CAUSAL", "GROUP", "BLOCK_M", "BLOCK_N",
-                                                "ROWS"):
+        elif name[0].isupper() and name not in ("D", "BLOCK_D", "F32", "BLOCK_M", "BLOCK_N", "ROWS"):
             sig[name] = "*i32"  # layout tensors
         else:
             sig[name] = "constexpr"
@@ -77,27 +74,17 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def compile_one(name: str, dtype: str, head_dim: int, config, arch: int) -> dict:
-    jitted, _ = KERNELS[name]
+    jitted = KERNELS[name]
     fn = jitted.fn if isinstance(jitted, triton.runtime.Autotuner) else jitted  # the JITFunction
-    consts = {"D": head_dim, "BLOCK_D": common.block_d(head_dim)}
-    if "F32" in fn.arg_names:
-        consts["F32"] = dtype == "float32"
-    if "ROWS" in fn.arg_names:
-        consts["ROWS"] = backward.DELTA_ROWS
-    if "CAUSAL" in fn.arg_names:
-        consts["CAUSAL"] = False  # the causal variants add a mask and a bound, no registers worth a second report
-    if "GROUP" in fn.arg_names:
-        consts["GROUP"] = 1  # query heads per kv head: plain multi-head attention
-    options = {"num_warps": 4, "num_stages": 1}
-    if config is not None:
-        consts.update(config.kwargs)
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    consts = {"D": head_dim, "BLOCK_D": common.block_d(head_dim), "F32": dtype == "float32", **config.kwargs}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     start = time.perf_counter()
     compiled = triton.compile(ASTSource(fn, _signature(fn, dtype), consts), target=GPUTarget("cuda", arch, 32),
                               options=options)
     usage = _resource_usage(compiled.asm["cubin"])
     return {"kernel": name, "dtype": dtype, "head_dim": head_dim, "arch": arch,
             "config": {k: v for k, v in consts.items() if k.startswith("BLOCK_") and k != "BLOCK_D"},
+            "kept_by_pruning": config in common.tuned_configs("_" + name, head_dim, getattr(torch, dtype)),
             "num_warps": options["num_warps"], "num_stages": options["num_stages"],
             "registers": usage.get("reg"), "stack_bytes": usage.get("stack"), "local_bytes": usage.get("local"),
             "shared_bytes": compiled.metadata.shared, "compile_s": round(time.perf_counter() - start, 2)}
@@ -105,30 +92,33 @@ def compile_one(name: str, dtype: str, head_dim: int, config, arch: int) -> dict
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (80, 90, ...)")
+    parser.add_argument("--arch", default="90", help="compute capabilities as integers, comma-separated (80,90)")
     parser.add_argument("--dtypes", default="float16,bfloat16,float32")
     parser.add_argument("--head-dims", default="32,96,256")
     parser.add_argument("--kernels", default=",".join(KERNELS))
-    parser.add_argument("--all-configs", action="store_true", help="every autotune config the pruning keeps")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--all-configs", action="store_true", help="every autotune config the pruning keeps")
+    which.add_argument("--every-config", action="store_true", help="every config of the list, kept or not")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
     rows = []
-    for name in args.kernels.split(","):
-        _, configs = KERNELS[name]
-        for dtype in args.dtypes.split(","):
-            for head_dim in map(int, args.head_dims.split(",")):
-                chosen = [None]
-                if configs is not None:
-                    q = torch.empty(0, dtype=getattr(torch, dtype))
-                    kept = common._prune_for_head_dim(configs, {"Q": q}, D=head_dim)
-                    chosen = kept if args.all_configs else kept[:1]
-                for config in chosen:
-                    row = compile_one(name, dtype, head_dim, config, args.arch)
-                    rows.append(row)
-                    print(f"{row['kernel']:18s} {dtype:9s} D={head_dim:<4d} {str(row['config']):32s} "
-                          f"w={row['num_warps']} s={row['num_stages']} regs={row['registers']} "
-                          f"stack={row['stack_bytes']}B smem={row['shared_bytes']}B ({row['compile_s']}s)",
-                          flush=True)
+    for arch in map(int, args.arch.split(",")):
+        for name in args.kernels.split(","):
+            for dtype in args.dtypes.split(","):
+                for head_dim in map(int, args.head_dims.split(",")):
+                    if args.every_config:
+                        chosen = common.TILE_CONFIGS
+                    elif args.all_configs:
+                        chosen = common.tuned_configs("_" + name, head_dim, getattr(torch, dtype))
+                    else:
+                        chosen = [common.PINNED]
+                    for config in chosen:
+                        row = compile_one(name, dtype, head_dim, config, arch)
+                        rows.append(row)
+                        print(f"sm_{arch} {row['kernel']:4s} {dtype:9s} D={head_dim:<4d} {str(row['config']):32s} "
+                              f"w={row['num_warps']} s={row['num_stages']} regs={row['registers']} "
+                              f"stack={row['stack_bytes']}B smem={row['shared_bytes']}B "
+                              f"{'kept' if row['kept_by_pruning'] else 'pruned'} ({row['compile_s']}s)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -115,11 +115,12 @@ def segment_attention(
     features = frozenset(({"causal"} if is_causal else set()) | ({"gqa"} if k.shape[1] != q.shape[1] else set()))
     chosen = dispatch.select(backend, q, features)
     fwd = ops.op(chosen.op_prefix, "fwd")
-    args = (q.contiguous(), k.contiguous(), v.contiguous())
-    out, lse = fwd(*args, *layout.kernel_args(), float(scale), is_causal)
+    if not chosen.strided:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out, lse = fwd(q, k, v, *layout.kernel_args(), float(scale), is_causal)
     if not return_lse:
         return out
-    return out, _LseGradient.apply(lse, *args, out, chosen.op_prefix, float(scale), is_causal, *layout.kernel_args())
+    return out, _LseGradient.apply(lse, q, k, v, out, chosen.op_prefix, float(scale), is_causal, *layout.kernel_args())
 
 
 class _LseGradient(torch.autograd.Function):
@@ -186,8 +187,8 @@ def segment_attention_varlen(
     if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     layout = SegmentLayout.from_cu_seqlens(cu_seqlens, total_len=q.shape[0], max_seqlen=max_seqlen, _exact_end=True)
-    as_batch = lambda t: t.transpose(0, 1)[None]  # [T, H, D] -> [1, H, T, D]
-    result = segment_attention(as_batch(q), as_batch(k), as_batch(v), layout, scale=scale, is_causal=is_causal,
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [T, H, D] -> [1, H, T, D] views
+    result = segment_attention(q, k, v, layout, scale=scale, is_causal=is_causal,
                                enable_gqa=k.shape[1] != q.shape[1], return_lse=return_lse, backend=backend)
     out, lse = result if return_lse else (result, None)
     out = out[0].transpose(0, 1).contiguous()

@@ -36,6 +36,8 @@ class Backend:
     device_types: tuple[str, ...]
     # Returns None when the backend can run an input like ``q`` (dtype, device, head dim), else the reason.
     refuse: Callable[[torch.Tensor], Optional[str]]
+    # Takes q, k, v as strided views (unit stride along D); others get them contiguous.
+    strided: bool = False
     # The optional parts of the op it implements: "causal" (is_causal=True) and "gqa" (fewer key/value heads).
     features: frozenset = frozenset()
 

@@ -53,7 +53,8 @@ class SegmentAttention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0 \
                 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads must be a positive int dividing num_heads={num_heads}, got {num_kv_heads!r}")
+            raise ValueError(f"num_kv_heads must be a positive int dividing num_heads={num_heads}, "
+                             f"got {num_kv_heads!r}")
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads

@@ -82,13 +82,15 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Outputs are contiguous [B, H, L, D] whatever the strides of the inputs, unless a backend registers its own
+# output layout (``register_pair(out_like=...)``).
 def _fake_fwd(q, k, v, *rest):
     batch, heads, length, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads, length), dtype=lse_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=lse_dtype(q.dtype))
 
 
 def _fake_bwd(grad_out, q, k, v, out, lse, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _refuse_forward_ad(name: str, args) -> None:
@@ -123,15 +125,21 @@ def _register_autograd(qualname: str, backward, setup_context) -> None:
     _library.impl(qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
 
 
-def register_pair(prefix: str) -> None:
+def register_pair(prefix: str, contiguous_grad: bool = True, out_like=None) -> None:
     """Fake implementations and autograd for an op pair whose schemas exist (Python- or C++-defined).
 
     The backward op gets an autograd formula that raises: with ``create_graph=True`` the first derivatives are
     computed (and keep a graph), and differentiating them again is a clear error instead of zeros.
+    ``contiguous_grad=False``: the backward op takes the output gradient with any strides. ``out_like(q)``: the
+    empty output of a forward whose output is not contiguous (its fake must have the same strides).
     """
     fwd_name, bwd_name = f"{NAMESPACE}::{prefix}_fwd", f"{NAMESPACE}::{prefix}_bwd"
     bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_bwd").default
-    torch.library.register_fake(fwd_name, _fake_fwd, lib=_library)
+    fake_fwd = _fake_fwd
+    if out_like is not None:
+        def fake_fwd(q, k, v, *rest):
+            return out_like(q), _fake_fwd(q, k, v, *rest)[1]
+    torch.library.register_fake(fwd_name, fake_fwd, lib=_library)
     torch.library.register_fake(bwd_name, _fake_bwd, lib=_library)
     _register_autograd(bwd_name, _no_double_backward(bwd_name), lambda ctx, inputs, output: None)
 
@@ -144,9 +152,10 @@ def register_pair(prefix: str) -> None:
 
     def backward(ctx, grad_out, grad_lse):
         # The op's lse is its auxiliary output for this backward; a caller who differentiates the logsumexp gets it
-        # through api.lse_with_gradient, which adds that gradient only when the loss uses it.
+        # through api._LseGradient, which adds that gradient only when the loss uses it.
         q, k, v, out, lse, *layout = ctx.saved_tensors
-        grad_q, grad_k, grad_v = bwd_op(grad_out.contiguous(), q, k, v, out, lse, *layout, ctx.scale, ctx.is_causal)
+        grad_out = grad_out.contiguous() if contiguous_grad else grad_out
+        grad_q, grad_k, grad_v = bwd_op(grad_out, q, k, v, out, lse, *layout, ctx.scale, ctx.is_causal)
         return (grad_q, grad_k, grad_v) + (None,) * (ctx.num_inputs - 3)
 
     _register_autograd(fwd_name, backward, setup_context)

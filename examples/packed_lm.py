@@ -93,9 +93,9 @@ class Block(nn.Module):
             a = self.attn
             kv = a.num_kv_heads * a.head_dim
             q, k, v = a.in_proj(h).split([a.embed_dim, kv, kv], dim=-1)
-            split = lambda t, n: t.unflatten(-1, (n, a.head_dim)).transpose(1, 2)
-            out = F.scaled_dot_product_attention(split(q, a.num_heads), split(k, a.num_kv_heads),
-                                                 split(v, a.num_kv_heads), attn_mask=mask[:, None],
+            q, k, v = (t.unflatten(-1, (n, a.head_dim)).transpose(1, 2)
+                       for t, n in ((q, a.num_heads), (k, a.num_kv_heads), (v, a.num_kv_heads)))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                                  enable_gqa=a.num_kv_heads != a.num_heads)
             h = a.out_proj(out.transpose(1, 2).flatten(2))
         x = x + h

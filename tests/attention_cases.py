@@ -117,18 +117,33 @@ def tolerance(dtype: torch.dtype, torch_err: float, magnitude: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------- parity check
+def strided_views(q, k, v, dout):
+    """The same values laid out as a model hands them over: q, k, v as head views of one ``[B, L, 3, H, D]``
+    projection output, the output gradient as a head view of ``[B, L, H, D]``."""
+    if k.shape != q.shape:  # grouped-query attention: q from [B, L, H, D], k and v from one [B, L, 2, H_kv, D]
+        packed = torch.stack([k, v]).permute(1, 3, 0, 2, 4).contiguous()
+        k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        return (q.transpose(1, 2).contiguous().transpose(1, 2), k, v), dout.transpose(1, 2).contiguous().transpose(1, 2)
+    packed = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).contiguous()  # [B, L, 3, H, D]
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    return (q, k, v), dout.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def check_parity(backend: str, layout: SegmentLayout, *, heads: int = 2, head_dim: int = 32,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
-                 scale: Optional[float] = None, backward: bool = True, is_causal: bool = False,
-                 kv_heads: Optional[int] = None) -> None:
+                 scale: Optional[float] = None, backward: bool = True, strided: bool = False,
+                 is_causal: bool = False, kv_heads: Optional[int] = None) -> None:
     """Forward (and backward) of ``backend`` against the float64 dense reference; raises AssertionError.
-
-    ``is_causal`` applies the causal rule; ``kv_heads`` (dividing ``heads``) makes it grouped-query attention."""
+    ``strided``: the kernel gets the inputs as strided views (``strided_views``). ``is_causal`` applies the causal
+    rule; ``kv_heads`` (dividing ``heads``) makes it grouped-query attention."""
     import clear_kernels
     from clear_kernels import ops
 
     layout = layout.to(device)
     (q, k, v), dout = _inputs(layout, heads, head_dim, dtype, device, seed, kv_heads)
+    if strided:
+        (q, k, v), dout = strided_views(q, k, v, dout)
+        assert not q.is_contiguous() and not dout.is_contiguous()
     scale = head_dim ** -0.5 if scale is None else scale
     mask = layout.materialize(is_causal)
     truth = ground_truth(q, k, v, dout, mask, scale)

@@ -6,14 +6,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_cases import check_parity, conduction_layout, layout_cases, random_layout
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import clear_kernels
 from clear_kernels import PADDING, SUMMARY, SegmentLayout, dispatch, segment_attention, segment_attention_varlen
 from clear_kernels.reference import masked_attention
-
-from attention_cases import check_parity, conduction_layout, layout_cases, random_layout
 
 CASES = layout_cases()
 CPU = clear_kernels.available_backends()["cpu"] is None
@@ -31,8 +30,8 @@ def causal_rule(seg_q, seg_k, grp_q, grp_k, pos_q, pos_k) -> bool:
 
 def random_qkv(layout, heads, kv_heads, dim, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    shape = lambda h: (layout.batch_size, h, layout.seq_len, dim)
-    return [torch.randn(shape(h), generator=gen).to(dtype) for h in (heads, kv_heads, kv_heads)]
+    return [torch.randn((layout.batch_size, h, layout.seq_len, dim), generator=gen).to(dtype)
+            for h in (heads, kv_heads, kv_heads)]
 
 
 # ------------------------------------------------------------------------------------------------- the rule
@@ -249,8 +248,8 @@ def test_varlen_matches_the_reference_on_the_materialised_mask(backend, is_causa
     out = segment_attention_varlen(q, k, v, cu, max_seqlen=20, is_causal=is_causal, backend=backend)
     assert out.shape == q.shape
     mask = SegmentLayout.block_diagonal([lengths]).materialize(is_causal)
-    as_batch = lambda t: t.transpose(0, 1)[None]
-    want = masked_attention(as_batch(q), as_batch(k), as_batch(v), mask, 16 ** -0.5)[0][0].transpose(0, 1)
+    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
+    want = masked_attention(q4, k4, v4, mask, 16 ** -0.5)[0][0].transpose(0, 1)
     torch.testing.assert_close(out, want)
     dout = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), dout)
@@ -272,7 +271,10 @@ def test_returned_lse_and_its_gradient(backend, is_causal, kv_heads):
     gen = torch.Generator().manual_seed(9)
     w_out, w_lse = torch.randn(out.shape, generator=gen, dtype=out.dtype), torch.randn(lse.shape, generator=gen,
                                                                                           dtype=lse.dtype)
-    loss = lambda o, l: (o * w_out).sum() + (l * w_lse).sum()
+
+    def loss(o, s):
+        return (o * w_out).sum() + (s * w_lse).sum()
+
     got = torch.autograd.grad(loss(out, lse), leaves, retain_graph=True)
     want = torch.autograd.grad(loss(want_out, want_lse), leaves, retain_graph=True)
     for g, w in zip(got, want):

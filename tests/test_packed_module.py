@@ -38,8 +38,8 @@ def test_module_without_layout_is_full_self_attention_and_gqa_shapes():
     x = torch.randn(2, 6, 32)
     # Against the same projections with the key/value heads repeated (SDPA's enable_gqa semantics).
     q, k, v = gqa.in_proj(x).split([32, 16, 16], dim=-1)
-    split = lambda t, n: t.unflatten(-1, (n, 8)).transpose(1, 2)
-    want = torch.nn.functional.scaled_dot_product_attention(split(q, 4), split(k, 2), split(v, 2), enable_gqa=True)
+    q, k, v = (t.unflatten(-1, (n, 8)).transpose(1, 2) for t, n in ((q, 4), (k, 2), (v, 2)))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     torch.testing.assert_close(gqa(x), gqa.out_proj(want.transpose(1, 2).flatten(2)))
 
 

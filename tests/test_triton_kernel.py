@@ -137,15 +137,15 @@ def test_summary_only_and_custom_scale():
 
 
 @CPU_DEVICE
-@pytest.mark.parametrize("tile", [(32, 32, 32), (64, 16, 64), (16, 64, 16)], ids=lambda t: "m%d_n%d_r%d" % t)
+@pytest.mark.parametrize("tile", [(32, 32), (64, 16), (16, 64)], ids=lambda t: "m%d_n%d" % t)
 def test_parity_other_tile_shapes(tile, monkeypatch):
-    """The tile shapes the GPU autotuner may pick (the interpreter otherwise runs one fixed shape)."""
+    """The tile shapes the GPU autotuner may pick (the interpreter otherwise runs one fixed shape); BLOCK_N is
+    also the chunk of the summary programs' walk over a lead."""
     _triton_usable()
     from clear_kernels.triton_kernels import common
-    block_m, block_n, row_n = tile
+    block_m, block_n = tile
     monkeypatch.setitem(common.INTERPRET_TILE, "BLOCK_M", block_m)
     monkeypatch.setitem(common.INTERPRET_TILE, "BLOCK_N", block_n)
-    monkeypatch.setitem(common.INTERPRET_ROW, "BLOCK_N", row_n)
     for name in ("conduction", "long_runs", "many_summary"):
         check_parity("triton", CASES[name], heads=1, head_dim=40, seed=block_m)
 
@@ -158,6 +158,94 @@ def test_parity_edge_shapes(head_dim):
     for ids in ([[0], [-1]], [[-2], [-1]]):
         check_parity("triton", SegmentLayout.from_ids(torch.tensor(ids)), heads=1, head_dim=head_dim)
     check_parity("triton", CASES["random_mixed"], heads=1, head_dim=head_dim, seed=3)
+
+
+@CPU_DEVICE
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["conduction", "many_summary", "random_with_empty_row"])
+def test_parity_strided_views(name, dtype):
+    """q, k, v as head views of one projection and a transposed output gradient: read in place, no copies."""
+    _triton_usable()
+    check_parity("triton", CASES[name], heads=2, head_dim=40, dtype=dtype, seed=5, strided=True)
+
+
+def test_strided_views_are_not_copied():
+    from attention_cases import strided_views
+    from clear_kernels.triton_kernels.common import shared_strides, unit_stride
+    base = torch.randn(4, 2, 6, 8)
+    (q, k, v), dout = strided_views(base, base + 1, base + 2, base)
+    assert all(a is b for a, b in zip(shared_strides(q, k, v), (q, k, v)))
+    assert unit_stride(dout) is dout
+    # Different strides, or a D stride other than 1: copied to contiguous.
+    assert shared_strides(q, base, v)[0].is_contiguous()
+    assert unit_stride(base.transpose(2, 3)).is_contiguous()
+
+
+@CPU_DEVICE
+def test_module_with_projection_views():
+    """SegmentAttention's heads reach the kernel as views of its projection; output and every gradient match
+    the same module on the reference backend."""
+    _triton_usable()
+    from clear_kernels.nn import SegmentAttention
+    layout = CASES["conduction"]
+    torch.manual_seed(0)
+    fast = SegmentAttention(64, 2, backend="triton")
+    slow = SegmentAttention(64, 2, backend="reference")
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randn(layout.batch_size, layout.seq_len, 64)
+    results = []
+    for module in (fast, slow):
+        xi = x.clone().requires_grad_(True)
+        out = module(xi, layout)
+        grads = torch.autograd.grad(out.square().sum(), [xi, *module.parameters()])
+        results.append((out, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+@CPU_DEVICE
+def test_output_has_the_memory_of_b_l_h_d():
+    """Merging the heads after attention (what every multi-head module does next) is a view, not a copy."""
+    _triton_usable()
+    from einops import rearrange
+    layout = CASES["conduction"]
+    q = torch.randn(layout.batch_size, 2, layout.seq_len, 16)
+    out = segment_attention(q, q, q, layout, backend="triton")
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    assert rearrange(out, "b h l d -> b l (h d)").data_ptr() == out.data_ptr()
+
+
+def test_launch_limits_are_clear_errors():
+    from clear_kernels.triton_kernels.common import check_limits
+    with pytest.raises(ValueError, match="at most 65535 batch"):
+        check_limits(torch.empty(70_000, 1, 4, 16, device="meta"), 0)
+    with pytest.raises(ValueError, match="at most 65535 batch elements and 65535 heads"):
+        check_limits(torch.empty(1, 70_000, 4, 16, device="meta"), 0)
+    check_limits(torch.empty(2, 3, 4, 16, device="meta"), 3)  # fits
+    long = torch.empty_strided((1, 1, 2**22, 16), (1, 1, 1024, 1), device="meta")
+    with pytest.raises(ValueError, match="spans"):
+        check_limits(long, 0)
+
+
+def test_size_bucket_and_pinned_switch():
+    """The autotune key's size classes, and CLEAR_KERNELS_TRITON_AUTOTUNE=0 giving plain (pinned) kernels in a
+    process that compiles (no interpreter)."""
+    import subprocess
+    import sys
+    from clear_kernels.triton_kernels.common import size_bucket
+    assert [size_bucket(n) for n in (1, 2**15 - 1, 2**15, 256 * 8 * 192, 2**24)] == [0, 0, 1, 2, 3]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    probe = ("import triton; from clear_kernels.triton_kernels import common, forward, backward; "
+             "kinds = {type(k).__name__ for k in (forward._fwd, backward._bwd)}; "
+             "print(common.AUTOTUNE, sorted(kinds), common.launch_config())")
+    for value, expected in (("0", "False ['JITFunction']"), ("1", "True ['Autotuner']")):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(CLEAR_KERNELS_TRITON_AUTOTUNE=value, PYTHONPATH=root)
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.startswith(expected), done.stdout
+        if value == "0":
+            assert "'BLOCK_M': 16" in done.stdout and "'num_warps'" in done.stdout
 
 
 # -------------------------------------------------------------------------------------------- determinism
@@ -254,9 +342,11 @@ def test_compile_fullgraph_interpreter():
         torch.testing.assert_close(g, e)
 
 
-def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    """The interpreter never compiles: build every kernel for sm_90 with Triton's bundled ptxas (no GPU needed)
-    and check the default tiles of the CLEAR head dim keep everything in registers."""
+@pytest.mark.slow
+def test_kernels_compile_without_spills(tmp_path):
+    """The interpreter never compiles: build both kernels for sm_90 and sm_80 with Triton's bundled ptxas (no GPU
+    needed), in every config the autotuner may try at the CLEAR head dim and in the pinned config, and check that
+    everything stays in registers."""
     import json
     import subprocess
     import sys
@@ -265,18 +355,29 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     missing = [t for t in ("ptxas", "cuobjdump") if not os.path.exists(os.path.join(tools, t))]
     if missing:
         pytest.skip(f"this Triton build does not bundle {', '.join(missing)}")
-    report = tmp_path / "report.json"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, os.path.join(root, "bench", "triton_compile_report.py"), "--arch", "90",
-                           "--head-dims", "96", "--dtypes", "bfloat16,float32", "--json", str(report)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(report.read_text())
-    assert len(rows) == 12
-    spilled = [(r["kernel"], r["dtype"], r["stack_bytes"]) for r in rows if r["stack_bytes"]]
-    assert not spilled, f"register spills: {spilled}"
+    script = os.path.join(root, "bench", "triton_compile_report.py")
+    runs = {"tuned": ["--all-configs", "--head-dims", "96"], "pinned": ["--head-dims", "32,64"]}
+    procs = {}
+    for name, extra in runs.items():
+        cmd = [sys.executable, script, "--arch", "90,80", "--dtypes", "bfloat16,float32", "--json",
+               str(tmp_path / f"{name}.json"), *extra]
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    from clear_kernels.triton_kernels import common
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, output[-3000:]
+        rows = json.loads((tmp_path / f"{name}.json").read_text())
+        if name == "tuned":
+            expected = sum(len(common.tuned_configs("_" + k, 96, dt)) for k in ("fwd", "bwd")
+                           for dt in (torch.bfloat16, torch.float32))
+            assert len(rows) == 2 * expected
+        spilled = [(r["arch"], r["kernel"], r["dtype"], r["head_dim"], r["config"], r["num_warps"], r["stack_bytes"])
+                   for r in rows if (r["stack_bytes"] or 0) + (r["local_bytes"] or 0)
+                   > common.KNOWN_SPILLS.get((r["kernel"], r["dtype"], r["arch"]), 0)]
+        assert not spilled, f"register spills: {spilled}"
 
 
 # --------------------------------------------------------------------------------------------------- GPU
@@ -331,11 +432,9 @@ def test_gpu_compile_fullgraph():
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic_and_no_retune_for_new_lengths():
+def test_gpu_deterministic_over_record_lengths():
     _triton_usable()
-    from clear_kernels.triton_kernels import forward
     fwd, bwd = ops.op("triton", "fwd"), ops.op("triton", "bwd")
-    tuned = []
     for beats in (15, 40, 150):
         layout = conduction_layout(beats, batch=4, leads=12, beats=beats).to("cuda")
         q, k, v, dout = (torch.randn(4, 8, layout.seq_len, 96, device="cuda", dtype=torch.bfloat16)
@@ -345,9 +444,27 @@ def test_gpu_deterministic_and_no_retune_for_new_lengths():
         grads = bwd(dout, q, k, v, out, lse, *args, 0.1)
         again = bwd(dout, q, k, v, *fwd(q, k, v, *args, 0.1), *args, 0.1)
         assert all(torch.equal(a, b) for a, b in zip(grads, again))
-        tuned.append(len(getattr(forward._fwd_segment_rows, "cache", {})))
-    # The autotuner keys on the head dim and dtypes only: new record lengths reuse the first choice.
-    assert tuned[0] == tuned[-1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_gpu_parity_strided_views(dtype):
+    """The module's case on the GPU: q, k, v as views of one projection, a transposed output gradient."""
+    _triton_usable()
+    for name in ("conduction", "many_summary"):
+        check_parity("triton", CASES[name], heads=4, head_dim=96, dtype=dtype, device="cuda", strided=True)
+
+
+@pytest.mark.gpu
+def test_gpu_launch_on_a_device_that_is_not_current():
+    """Tensors on the last GPU while device 0 is current: the launcher makes the tensors' device current. With
+    one GPU this is the current device itself, and the check is that the guard leaves the current device as it
+    found it."""
+    _triton_usable()
+    last = torch.cuda.device_count() - 1
+    before = torch.cuda.current_device()
+    check_parity("triton", CASES["conduction"], heads=2, head_dim=64, dtype=torch.float16, device=f"cuda:{last}")
+    assert torch.cuda.current_device() == before
 
 
 @pytest.mark.gpu

@@ -9,7 +9,9 @@ Dense attention at L = 1812 would compute 1812 scores per query row instead of 4
 is small next to what is skipped, and 16/32-wide tiles are the smallest shapes ``tl.dot`` accepts. Long segments
 (records of thousands of tokens) simply give longer windows walked by the same loop. The summary keys of a tile are
 the summary tokens of the groups its segment tokens belong to: a contiguous slice of ``summary_index`` walked in
-``BLOCK_N`` chunks with gathered loads. The autotuner picks among 16/32/64 tiles per head dim and dtype.
+``BLOCK_N`` chunks with gathered loads. The autotuner picks among 16/32/64 tiles, only among the configs the
+compile report shows spill-free (``SPILL_FREE``), per head dim, dtype and size class;
+``CLEAR_KERNELS_TRITON_AUTOTUNE=0`` pins one (``PINNED``).
 
 Head dims that are not powers of two (40, 96) are padded to ``BLOCK_D`` inside the kernel: loads and stores carry
 ``offs_d < D`` masks; memory is never padded. Every pointer is formed from a clamped (in-range) index even where the
@@ -23,13 +25,21 @@ garbage (SPEC §2.3); the float32 result is then rounded once at the store, as o
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 # Read once: Triton itself reads the variable when it is first imported, so changing it later has no effect.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# ``CLEAR_KERNELS_TRITON_AUTOTUNE=0`` pins one spill-free config per kernel (``PINNED``) instead of autotuning:
+# the tests use it, because autotuning compiles every config of every (head dim, dtype) the tests touch.
+# Read at import, like TRITON_INTERPRET: the kernels are wrapped (or not) in the autotuner when defined.
+AUTOTUNE_ENV = "CLEAR_KERNELS_TRITON_AUTOTUNE"
+AUTOTUNE = not INTERPRET and os.environ.get(AUTOTUNE_ENV, "1").strip() != "0"
 
 # Globals read inside kernels must be constexpr objects (the compiler refuses plain Python globals; the
 # interpreter does not check this).
@@ -39,65 +49,173 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Integer arguments that vary with the data, not the model: they must not become part of the compiled
-# specialisation, or every new record length / batch would compile a new kernel.
-DYNAMIC_INTS = ["L", "H", "NUM_GROUPS", "MAX_SUMMARY"]
+# specialisation, or every new record length / batch would compile a new kernel. (Strides stay specialised:
+# Triton only distinguishes "divisible by 16" and "equal to 1", so a stride that scales with L gives at most two
+# variants, and the divisibility is what lets it vectorise the loads.)
+DYNAMIC_INTS = ["L", "H", "NUM_GROUPS", "MAX_SUMMARY", "BUCKET"]
 
-# One fixed configuration under the interpreter (autotuning there would only multiply the test time).
+# The one config under the interpreter (autotuning there would only multiply the test time). Tests change it to
+# run the other tile shapes.
 INTERPRET_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}
-INTERPRET_ROW = {"BLOCK_N": 16}
 
 TILE_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
-ROW_CONFIGS = [
-    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=1),
-]
+# With autotuning off, for every head dim and dtype: the smallest tiles over 8 warps, which the compile report
+# shows spill-free for both kernels and both dtypes up to padded head dim 128 on sm_80 and sm_90 (at 256 the
+# backward spills a few dozen bytes per thread; no config of the list avoids that).
+PINNED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1)
 
 
-# Largest operand tile a config may load, in bytes (rows x padded head dim x element size). Compiling every
-# config for sm_90 (bench/triton_compile_report.py) shows that past 16 KiB the backward's float32 accumulators no
-# longer fit in registers: ptxas falls back to kilobytes of stack per thread (e.g. float32, D=96, 64x32 tiles).
-MAX_TILE_BYTES = 64 * 128 * 2
+def _shape(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    head_dim = kwargs.get("D", named_args.get("D"))
-    if head_dim is None:
-        return configs
-    q = named_args.get("Q", kwargs.get("Q"))
-    elem = q.element_size() if hasattr(q, "element_size") else 2
-    width = block_d(int(head_dim)) * elem
-    fits = [c for c in configs if max(c.kwargs.get("BLOCK_M", 16), c.kwargs["BLOCK_N"]) * width <= MAX_TILE_BYTES]
-    return fits or configs[:1]
+# The configs (BLOCK_M, BLOCK_N, num_warps, num_stages) each kernel compiles without register spills, per
+# operand kind (float32 or half), measured by compiling every config of TILE_CONFIGS for sm_90 and sm_80 at
+# D = 96 (padded 128) with bench/triton_compile_report.py --every-config. float32 runs its dots as exact FMAs
+# (no tensor cores), which takes far more registers; the fused backward holds seven tiles of the program's own
+# rows (q, k, v, dO and the three gradient accumulators) next to the chunk's five. The float32 backward has no
+# spill-free config on sm_80 (48 B of stack per thread in the one listed; 16 warps still spill 32 B): the known
+# exception, bounded by KNOWN_SPILLS. tests/test_triton_kernel.py::test_kernels_compile_without_spills compiles
+# every kept config again.
+SPILL_FREE = {
+    ("_fwd", False): {_shape(c) for c in TILE_CONFIGS} - {(64, 64, 8, 2)},  # 64x64 spills on sm_80
+    ("_fwd", True): {(16, 16, 8, 1)},
+    ("_bwd", False): {(16, 16, 4, 1), (16, 16, 8, 1)},
+    ("_bwd", True): {(16, 16, 8, 1)},
+}
+SPILL_FREE_MAX_BLOCK_D = 128
+# (kernel, dtype name, arch): the most stack bytes per thread the compile report may show there.
+KNOWN_SPILLS = {("bwd", "float32", 80): 48}
+
+
+def tuned_configs(kernel_name: str, head_dim: int, dtype: torch.dtype) -> list:
+    """The configs the autotuner may try for a kernel at this head dim and dtype: the spill-free ones (past the
+    measured head dims, only the pinned config). Never empty."""
+    if block_d(head_dim) > SPILL_FREE_MAX_BLOCK_D:
+        return [PINNED]
+    allowed = SPILL_FREE[(kernel_name, dtype == torch.float32)]
+    return [c for c in TILE_CONFIGS if _shape(c) in allowed] or [PINNED]
+
+
+def _pruner(kernel_name: str):
+    def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("D", named_args.get("D"))
+        q = named_args.get("Q", kwargs.get("Q"))
+        return tuned_configs(kernel_name, int(head_dim), q.dtype)
+    return prune
+
+
+def size_bucket(rows: int) -> int:
+    """A coarse class of the problem size (``B * H * L`` query rows) for the autotune key: tiny warm-up calls and
+    real batches tune apart, while a new record length inside a class reuses the choice."""
+    return sum(rows >= limit for limit in (1 << 15, 1 << 18, 1 << 21))
+
+
+# Autotune results cached on disk (Triton's cache directory), so every process of a run and every later run
+# reuses the first one's choice. The keyword exists from Triton 3.3 on; older versions tune per process.
+_CACHE_KW = ({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 
 
 def kernel(configs):
-    """``triton.jit`` with the data-dependent ints unspecialised, autotuned on the head dim (and, implicitly,
-    the dtypes of the tensor arguments, which Triton's autotuner adds to every key) except under the
-    interpreter."""
+    """``triton.jit`` with the data-dependent ints unspecialised; autotuned on head dim and size bucket (and the
+    dtypes of the tensor arguments, which Triton's autotuner adds to every key) among the spill-free configs,
+    unless autotuning is off or the kernel is interpreted."""
 
     def wrap(fn):
         jitted = triton.jit(fn, do_not_specialize=[n for n in DYNAMIC_INTS if n in fn.__code__.co_varnames])
-        if INTERPRET:
+        if not AUTOTUNE:
             return jitted
-        return triton.autotune(configs=configs, key=["D"],
-                               prune_configs_by={"early_config_prune": _prune_for_head_dim})(jitted)
+        return triton.autotune(configs=configs, key=["D", "BUCKET"],
+                               prune_configs_by={"early_config_prune": _pruner(fn.__name__)}, **_CACHE_KW)(jitted)
 
     return wrap
 
 
-def fixed(config: dict) -> dict:
-    """Launch keyword arguments: the fixed tiles under the interpreter, nothing (autotuned) otherwise."""
-    return dict(config) if INTERPRET else {}
+def launch_config() -> dict:
+    """Launch keyword arguments that fix the config: the interpreter's tiles, the pinned config, or nothing
+    (the autotuner chooses)."""
+    if INTERPRET:
+        return dict(INTERPRET_TILE)
+    if not AUTOTUNE:
+        return {**PINNED.kwargs, "num_warps": PINNED.num_warps, "num_stages": PINNED.num_stages}
+    return {}
+
+
+def uses_f32_dot(dtype: torch.dtype) -> bool:
+    return INTERPRET or dtype == torch.float32
+
+
+# Grid limits of CUDA: x up to 2**31 - 1 programs, y and z up to 65535. Offsets inside one (batch, head) slice
+# are computed in int32 by the kernels.
+MAX_GRID_X, MAX_GRID_YZ, MAX_SLICE_OFFSET = 2**31 - 1, 65535, 2**31 - 1
+
+
+def check_limits(q: torch.Tensor, max_summary: int, *strided: torch.Tensor) -> None:
+    """Raise a clear ``ValueError`` for inputs the launch grid or the kernels' int32 offsets cannot cover."""
+    batch, heads, length, head_dim = q.shape
+    if batch > MAX_GRID_YZ or heads > MAX_GRID_YZ:
+        raise ValueError(f"the triton backend runs at most {MAX_GRID_YZ} batch elements and {MAX_GRID_YZ} heads "
+                         f"per call, got B={batch}, H={heads}; split the batch")
+    if max_summary + triton.cdiv(length, 16) > MAX_GRID_X:
+        raise ValueError(f"sequence length {length} with {max_summary} summary tokens exceeds the launch grid")
+    for t in (q, *strided):
+        reach = (length - 1) * t.stride(2) + head_dim
+        if max(reach, length * head_dim) > MAX_SLICE_OFFSET:
+            raise ValueError(f"one (batch, head) slice of length {length} spans {reach} elements: the triton "
+                             f"backend addresses at most {MAX_SLICE_OFFSET} per slice")
+
+
+_FORCED: dict = {}
+
+
+@contextlib.contextmanager
+def forced_configs(configs: dict):
+    """Run the given kernels (``{kernel: triton.Config}``) in exactly these configs, bypassing the autotuner:
+    how the tests run every config the autotuner may pick."""
+    _FORCED.update(configs)
+    try:
+        yield
+    finally:
+        for fn in configs:
+            _FORCED.pop(fn, None)
+
+
+def launch(fn, q: torch.Tensor, max_summary: int, args: tuple, consts: dict) -> None:
+    """Launch a tile kernel on the grid ``(max_summary + cdiv(L, BLOCK_M), H, B)`` with ``q``'s device current
+    (Triton launches on the current device, whatever the tensors' device)."""
+    batch, heads, length, _ = q.shape
+    check_limits(q, max_summary, *(a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4))
+    consts = dict(consts, F32=uses_f32_dot(q.dtype), BUCKET=size_bucket(batch * heads * length))
+    grid = lambda meta: (max_summary + triton.cdiv(length, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    config = launch_config()
+    if fn in _FORCED:
+        forced = _FORCED[fn]
+        config = dict(forced.kwargs) if INTERPRET else {**forced.kwargs, "num_warps": forced.num_warps,
+                                                        "num_stages": forced.num_stages}
+        fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        fn[grid](*args, **consts, **config)
+
+
+def shared_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``q``, ``k``, ``v`` as the kernels take them: one set of strides, unit stride along D. Views of one
+    projection (the module's case) pass as they are; anything else is made contiguous."""
+    if q.stride(-1) == 1 and k.stride() == q.stride() and v.stride() == q.stride():
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def block_d(head_dim: int) -> int:
@@ -145,16 +263,10 @@ def tile_window(seg, grp, start, end, SumOff, L, NUM_GROUPS):
 
 
 @triton.jit
-def kv_head(bh, H, H_KV):
-    """The (batch * kv head) index that query head ``bh`` (= batch * H + head) reads: grouped-query attention
-    maps query head h to kv head h // (H // H_KV), as SDPA's enable_gqa."""
-    return (bh // H) * H_KV + (bh % H) // (H // H_KV)
-
-
-@triton.jit
-def load_rows(Base, rows, row_ok, offs_d, d_ok, D: tl.constexpr, F32: tl.constexpr):
-    """A ``[len(rows), BLOCK_D]`` tile of a ``[L, D]`` matrix; ``rows`` must already be clamped in range."""
-    t = tl.load(Base + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+def load_rows(Base, rows, row_ok, offs_d, d_ok, stride, F32: tl.constexpr):
+    """A ``[len(rows), BLOCK_D]`` tile of an ``[L, D]`` matrix whose rows are ``stride`` elements apart; ``rows``
+    must already be clamped in range."""
+    t = tl.load(Base + rows[:, None] * stride + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if F32:
         t = t.to(tl.float32)
     return t

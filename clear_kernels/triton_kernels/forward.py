@@ -1,7 +1,8 @@
-"""Forward kernels: segment/padding rows by query tiles, summary rows one program each; then the launcher.
+"""Forward kernel (one launch): summary rows and segment/padding query tiles in one grid; then the launcher.
 
-``CAUSAL``: inside a segment a query sees the keys at or before it; a query tile's key window then ends at its last
-row, so key blocks above the diagonal are not visited. ``H_KV``: the heads of k and v (grouped-query attention).
+The grid is ``(MAX_SUMMARY + cdiv(L, BLOCK_M), H, B)``. Programs ``0 .. MAX_SUMMARY - 1`` of a (batch, head) are
+summary rows (one summary query against every token of its group); they come first because they walk the
+longest key lists (a whole lead), so the scheduler starts them before the short tiles. The rest are query tiles.
 
 Scores are kept in the log2 domain (``qk_scale = scale * log2(e)``) so the online softmax uses ``exp2``; the
 saved logsumexp is converted back to the natural log the op contract asks for.
@@ -14,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from .common import (INTERPRET, INTERPRET_ROW, INTERPRET_TILE, LN2, LOG2E, PADDING, ROW_CONFIGS, SUMMARY,
-                     TILE_CONFIGS, block_d, dot, fixed, kernel, kv_head, load_ids, load_rows, tile_window)
+from .common import (LN2, LOG2E, PADDING, SUMMARY, TILE_CONFIGS, block_d, dot, kernel, launch, load_ids,
+                     load_rows, tile_window)
 
 
 @triton.jit
@@ -32,113 +33,112 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, F32: tl.cons
     return m_new, l_i, acc
 
 
-@kernel(TILE_CONFIGS)
-def _fwd_segment_rows(
-    Q, K, V, Out, Lse, Seg, Grp, SegStart, SegEnd, SumIdx, SumOff,
-    L, H, H_KV, NUM_GROUPS, MAX_SUMMARY, qk_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """One program per (query tile, batch * head). Writes the tile's segment and padding rows; summary rows
-    belong to ``_fwd_summary_rows``."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
+@triton.jit
+def _summary_row(Q, K, V, Out, Lse, Grp, GrpIdx, GrpOff, SumIdx, i, b, lse_base, out_base, in_base, sql, sol,
+                 L, NUM_GROUPS, MAX_SUMMARY, qk_scale,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Summary slot ``i`` of batch row ``b``: its query attends every token of its group, walked in ``BLOCK_N``
+    chunks of ``group_index`` with one query row (vector products: one row is below ``tl.dot``'s minimum)."""
     row_base = b.to(tl.int64) * L
-    base = bh.to(tl.int64) * L * D
-    kv_base = kv_head(bh, H, H_KV).to(tl.int64) * L * D
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = tl.load(SumIdx + b * MAX_SUMMARY + i)
+    g = tl.load(Grp + row_base + pos)
+    g_lo = tl.load(GrpOff + b * (NUM_GROUPS + 1) + g)
+    g_hi = tl.load(GrpOff + b * (NUM_GROUPS + 1) + g + 1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    m_ok, m_safe, seg_q, grp_q, start_q, end_q = load_ids(Seg, Grp, SegStart, SegEnd, row_base, offs_m, L)
-    lo, hi, sum_lo, sum_hi = tile_window(seg_q, grp_q, start_q, end_q, SumOff + b * (NUM_GROUPS + 1), L,
-                                         NUM_GROUPS)
-    if CAUSAL:
-        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M)
-    q_is_seg = seg_q >= 0
-    q = load_rows(Q + base, m_safe, m_ok, offs_d, d_ok, D, F32)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Keys of the tile's own segments: one contiguous window.
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        n_safe = tl.where(n_ok, offs_n, 0)
-        seg_k = tl.load(Seg + row_base + n_safe, mask=n_ok, other=PADDING)
-        k = load_rows(K + kv_base, n_safe, n_ok, offs_d, d_ok, D, F32)
-        v = load_rows(V + kv_base, n_safe, n_ok, offs_d, d_ok, D, F32)
-        allowed = q_is_seg[:, None] & (seg_q[:, None] == seg_k[None, :])
-        if CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
-        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, F32)
-    # Summary keys of the tile's groups: gathered through summary_index.
-    for j0 in range(sum_lo, sum_hi, BLOCK_N):
+    q = tl.load(Q + in_base + pos * sql + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for j0 in range(g_lo, g_hi, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
-        j_ok = offs_j < sum_hi
-        pos = tl.load(SumIdx + b * MAX_SUMMARY + tl.where(j_ok, offs_j, 0), mask=j_ok, other=0)
-        grp_k = tl.load(Grp + row_base + pos, mask=j_ok, other=-1)
-        k = load_rows(K + kv_base, pos, j_ok, offs_d, d_ok, D, F32)
-        v = load_rows(V + kv_base, pos, j_ok, offs_d, d_ok, D, F32)
-        allowed = q_is_seg[:, None] & (grp_q[:, None] == grp_k[None, :]) & j_ok[None, :]
-        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, F32)
+        j_ok = offs_j < g_hi
+        kpos = tl.load(GrpIdx + row_base + tl.where(j_ok, offs_j, 0), mask=j_ok, other=0)
+        k = load_rows(K + in_base, kpos, j_ok, offs_d, d_ok, sql, True)
+        v = load_rows(V + in_base, kpos, j_ok, offs_d, d_ok, sql, True)
+        s = tl.where(j_ok, tl.sum(k * q[None, :], 1) * qk_scale, float("-inf"))
+        # Every chunk holds at least one token of the group (the summary token itself), so the running max is
+        # finite from the first chunk on.
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    tl.store(Out + out_base + pos * sol + offs_d, (acc / l_i).to(Out.dtype.element_ty), mask=d_ok)
+    tl.store(Lse + lse_base + pos, (m_i + tl.log2(l_i)) * LN2)
 
-    has_key = l_i > 0.0
-    l_safe = tl.where(has_key, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, 0.0)
-    write = m_ok & (seg_q != SUMMARY)
-    tl.store(Out + base + m_safe[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=write[:, None] & d_ok[None, :])
-    tl.store(Lse + bh.to(tl.int64) * L + m_safe, lse, mask=write)
 
-
-@kernel(ROW_CONFIGS)
-def _fwd_summary_rows(
-    Q, K, V, Out, Lse, Grp, GrpIdx, GrpOff, SumIdx, SumOff,
-    L, H, H_KV, NUM_GROUPS, MAX_SUMMARY, qk_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+@kernel(TILE_CONFIGS)
+def _fwd(
+    Q, K, V, Out, Lse, Seg, Grp, SegStart, SegEnd, GrpIdx, GrpOff, SumIdx, SumOff,
+    sqb, sqh, sql, sob, soh, sol,
+    L, H, NUM_GROUPS, MAX_SUMMARY, BUCKET, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (summary slot, batch * head): the summary query attends every token of its group, walked
-    in ``BLOCK_N`` chunks of ``group_index`` with one query row (vector products, no ``tl.dot``: a single row is
-    below the dot's 16-row minimum and this is a small share of the work)."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    row_base = b.to(tl.int64) * L
-    base = bh.to(tl.int64) * L * D
-    kv_base = kv_head(bh, H, H_KV).to(tl.int64) * L * D
-    off_row = SumOff + b * (NUM_GROUPS + 1)
-    count = tl.load(off_row + NUM_GROUPS)
-    if i < count:
-        pos = tl.load(SumIdx + b * MAX_SUMMARY + i)
-        g = tl.load(Grp + row_base + pos)
-        g_lo = tl.load(GrpOff + b * (NUM_GROUPS + 1) + g)
-        g_hi = tl.load(GrpOff + b * (NUM_GROUPS + 1) + g + 1)
+    """``Q``, ``K``, ``V`` share the strides ``(sqb, sqh, sql)``, ``Out`` has ``(sob, soh, sol)`` (unit stride
+    along D for both); ``Lse`` is contiguous. ``BUCKET`` is only read by the autotuner (its key), never by the
+    kernel."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b.to(tl.int64) * H + h
+    in_base = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    out_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    lse_base = bh * L
+    if pid < MAX_SUMMARY:
+        if pid < tl.load(SumOff + b * (NUM_GROUPS + 1) + NUM_GROUPS):
+            _summary_row(Q, K, V, Out, Lse, Grp, GrpIdx, GrpOff, SumIdx, pid, b, lse_base, out_base, in_base, sql,
+                         sol, L, NUM_GROUPS, MAX_SUMMARY, qk_scale, D, BLOCK_D, BLOCK_N)
+    else:
+        row_base = b.to(tl.int64) * L
+        offs_m = (pid - MAX_SUMMARY) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        q = tl.load(Q + base + pos * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
-        l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        for j0 in range(g_lo, g_hi, BLOCK_N):
+        m_ok, m_safe, seg_q, grp_q, start_q, end_q = load_ids(Seg, Grp, SegStart, SegEnd, row_base, offs_m, L)
+        lo, hi, sum_lo, sum_hi = tile_window(seg_q, grp_q, start_q, end_q, SumOff + b * (NUM_GROUPS + 1), L,
+                                             NUM_GROUPS)
+        q_is_seg = seg_q >= 0
+        q = load_rows(Q + in_base, m_safe, m_ok, offs_d, d_ok, sql, F32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # Keys of the tile's own segments: one contiguous window.
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            n_safe = tl.where(n_ok, offs_n, 0)
+            seg_k = tl.load(Seg + row_base + n_safe, mask=n_ok, other=PADDING)
+            k = load_rows(K + in_base, n_safe, n_ok, offs_d, d_ok, sql, F32)
+            v = load_rows(V + in_base, n_safe, n_ok, offs_d, d_ok, sql, F32)
+            allowed = q_is_seg[:, None] & (seg_q[:, None] == seg_k[None, :])
+            m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, F32)
+        # Summary keys of the tile's groups: gathered through summary_index.
+        for j0 in range(sum_lo, sum_hi, BLOCK_N):
             offs_j = j0 + tl.arange(0, BLOCK_N)
-            j_ok = offs_j < g_hi
-            kpos = tl.load(GrpIdx + row_base + tl.where(j_ok, offs_j, 0), mask=j_ok, other=0)
-            k = load_rows(K + kv_base, kpos, j_ok, offs_d, d_ok, D, True)
-            v = load_rows(V + kv_base, kpos, j_ok, offs_d, d_ok, D, True)
-            s = tl.where(j_ok, tl.sum(k * q[None, :], 1) * qk_scale, float("-inf"))
-            # Every chunk holds at least one token of the group, so the running max is finite from the first.
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            m_i = m_new
-        out = acc / l_i
-        tl.store(Out + base + pos * D + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
-        tl.store(Lse + bh.to(tl.int64) * L + pos, (m_i + tl.log2(l_i)) * LN2)
+            j_ok = offs_j < sum_hi
+            pos = tl.load(SumIdx + b * MAX_SUMMARY + tl.where(j_ok, offs_j, 0), mask=j_ok, other=0)
+            grp_k = tl.load(Grp + row_base + pos, mask=j_ok, other=-1)
+            k = load_rows(K + in_base, pos, j_ok, offs_d, d_ok, sql, F32)
+            v = load_rows(V + in_base, pos, j_ok, offs_d, d_ok, sql, F32)
+            allowed = q_is_seg[:, None] & (grp_q[:, None] == grp_k[None, :]) & j_ok[None, :]
+            m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, F32)
+
+        has_key = l_i > 0.0
+        l_safe = tl.where(has_key, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, 0.0)
+        write = m_ok & (seg_q != SUMMARY)
+        tl.store(Out + out_base + m_safe[:, None] * sol + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=write[:, None] & d_ok[None, :])
+        tl.store(Lse + lse_base + m_safe, lse, mask=write)
+
+
+def out_like(q: torch.Tensor) -> torch.Tensor:
+    """The op's output for ``q``: ``[B, H, L, D]`` with the memory of ``[B, L, H, D]`` (like flash attention's)."""
+    batch, heads, length, head_dim = q.shape
+    return ops.new_output((batch, length, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
 def summary_index_arg(summary_index: torch.Tensor) -> torch.Tensor:
@@ -149,29 +149,19 @@ def summary_index_arg(summary_index: torch.Tensor) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=summary_index.device)
 
 
-def uses_f32_dot(dtype: torch.dtype) -> bool:
-    return INTERPRET or dtype == torch.float32
-
-
 def segment_attention_forward(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets,
-                              summary_index, summary_offsets, scale: float, is_causal: bool = False):
-    """Launch the forward kernels: ``(out, lse)`` per the op contract."""
+                              summary_index, summary_offsets, scale: float):
+    """Launch the forward kernel: ``(out, lse)`` per the op contract. ``q``, ``k``, ``v`` must share strides with
+    unit stride along D (see ``common.shared_strides``). ``out`` is the ``[B, H, L, D]`` view of a ``[B, L, H, D]``
+    tensor (``out_like``), so merging the heads after attention, as every multi-head module does, is free."""
     batch, heads, length, head_dim = q.shape
-    num_groups = group_offsets.shape[1] - 1
-    max_summary = summary_index.shape[1]
-    out = ops.new_output_like(q)
+    out = out_like(q)
     lse = ops.new_output((batch, heads, length), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.zero_()
-    sum_idx = summary_index_arg(summary_index)
-    common = dict(L=length, H=heads, H_KV=k.shape[1], NUM_GROUPS=num_groups, MAX_SUMMARY=max_summary,
-                  qk_scale=float(scale) * LOG2E.value, D=head_dim, BLOCK_D=block_d(head_dim),
-                  F32=uses_f32_dot(q.dtype), CAUSAL=bool(is_causal))
-    grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _fwd_segment_rows[grid](q, k, v, out, lse, segment, group, seg_start, seg_end, sum_idx, summary_offsets,
-                            **common, **fixed(INTERPRET_TILE))
-    if max_summary > 0:
-        _fwd_summary_rows[(max_summary, batch * heads)](
-            q, k, v, out, lse, group, group_index, group_offsets, sum_idx, summary_offsets,
-            **common, **fixed(INTERPRET_ROW))
+    launch(_fwd, q, summary_index.shape[1],
+           (q, k, v, out, lse, segment, group, seg_start, seg_end, group_index, group_offsets,
+            summary_index_arg(summary_index), summary_offsets, *q.stride()[:3], *out.stride()[:3]),
+           dict(L=length, H=heads, NUM_GROUPS=group_offsets.shape[1] - 1, MAX_SUMMARY=summary_index.shape[1],
+                qk_scale=float(scale) * LOG2E.value, D=head_dim, BLOCK_D=block_d(head_dim)))
     return out, lse

@@ -7,14 +7,15 @@ tensors under the interpreter.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from .. import dispatch, ops
 from .backward import segment_attention_backward
-from .common import INTERPRET
-from .forward import segment_attention_forward
+from .common import INTERPRET, shared_strides, unit_stride
+from .forward import out_like, segment_attention_forward
 
 FWD, BWD = ops.define_pair("triton")
 
@@ -23,23 +24,41 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
+def _check_supported(q, k, is_causal) -> None:
+    # Not implemented in these kernels yet: the backend does not list the features, so dispatch never sends them
+    # here ("auto" takes another backend); a direct call of the op is refused rather than answered without them.
+    if is_causal:
+        raise NotImplementedError("clear_kernels::triton: is_causal=True is not implemented in the Triton kernels")
+    if k.shape != q.shape:
+        raise ValueError(f"clear_kernels::triton: k must have the shape of q {tuple(q.shape)} (grouped-query "
+                         f"attention is not implemented in the Triton kernels), got {tuple(k.shape)}")
+
+
 @torch.library.impl(FWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_fwd(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
                 summary_offsets, scale, is_causal=False):
-    return segment_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), segment, group, seg_start,
-                                     seg_end, group_index, group_offsets, summary_index, summary_offsets, scale,
-                                     is_causal)
+    _check_supported(q, k, is_causal)
+    # Strided views (the module's projection split into heads) go to the kernel as they are: no copies.
+    return segment_attention_forward(*shared_strides(q, k, v), segment, group, seg_start, seg_end, group_index,
+                                     group_offsets, summary_index, summary_offsets, scale)
 
 
 @torch.library.impl(BWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_bwd(grad_out, q, k, v, out, lse, segment, group, seg_start, seg_end, group_index, group_offsets,
                 summary_index, summary_offsets, scale, is_causal=False):
-    return segment_attention_backward(grad_out, q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
-                                      segment, group, seg_start, seg_end, group_index, group_offsets,
-                                      summary_index, summary_offsets, scale, is_causal)
+    _check_supported(q, k, is_causal)
+    return segment_attention_backward(unit_stride(grad_out), *shared_strides(q, k, v), unit_stride(out), lse,
+                                      segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
+                                      summary_offsets, scale)
 
 
-ops.register_pair("triton")
+ops.register_pair("triton", contiguous_grad=False, out_like=out_like)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    # Looked up once per device: the driver query costs microseconds on every call otherwise.
+    return torch.cuda.get_device_capability(device_index)
 
 
 def refuse(q: torch.Tensor) -> Optional[str]:
@@ -50,7 +69,8 @@ def refuse(q: torch.Tensor) -> Optional[str]:
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         return f"head dim {head_dim} is outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
     if q.device.type == "cuda" and q.dtype == torch.bfloat16 and not INTERPRET:
-        major, _ = torch.cuda.get_device_capability(q.device)
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        major, _ = _capability(index)
         if major < 8:
             return f"bfloat16 needs a GPU of compute capability 8.0 or newer, this one is {major}.x"
     return None
@@ -59,4 +79,4 @@ def refuse(q: torch.Tensor) -> Optional[str]:
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 dispatch.register(dispatch.Backend(name="triton", op_prefix="triton", device_types=DEVICE_TYPES, refuse=refuse,
-                                   features=frozenset({"causal", "gqa"})))
+                                   strided=True))

@@ -1,0 +1,45 @@
+"""The benchmark harness's bookkeeping (bench/bench_attention.py): the Markdown writer renders the committed
+results, the traffic floor and the FlexAttention block-size choice. Timings themselves are never asserted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_attention as ba  # noqa: E402
+
+
+def test_markdown_renders_the_committed_cpu_results(tmp_path):
+    source = ROOT / "bench" / "results" / "attention_cpu_float32.json"
+    copy = tmp_path / source.name
+    copy.write_text(source.read_text())
+    md = ba.render(copy).read_text()
+    payload = json.loads(source.read_text())
+    assert md.startswith(payload["machine"]["cpu"])
+    rows = payload["results"] + payload["sweep"]
+    table_lines = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    assert len(table_lines) == len(rows)
+    for line, row in zip(table_lines, rows):
+        assert line.startswith(f"| {row['case']} | {row['impl']} | {row['seq_len']} |")
+        if row["fwd_bwd_ms"] is not None:
+            assert f"{row['fwd_bwd_ms']:.3f}" in line
+
+
+def test_traffic_floor_counts_twelve_tensor_passes():
+    case = ba.Case("encoder", batch=2, heads=3, head_dim=4, beats=1)
+    fwd, fwd_bwd = ba.traffic_floor_ms(case, seq_len=5, elem=2, bandwidth_gbs=1.0)
+    tensor_bytes = 2 * 3 * 5 * 4 * 2
+    assert fwd == 4 * tensor_bytes / 1e6 and fwd_bwd == 12 * tensor_bytes / 1e6
+
+
+def test_the_fastest_smaller_flex_block_is_kept():
+    rows = [{"impl": "flex[128]", "fwd_ms": 3.0, "fwd_bwd_ms": 9.0},
+            {"impl": "flex[64]", "fwd_ms": 2.0, "fwd_bwd_ms": 8.0},
+            {"impl": "flex[32]", "fwd_ms": 1.0, "fwd_bwd_ms": 7.0, "block_size": 32}]
+    ba._keep_best_smaller_flex(rows)
+    assert [r["impl"] for r in rows] == ["flex[128]", "flex[<128]"]
+    assert rows[1]["block_size"] == 32
