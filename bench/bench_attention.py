@@ -21,7 +21,12 @@ Implementations:
   * ``reshape``             heartbeats folded into the batch ([B * beats, H, 12, D], plain SDPA); ignores the
                             summary tokens: a lower bound on work, not the same op;
   * ``varlen``              torch's varlen attention (or flash-attn's) where importable, over the segments only
-                            (summary tokens as one-token sequences): also not the same op.
+                            (summary tokens as one-token sequences): also not the same op, except on packed
+                            documents.
+
+The "packed causal documents" cases time the commonest use of block-diagonal attention: one row of L = 2k, 8k or
+16k tokens packed with documents of 20 to 2000 tokens, attending causally inside each document (``is_causal=True``;
+SDPA, FlexAttention and varlen get the same document-causal rule).
 """
 
 from __future__ import annotations
@@ -63,9 +68,13 @@ class Case:
     visible: Optional[int] = None  # pretraining encoder: this many random visible tokens per record, compact
     sweep: bool = False            # part of the beats-per-record sweep (for the plot)
     must_show: bool = False        # a shape the GPU aims of issue #12 are measured at
+    packed_len: Optional[int] = None  # packed documents instead of heartbeats: tokens per row (beats is then 0)
+    causal: bool = False              # is_causal=True inside each segment (every implementation)
 
     def layout(self, device: str) -> SegmentLayout:
         gen = torch.Generator().manual_seed(0)
+        if self.packed_len is not None:
+            return packed_documents(self.batch, self.packed_len, gen).to(device)
         if self.visible is None:
             valid = torch.ones(self.batch, LEADS, self.beats, dtype=torch.bool)
             return SegmentLayout.conduction(valid).to(device)
@@ -73,6 +82,31 @@ class Case:
         keep = scores.argsort(dim=1)[:, : self.visible]
         valid = torch.zeros(self.batch, LEADS * self.beats, dtype=torch.bool).scatter_(1, keep, True)
         return SegmentLayout.conduction(valid.view(self.batch, LEADS, self.beats), compact=True).to(device)
+
+
+DOC_LENGTHS = (20, 2000)  # packed documents: lengths drawn uniformly in this range (the last one cut to fit)
+
+
+def packed_documents(batch: int, length: int, gen: torch.Generator) -> SegmentLayout:
+    """Rows of ``length`` tokens filled with documents of random lengths in ``DOC_LENGTHS``."""
+    lo, hi = DOC_LENGTHS
+    rows = []
+    for _ in range(batch):
+        row, filled = [], 0
+        while filled < length:
+            n = min(int(torch.randint(lo, hi + 1, (1,), generator=gen)), length - filled)
+            row.append(n)
+            filled += n
+        rows.append(row)
+    width = max(map(len, rows))
+    return SegmentLayout.block_diagonal([r + [0] * (width - len(r)) for r in rows], total_len=length)
+
+
+def packed_cases(quick: bool) -> list[Case]:
+    """Packed causal documents: one row, 4 heads of 64 (dense SDPA's L x L scores still fit at L = 8k)."""
+    lengths = (2048,) if quick else (2048, 8192, 16384)
+    return [Case(f"packed causal documents L={n // 1024}k", 1, 4, 64, 0, packed_len=n, causal=True)
+            for n in lengths]
 
 
 def cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
@@ -90,6 +124,7 @@ def cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
         Case("pretrain encoder (12+35 tokens)", b, 8, 96, 15, visible=35),
         Case("long record (150 beats)", long_b, 8, 96, 150, must_show=True),
     ]
+    out += packed_cases(quick)
     beats = (15, 60, 150) if quick else (15, 30, 60, 150, 300, 600)
     out += [Case(f"sweep {n} beats", long_b, 8, 96, n, sweep=True) for n in beats]
     return out
@@ -108,7 +143,7 @@ def make_segment(backend: str) -> Maker:
         reason = available_backends(q).get(backend)
         if reason is not None:
             return None, f"unavailable: {reason}", {}
-        return (lambda q, k, v: segment_attention(q, k, v, layout, backend=backend)), None, {}
+        return (lambda q, k, v: segment_attention(q, k, v, layout, is_causal=case.causal, backend=backend)), None, {}
     return make
 
 
@@ -116,12 +151,14 @@ def make_dense(case, layout, q):
     b, h, length, _ = q.shape
     if b * h * length * length * 4 > DENSE_MAX_BYTES:
         return None, f"skipped: L x L scores need {b * h * length * length * 4 / 2**30:.0f} GiB", {}
-    mask = layout.materialize()
+    mask = layout.materialize(case.causal)
     mask = (mask | torch.diag_embed(~mask.any(-1)))[:, None]  # padding rows see themselves: no NaN rows
     return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), None, {}
 
 
 def make_reshape(case, layout, q):
+    if case.packed_len is not None:
+        return None, "n/a: documents of unequal length", {}
     if case.visible is not None:
         return None, "n/a: beats of unequal length (masked tokens)", {}
     b, h, _, d = q.shape
@@ -162,9 +199,12 @@ def make_varlen(case, layout, q):
     cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32).to(q.device)
     max_len = int((cu[1:] - cu[:-1]).max())
 
+    # Causal documents: torch's varlen takes a (left, right) window, flash-attn a flag.
+    causal = {} if not case.causal else ({"window_size": (-1, 0)} if source == "torch" else {"causal": True})
+
     def run(q, k, v):
         pack = lambda t: t.transpose(1, 2).reshape(b * length, h, d)  # noqa: E731
-        out = fn(pack(q), pack(k), pack(v), cu, cu, max_len, max_len)  # the same positional order in both
+        out = fn(pack(q), pack(k), pack(v), cu, cu, max_len, max_len, **causal)  # the same positional order in both
         return out.view(b, length, h, d).transpose(1, 2)
 
     return run, None, {"varlen_source": source}
@@ -194,6 +234,8 @@ def make_flex(block_size: int) -> Maker:
         def mask_mod(b, h, q_idx, kv_idx):
             sq, sk = seg[b, q_idx], seg[b, kv_idx]
             same_segment = (sq >= 0) & (sq == sk)
+            if case.causal:  # FlexAttention's document-causal mask
+                same_segment = same_segment & (kv_idx <= q_idx)
             summary_pair = (grp[b, q_idx] == grp[b, kv_idx]) & ((sq == SUMMARY) | (sk == SUMMARY))
             return (sq != PADDING) & (sk != PADDING) & (same_segment | summary_pair)
 
@@ -325,11 +367,11 @@ def run_case(case: Case, impls: dict[str, Maker], device: str, dtype: torch.dtyp
         forward, reason, extra = maker(case, layout, probe)
         entry = {"case": case.name, "impl": impl, "batch": case.batch, "heads": case.heads,
                  "head_dim": case.head_dim, "beats": case.beats, "seq_len": layout.seq_len,
-                 "density": float(layout.density().mean()), "fwd_ms": None, "fwd_bwd_ms": None,
+                 "density": float(layout.materialize(case.causal).float().mean()), "fwd_ms": None, "fwd_bwd_ms": None,
                  "fwd_graph_ms": None, "fwd_bwd_graph_ms": None, "floor_fwd_ms": floors[0],
                  "floor_fwd_bwd_ms": floors[1], "note": reason, **extra}
         base = impl.split("[")[0]
-        if base in NOT_THE_SAME_OP:
+        if base in NOT_THE_SAME_OP and case.packed_len is None:  # on packed documents varlen is the same op
             entry["same_op"] = False
             entry["note"] = entry["note"] or NOT_THE_SAME_OP[base]
         if forward is not None:

@@ -54,7 +54,7 @@ def _signature(fn, dtype: str) -> dict:
             sig[name] = "i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name[0].isupper() and name not in ("D", "BLOCK_D", "F32", "BLOCK_M", "BLOCK_N", "ROWS"):
+        elif name[0].isupper() and name not in ("D", "BLOCK_D", "F32", "CAUSAL", "BLOCK_M", "BLOCK_N", "ROWS"):
             sig[name] = "*i32"  # layout tensors
         else:
             sig[name] = "constexpr"
@@ -77,6 +77,8 @@ def compile_one(name: str, dtype: str, head_dim: int, config, arch: int) -> dict
     jitted = KERNELS[name]
     fn = jitted.fn if isinstance(jitted, triton.runtime.Autotuner) else jitted  # the JITFunction
     consts = {"D": head_dim, "BLOCK_D": common.block_d(head_dim), "F32": dtype == "float32", **config.kwargs}
+    if "CAUSAL" in fn.arg_names:
+        consts["CAUSAL"] = False  # the causal variant adds a bound and masks to the same kernel
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     start = time.perf_counter()
     compiled = triton.compile(ASTSource(fn, _signature(fn, dtype), consts), target=GPUTarget("cuda", arch, 32),

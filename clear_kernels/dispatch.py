@@ -38,6 +38,12 @@ class Backend:
     refuse: Callable[[torch.Tensor], Optional[str]]
     # Takes q, k, v as strided views (unit stride along D); others get them contiguous.
     strided: bool = False
+    # The optional parts of the op it implements: "causal" (is_causal=True) and "gqa" (fewer key/value heads).
+    features: frozenset = frozenset()
+
+
+# What each optional feature is called in a refusal.
+_FEATURE_NAMES = {"causal": "is_causal=True", "gqa": "grouped-query attention (k/v with fewer heads than q)"}
 
 
 _registry: dict[str, Backend] = {}
@@ -56,8 +62,9 @@ def mark_unavailable(name: str, reason: str) -> None:
         _unavailable[name] = reason
 
 
-def why_not(name: str, q: torch.Tensor) -> Optional[str]:
-    """None when backend ``name`` can run inputs like ``q``; otherwise a sentence saying why not."""
+def why_not(name: str, q: torch.Tensor, features: frozenset = frozenset()) -> Optional[str]:
+    """None when backend ``name`` can run inputs like ``q`` using ``features`` (see ``Backend.features``);
+    otherwise a sentence saying why not."""
     if name in _unavailable:
         return _unavailable[name]
     backend = _registry.get(name)
@@ -65,6 +72,9 @@ def why_not(name: str, q: torch.Tensor) -> Optional[str]:
         return "it is not available in this installation"
     if q.device.type not in backend.device_types:
         return f"it runs on {'/'.join(backend.device_types)} tensors, not {q.device.type}"
+    missing = sorted(set(features) - backend.features)
+    if missing:
+        return "it does not implement " + " or ".join(_FEATURE_NAMES[f] for f in missing)
     return backend.refuse(q)
 
 
@@ -80,8 +90,9 @@ def _check_name(name: str, source: str) -> None:
         raise ValueError(f"{source} must be 'auto' or one of {BACKEND_NAMES}, got {name!r}")
 
 
-def select(requested: str, q: torch.Tensor) -> Backend:
-    """Resolve ``requested`` ('auto' or a backend name) to the backend that will run ``q``'s call."""
+def select(requested: str, q: torch.Tensor, features: frozenset = frozenset()) -> Backend:
+    """Resolve ``requested`` ('auto' or a backend name) to the backend that will run ``q``'s call, which uses the
+    optional ``features`` ("causal", "gqa")."""
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string, got {type(requested).__name__}")
     _check_name(requested, "backend")
@@ -91,14 +102,14 @@ def select(requested: str, q: torch.Tensor) -> Backend:
             _check_name(forced, f"environment variable {ENV_VAR}")
             requested = forced
     if requested != "auto":
-        reason = why_not(requested, q)
+        reason = why_not(requested, q, features)
         if reason is not None:
             raise ValueError(f"backend={requested!r} cannot run these inputs: {reason}")
         return _registry[requested]
 
     refused = []
     for name in _AUTO_ORDER.get(q.device.type, ("reference",)):
-        reason = why_not(name, q)
+        reason = why_not(name, q, features)
         if reason is None:
             if refused:
                 _warn_fallback(name, refused)

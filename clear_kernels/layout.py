@@ -8,10 +8,12 @@ A layout describes, for each of the ``B`` batch elements, the ``L`` tokens of a 
   summarises.
 
 Query ``q`` may attend key ``k`` iff neither is padding and
-``(segment[q] >= 0 and segment[q] == segment[k]) or (group[q] == group[k] and -1 in (segment[q], segment[k]))``.
+``(segment[q] >= 0 and segment[q] == segment[k]) or (group[q] == group[k] and -1 in (segment[q], segment[k]))``;
+with ``is_causal`` a pair of the same segment also needs ``k <= q`` (positions). ``mask_from_ids`` is the one
+statement of this rule.
 
-The rule is symmetric, so the keys a query sees are also the queries that see that key; the backward kernels
-rely on this. Besides the ids, a layout carries the index tensors the kernels walk instead of scanning all ``L``
+Without ``is_causal`` the rule is symmetric, so the keys a query sees are also the queries that see that key; the
+summary part stays symmetric with it, which is what the backward kernels rely on. Besides the ids, a layout carries the index tensors the kernels walk instead of scanning all ``L``
 keys per query (all int32, ``[B, ...]``, on the device of the ids):
 
 * ``seg_start``/``seg_end`` ``[B, L]``: the run ``[start, end)`` of a segment token's segment (segments are
@@ -42,12 +44,20 @@ _KERNEL_FIELDS = (
 )
 
 
-def mask_from_ids(segment: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """``[B, L, L]`` bool: the attention rule of SPEC §2.1 evaluated on every pair of ``[B, L]`` ids."""
+def mask_from_ids(segment: torch.Tensor, group: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    """``[B, L, L]`` bool: the attention rule of SPEC §2.1 evaluated on every pair of ``[B, L]`` ids.
+
+    With ``is_causal`` a query of a segment sees the keys of its segment at its own position or before it (the
+    causal mask of packed documents); pairs with a summary token are unchanged, so a summary token still sees
+    every token of its group and is seen by all of them.
+    """
     sq, sk = segment[:, :, None], segment[:, None, :]
     gq, gk = group[:, :, None], group[:, None, :]
     real = (sq != PADDING) & (sk != PADDING)
     same_segment = (sq >= 0) & (sq == sk)
+    if is_causal:
+        pos = torch.arange(segment.shape[1], device=segment.device)
+        same_segment = same_segment & (pos[None, None, :] <= pos[None, :, None])
     summary_pair = (gq == gk) & ((sq == SUMMARY) | (sk == SUMMARY))
     return real & (same_segment | summary_pair)
 
@@ -202,6 +212,78 @@ class SegmentLayout:
         return cls._build(segment, group, num_groups=1, max_summary=0)
 
     @classmethod
+    def from_cu_seqlens(
+        cls, cu_seqlens: torch.Tensor, *, total_len: Optional[int] = None, max_seqlen: Optional[int] = None,
+        _exact_end: bool = False,
+    ) -> "SegmentLayout":
+        """Packed documents of one sequence from cumulative lengths, as ``flash_attn_varlen_func`` takes them.
+
+        ``cu_seqlens`` is ``[N + 1]`` integers: ``0``, then the running end of each document. Document ``i`` is
+        tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``; equal neighbours (empty documents) are allowed. The layout
+        has batch 1 and ``L = total_len`` (default ``cu_seqlens[-1]``, read on the host); tokens past the last
+        document are padding. ``max_seqlen``, if given, must be at least the longest document (it is checked,
+        not needed). The checks read ``cu_seqlens`` on the host once; inside ``torch.compile`` they are skipped,
+        so the compiled graph does not depend on the lengths (pass ``total_len`` there).
+        """
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries [N + 1], got shape "
+                             f"{tuple(cu_seqlens.shape)}")
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+            raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                                       or max_seqlen < 1):
+            raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
+        cu = cu_seqlens.to(torch.int64)
+        if total_len is None:
+            if torch.compiler.is_compiling():
+                raise ValueError("from_cu_seqlens needs total_len inside torch.compile (it would read cu_seqlens)")
+            total_len = int(cu[-1])
+        if isinstance(total_len, bool) or not isinstance(total_len, int) or total_len < 1:
+            raise ValueError(f"total_len must be a positive int, got {total_len!r}")
+        if not torch.compiler.is_compiling():
+            _check_cu_seqlens(cu, total_len, max_seqlen, _exact_end)
+        pos = torch.arange(total_len, device=cu.device, dtype=torch.int64)
+        # Token t lies in the first document whose end exceeds t; empty documents are skipped by construction.
+        doc = torch.searchsorted(cu[1:].contiguous(), pos, right=True)
+        segment = torch.where(doc < cu.shape[0] - 1, doc, PADDING).to(torch.int32)[None]
+        return cls._build(segment.contiguous(), torch.zeros_like(segment), num_groups=1, max_summary=0)
+
+    @classmethod
+    def from_document_ids(cls, ids: torch.Tensor, *, padding_id: Optional[int] = None) -> "SegmentLayout":
+        """Packed documents from ``[B, L]`` (or ``[L]``) per-token document ids, as FlexAttention's document mask.
+
+        Tokens with equal ids attend each other; every token with an id equal to ``padding_id`` is padding (no
+        other id is special: a negative id is a document like any other, never a summary token). Each document's
+        tokens must be contiguous. Reads the ids on the host once to check that.
+        """
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"ids must be [L] or [B, L] with B, L >= 1, got shape {tuple(ids.shape)}")
+        if padding_id is not None and (isinstance(padding_id, bool) or not isinstance(padding_id, int)):
+            raise TypeError(f"padding_id must be an int or None, got {padding_id!r}")
+        ids = ids.to(torch.int64)
+        pad = ids == padding_id if padding_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+        # Segment ids are the rank of each document id among its row's distinct ids: any int64 id fits, and no
+        # id can come out as a summary (-1) or padding (-2) marker.
+        segment, _ = _group_ranks(torch.where(pad, PADDING, 0), ids, exact_count=False)
+        segment = torch.where(pad, PADDING, segment)
+        _, _, starts_run = _runs(segment)
+        run_ids = torch.sort(torch.where(starts_run, segment, -1), dim=1).values
+        if bool(((run_ids[:, 1:] == run_ids[:, :-1]) & (run_ids[:, 1:] >= 0)).any()):
+            b, t = _second_run_start(segment, starts_run)
+            raise ValueError(f"ids must keep each document contiguous: document {int(ids[b, t])} starts again at "
+                             f"ids[{b}, {t}] after other tokens")
+        segment = segment.to(torch.int32).contiguous()
+        return cls._build(segment, torch.zeros_like(segment), num_groups=1, max_summary=0)
+
+    @classmethod
     def conduction(cls, valid: torch.Tensor, *, compact: bool = False) -> "SegmentLayout":
         """The CLEAR layout for a ``[B, leads, beats]`` grid of heartbeat tokens (``valid`` marks real tokens).
 
@@ -273,9 +355,9 @@ class SegmentLayout:
         """The index tensors, in the order of the op schema's layout arguments."""
         return tuple(getattr(self, name) for name in _KERNEL_FIELDS)
 
-    def materialize(self) -> torch.Tensor:
+    def materialize(self, is_causal: bool = False) -> torch.Tensor:
         """The dense ``[B, L, L]`` bool mask (True = may attend), for tests and dense baselines only."""
-        return mask_from_ids(self.segment, self.group)
+        return mask_from_ids(self.segment, self.group, is_causal)
 
     def to(self, device: Union[str, torch.device]) -> "SegmentLayout":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -374,6 +456,25 @@ def _validate_ids(
     elif summaries > max_summary:
         raise ValueError(f"a row holds {summaries} summary tokens, more than max_summary={max_summary}")
     return num_groups, max_summary
+
+
+def _check_cu_seqlens(cu: torch.Tensor, total_len: int, max_seqlen: Optional[int], exact_end: bool = False,
+                      ) -> None:
+    """The checks of ``from_cu_seqlens`` (one host read); ``exact_end``: the documents must fill all tokens."""
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {values[0]}")
+    lengths = [b - a for a, b in zip(values[:-1], values[1:])]
+    for i, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"cu_seqlens must be increasing (non-decreasing: empty documents are allowed); "
+                             f"cu_seqlens[{i + 1}] = {values[i + 1]} < cu_seqlens[{i}] = {values[i]}")
+    if values[-1] > total_len or (exact_end and values[-1] != total_len):
+        raise ValueError(f"cu_seqlens must end at the number of tokens T = {total_len}, got cu_seqlens[-1] = "
+                         f"{values[-1]}")
+    if max_seqlen is not None and max(lengths) > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} but document {lengths.index(max(lengths))} has {max(lengths)} "
+                         "tokens")
 
 
 def _group_ranks(segment: torch.Tensor, group: torch.Tensor, exact_count: bool) -> tuple[torch.Tensor, int]:

@@ -63,7 +63,8 @@ def _refuser(device_type: str):
 if EXTENSION_ERROR is None:
     ops.register_pair("native")
     for _device in ("cpu", "cuda"):
-        dispatch.register(dispatch.Backend(_device, "native", (_device,), _refuser(_device)))
+        dispatch.register(dispatch.Backend(_device, "native", (_device,), _refuser(_device),
+                                           features=frozenset({"causal", "gqa"})))
 else:
     dispatch.mark_unavailable("cpu", EXTENSION_ERROR)
     dispatch.mark_unavailable("cuda", EXTENSION_ERROR)

@@ -2,10 +2,16 @@
 
 Each backend is a pair of ops in the ``clear_kernels`` namespace with the schemas below:
 
-* ``<prefix>_fwd(q, k, v, <layout tensors>, scale) -> (out, lse)``: ``out`` has the dtype of ``q``; ``lse`` is
-  ``[B, H, L]`` in :func:`lse_dtype` (float64 for float64 inputs, else float32), the natural-log sum of exp of
-  the scaled scores of each row, and exactly 0 for padding rows (whose output is exactly 0 too).
-* ``<prefix>_bwd(grad_out, q, k, v, out, lse, <layout tensors>, scale) -> (grad_q, grad_k, grad_v)``.
+* ``<prefix>_fwd(q, k, v, <layout tensors>, scale, is_causal=False) -> (out, lse)``: ``out`` has the dtype of
+  ``q``; ``lse`` is ``[B, H, L]`` in :func:`lse_dtype` (float64 for float64 inputs, else float32), the
+  natural-log sum of exp of the scaled scores of each row, and exactly 0 for padding rows (whose output is exactly
+  0 too).
+* ``<prefix>_bwd(grad_out, q, k, v, out, lse, <layout tensors>, scale, is_causal=False) -> (grad_q, grad_k,
+  grad_v)``.
+
+``q`` is ``[B, H, L, D]``; ``k`` and ``v`` are ``[B, H_kv, L, D]`` with ``H % H_kv == 0`` (grouped-query
+attention: query head ``h`` reads key/value head ``h // (H // H_kv)``; ``H_kv == H`` is plain multi-head), and
+``grad_k``/``grad_v`` have their shape. ``is_causal`` applies the causal rule of ``layout.mask_from_ids``.
 
 The layout tensors are :meth:`SegmentLayout.kernel_args`, in that order. Schemas are written out here once; the
 native extension defines the same text in C++ (``csrc/ops.cpp``), and ``opcheck`` in the tests keeps them equal.
@@ -30,10 +36,12 @@ LAYOUT_PARAMS = (
     "Tensor segment, Tensor group, Tensor seg_start, Tensor seg_end, "
     "Tensor group_index, Tensor group_offsets, Tensor summary_index, Tensor summary_offsets"
 )
-FWD_SCHEMA = f"(Tensor q, Tensor k, Tensor v, {LAYOUT_PARAMS}, float scale) -> (Tensor, Tensor)"
+FWD_SCHEMA = (
+    f"(Tensor q, Tensor k, Tensor v, {LAYOUT_PARAMS}, float scale, bool is_causal=False) -> (Tensor, Tensor)"
+)
 BWD_SCHEMA = (
-    f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {LAYOUT_PARAMS}, float scale)"
-    " -> (Tensor, Tensor, Tensor)"
+    f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {LAYOUT_PARAMS}, float scale, "
+    "bool is_causal=False) -> (Tensor, Tensor, Tensor)"
 )
 NUM_LAYOUT_TENSORS = 8
 
@@ -136,17 +144,19 @@ def register_pair(prefix: str, contiguous_grad: bool = True, out_like=None) -> N
     _register_autograd(bwd_name, _no_double_backward(bwd_name), lambda ctx, inputs, output: None)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, *layout, scale = inputs
+        q, k, v, *layout = inputs[:3 + NUM_LAYOUT_TENSORS]
+        scale, is_causal = (tuple(inputs[3 + NUM_LAYOUT_TENSORS:]) + (False,))[:2]
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, *layout)
-        ctx.scale = scale
+        ctx.scale, ctx.is_causal, ctx.num_inputs = scale, is_causal, len(inputs)
 
     def backward(ctx, grad_out, grad_lse):
-        # lse is an auxiliary output for the backward pass; nothing differentiable depends on it.
+        # The op's lse is its auxiliary output for this backward; a caller who differentiates the logsumexp gets it
+        # through api._LseGradient, which adds that gradient only when the loss uses it.
         q, k, v, out, lse, *layout = ctx.saved_tensors
         grad_out = grad_out.contiguous() if contiguous_grad else grad_out
-        grad_q, grad_k, grad_v = bwd_op(grad_out, q, k, v, out, lse, *layout, ctx.scale)
-        return (grad_q, grad_k, grad_v) + (None,) * (NUM_LAYOUT_TENSORS + 1)
+        grad_q, grad_k, grad_v = bwd_op(grad_out, q, k, v, out, lse, *layout, ctx.scale, ctx.is_causal)
+        return (grad_q, grad_k, grad_v) + (None,) * (ctx.num_inputs - 3)
 
     _register_autograd(fwd_name, backward, setup_context)
 

@@ -39,12 +39,26 @@ def allowed_matmul(weights, allowed, x):
     return torch.where(nan, float("nan"), out)
 
 
+def expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped-query attention as plain attention: key/value head ``j`` repeated for the ``H // H_kv`` query
+    heads that read it (query head ``h`` reads ``h // (H // H_kv)``, as ``enable_gqa`` in SDPA)."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def fold_kv_grad(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The gradient of :func:`expand_kv`: the query heads' gradients summed per key/value head."""
+    batch, heads, length, dim = g.shape
+    return g if heads == kv_heads else g.view(batch, kv_heads, heads // kv_heads, length, dim).sum(2)
+
+
 def masked_attention(q, k, v, mask, scale):
     """Differentiable dense attention under a bool ``[B, L, L]`` mask; rows with no key give 0, never NaN.
 
     Returns ``(out, lse)`` with ``out`` in the dtype of ``q`` and ``lse`` in ``ops.lse_dtype`` (0 on empty rows).
     Values of tokens a row does not attend never reach that row, not even a NaN (see ``allowed_matmul``).
+    ``k`` and ``v`` may have fewer heads than ``q`` (grouped-query attention, see :func:`expand_kv`).
     """
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
     allowed = mask[:, None, :, :]
@@ -61,32 +75,36 @@ def masked_attention(q, k, v, mask, scale):
     return out.to(q.dtype), lse.to(ops.lse_dtype(q.dtype))
 
 
-def segment_attention_reference(q, k, v, layout, scale=None):
+def segment_attention_reference(q, k, v, layout, scale=None, is_causal=False):
     """Plain-PyTorch segment attention on a :class:`SegmentLayout` (differentiable by autograd)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return masked_attention(q, k, v, layout.materialize(), scale)[0]
+    return masked_attention(q, k, v, layout.materialize(is_causal), scale)[0]
 
 
 FWD, BWD = ops.define_pair("reference")
 
 
 @torch.library.impl(FWD, "CompositeExplicitAutograd", lib=ops._library)
-def _reference_fwd(q, k, v, segment, group, *rest):
-    scale = rest[-1]  # the remaining layout tensors are index lists the dense reference does not need
-    out, lse = masked_attention(q, k, v, mask_from_ids(segment, group), scale)
+def _reference_fwd(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
+                   summary_offsets, scale, is_causal=False):
+    # The other layout tensors are index lists the dense reference does not need. (The dispatcher leaves out
+    # trailing arguments that equal their schema default, so is_causal has one here too.)
+    out, lse = masked_attention(q, k, v, mask_from_ids(segment, group, is_causal), scale)
     return out.contiguous(), lse.contiguous()
 
 
 @torch.library.impl(BWD, "CompositeExplicitAutograd", lib=ops._library)
-def _reference_bwd(grad_out, q, k, v, out, lse, segment, group, *rest):
+def _reference_bwd(grad_out, q, k, v, out, lse, segment, group, seg_start, seg_end, group_index, group_offsets,
+                   summary_index, summary_offsets, scale, is_causal=False):
     # Written out rather than taken from autograd: kernel implementations run below the autograd dispatch key.
     # It is also the plainest statement of the backward every kernel implements.
-    scale = rest[-1]
+    kv_heads = k.shape[1]
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     # Only allowed pairs are combined (where / allowed_matmul), so a NaN in a token a row does not attend stays
     # out of that row's gradients, as in the kernels.
     q_, k_, v_, o_, do_ = (t.to(compute) for t in (q, k, v, out, grad_out))
-    allowed = mask_from_ids(segment, group)[:, None]
+    allowed = mask_from_ids(segment, group, is_causal)[:, None]
     allowed_t = allowed.transpose(-1, -2)
     scores = torch.matmul(q_, k_.transpose(-1, -2)) * scale
     probs = torch.where(allowed, torch.exp(scores - lse.to(compute)[..., None]), torch.zeros_like(scores))
@@ -95,6 +113,7 @@ def _reference_bwd(grad_out, q, k, v, out, lse, segment, group, *rest):
     grad_scores = torch.where(allowed, probs * (torch.matmul(do_, v_.transpose(-1, -2)) - delta), 0.0)
     grad_q = allowed_matmul(grad_scores, allowed, k_) * scale
     grad_k = allowed_matmul(grad_scores.transpose(-1, -2), allowed_t, q_) * scale
+    grad_k, grad_v = fold_kv_grad(grad_k, kv_heads), fold_kv_grad(grad_v, kv_heads)
     return tuple(g.to(q.dtype).contiguous() for g in (grad_q, grad_k, grad_v))
 
 
@@ -102,5 +121,5 @@ ops.register_pair("reference")
 
 dispatch.register(dispatch.Backend(
     name="reference", op_prefix="reference", device_types=("cpu", "cuda", "mps", "xpu", "meta"),
-    refuse=lambda q: None,
+    refuse=lambda q: None, features=frozenset({"causal", "gqa"}),
 ))

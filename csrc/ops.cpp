@@ -19,9 +19,9 @@ TORCH_LIBRARY(clear_kernels, m) {
   m.def(
       "native_fwd(Tensor q, Tensor k, Tensor v, Tensor segment, Tensor group, Tensor seg_start, "
       "Tensor seg_end, Tensor group_index, Tensor group_offsets, Tensor summary_index, "
-      "Tensor summary_offsets, float scale) -> (Tensor, Tensor)");
+      "Tensor summary_offsets, float scale, bool is_causal=False) -> (Tensor, Tensor)");
   m.def(
       "native_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor segment, "
       "Tensor group, Tensor seg_start, Tensor seg_end, Tensor group_index, Tensor group_offsets, "
-      "Tensor summary_index, Tensor summary_offsets, float scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor summary_index, Tensor summary_offsets, float scale, bool is_causal=False) -> (Tensor, Tensor, Tensor)");
 }

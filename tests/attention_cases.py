@@ -80,10 +80,12 @@ class Errors:
     grads: tuple[float, float, float]
 
 
-def _inputs(layout: SegmentLayout, heads: int, head_dim: int, dtype: torch.dtype, device: str, seed: int):
+def _inputs(layout: SegmentLayout, heads: int, head_dim: int, dtype: torch.dtype, device: str, seed: int,
+            kv_heads: Optional[int] = None):
     gen = torch.Generator().manual_seed(seed)
     shape = (layout.batch_size, heads, layout.seq_len, head_dim)
-    q, k, v, dout = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(4))
+    kv_shape = (layout.batch_size, kv_heads or heads, layout.seq_len, head_dim)
+    q, k, v, dout = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (shape, kv_shape, kv_shape, shape))
     return [t.to(device=device, dtype=dtype) for t in (q, k, v)], dout.to(device=device, dtype=dtype)
 
 
@@ -100,7 +102,8 @@ def torch_errors(q, k, v, dout, mask, scale, truth) -> Errors:
     rows = mask.any(-1)  # [B, L]
     safe = mask | torch.diag_embed(~rows)  # let empty rows see themselves so SDPA stays finite there
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out = F.scaled_dot_product_attention(*leaves, attn_mask=safe[:, None], scale=scale)
+    out = F.scaled_dot_product_attention(*leaves, attn_mask=safe[:, None], scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
     out = torch.where(rows[:, None, :, None], out, torch.zeros_like(out))
     grads = torch.autograd.grad(out, leaves, dout)
     err = lambda a, b: float((a.detach().to(torch.float64) - b).abs().max()) if a.numel() else 0.0
@@ -117,6 +120,10 @@ def tolerance(dtype: torch.dtype, torch_err: float, magnitude: float) -> float:
 def strided_views(q, k, v, dout):
     """The same values laid out as a model hands them over: q, k, v as head views of one ``[B, L, 3, H, D]``
     projection output, the output gradient as a head view of ``[B, L, H, D]``."""
+    if k.shape != q.shape:  # grouped-query attention: q from [B, L, H, D], k and v from one [B, L, 2, H_kv, D]
+        packed = torch.stack([k, v]).permute(1, 3, 0, 2, 4).contiguous()
+        k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        return (q.transpose(1, 2).contiguous().transpose(1, 2), k, v), dout.transpose(1, 2).contiguous().transpose(1, 2)
     packed = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).contiguous()  # [B, L, 3, H, D]
     q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
     return (q, k, v), dout.transpose(1, 2).contiguous().transpose(1, 2)
@@ -124,26 +131,29 @@ def strided_views(q, k, v, dout):
 
 def check_parity(backend: str, layout: SegmentLayout, *, heads: int = 2, head_dim: int = 32,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
-                 scale: Optional[float] = None, backward: bool = True, strided: bool = False) -> None:
+                 scale: Optional[float] = None, backward: bool = True, strided: bool = False,
+                 is_causal: bool = False, kv_heads: Optional[int] = None) -> None:
     """Forward (and backward) of ``backend`` against the float64 dense reference; raises AssertionError.
-    ``strided``: the kernel gets the inputs as strided views (``strided_views``)."""
+    ``strided``: the kernel gets the inputs as strided views (``strided_views``). ``is_causal`` applies the causal
+    rule; ``kv_heads`` (dividing ``heads``) makes it grouped-query attention."""
     import clear_kernels
     from clear_kernels import ops
 
     layout = layout.to(device)
-    (q, k, v), dout = _inputs(layout, heads, head_dim, dtype, device, seed)
+    (q, k, v), dout = _inputs(layout, heads, head_dim, dtype, device, seed, kv_heads)
     if strided:
         (q, k, v), dout = strided_views(q, k, v, dout)
         assert not q.is_contiguous() and not dout.is_contiguous()
     scale = head_dim ** -0.5 if scale is None else scale
-    mask = layout.materialize()
+    mask = layout.materialize(is_causal)
     truth = ground_truth(q, k, v, dout, mask, scale)
     yard = torch_errors(q, k, v, dout, mask, scale, truth)
 
-    chosen = clear_kernels.dispatch.select(backend, q)
+    features = frozenset(({"causal"} if is_causal else set()) | ({"gqa"} if k.shape[1] != heads else set()))
+    chosen = clear_kernels.dispatch.select(backend, q, features)
     fwd, bwd = ops.op(chosen.op_prefix, "fwd"), ops.op(chosen.op_prefix, "bwd")
     with torch.no_grad():
-        out, lse = fwd(q, k, v, *layout.kernel_args(), scale)
+        out, lse = fwd(q, k, v, *layout.kernel_args(), scale, is_causal)
     _compare("out", out, truth[0], tolerance(dtype, yard.out, float(truth[0].abs().max())))
     rows = mask.any(-1)[:, None, :].expand_as(lse)
     assert lse.dtype == ops.lse_dtype(dtype), f"lse: dtype {lse.dtype} for {dtype} inputs"
@@ -153,7 +163,7 @@ def check_parity(backend: str, layout: SegmentLayout, *, heads: int = 2, head_di
     if not backward:
         return
     with torch.no_grad():
-        grads = bwd(dout, q, k, v, out, lse, *layout.kernel_args(), scale)
+        grads = bwd(dout, q, k, v, out, lse, *layout.kernel_args(), scale, is_causal)
     for name, g, t, e in zip(("dq", "dk", "dv"), grads, truth[2], yard.grads):
         _compare(name, g, t, tolerance(dtype, e, float(t.abs().max()) if t.numel() else 1.0))
 

@@ -155,7 +155,9 @@ def _good_args(dtype=torch.float32):
 @pytest.mark.parametrize("case, message", [
     ("noncontiguous_q", "q must be contiguous"),
     ("float16", "supports float32, bfloat16 and float64"),
-    ("k_shape", "k must have the shape of q"),
+    ("k_shape", "k must be [B, H_kv, L, D]"),
+    ("kv_heads", "heads of q .2. must be a multiple of the heads of k .3."),
+    ("v_heads", "v must be [B, H_kv, L, D] = [2, 2, "),
     ("v_dtype", "v has dtype"),
     ("q_3d", "q must be [B, H, L, D]"),
     ("layout_int64", "layout tensor segment must be int32"),
@@ -172,7 +174,11 @@ def test_bad_inputs_raise_clearly(case, message):
     elif case == "float16":
         q, k, v = q.half(), k.half(), v.half()
     elif case == "k_shape":
-        k = k[:, :1].contiguous()
+        k = k[:, :, 1:].contiguous()
+    elif case == "kv_heads":
+        k = v = torch.cat([k, k[:, :1]], dim=1)
+    elif case == "v_heads":
+        v = v[:, :1].contiguous()
     elif case == "v_dtype":
         v = v.double()
     elif case == "q_3d":

@@ -53,36 +53,42 @@ def _ids(layout_tensors) -> ctypes.Array:
     return (ctypes.c_void_p * 8)(*[t.data_ptr() for t in layout_tensors])
 
 
-def _dims(q, layout_tensors):
+def _dims(q, k, layout_tensors):
     batch, heads, length, head_dim = q.shape
     num_groups = layout_tensors[5].shape[1] - 1
     max_summary = layout_tensors[6].shape[1]
-    return num_groups, max_summary, batch, heads, length, head_dim
+    return num_groups, max_summary, batch, heads, k.shape[1], length, head_dim
+
+
+def _split(rest):
+    """The layout tensors, scale and is_causal of an op call (a trailing is_causal=False is left out)."""
+    layout, scale, *flags = rest[:ops.NUM_LAYOUT_TENSORS], *rest[ops.NUM_LAYOUT_TENSORS:]
+    return layout, scale, bool(flags[0]) if flags else False
 
 
 def _host_pair(simulate_warp: int):
     """The (fwd, bwd) implementations of one executor: 0 serial, 1 simulated 32-lane warp."""
 
     def fwd(q, k, v, *rest):
-        *layout, scale = rest
+        layout, scale, causal = _split(rest)
         q, k, v = (t.contiguous() for t in (q, k, v))
         out = ops.new_output_like(q)
         lse = ops.new_output(q.shape[:3], dtype=torch.float32)
         status = _LIB.host_rows_forward(
             KINDS[q.dtype], simulate_warp, *(ctypes.c_void_p(t.data_ptr()) for t in (q, k, v, out, lse)),
-            _ids(layout), *_dims(q, layout), ctypes.c_float(scale))
+            _ids(layout), *_dims(q, k, layout), ctypes.c_float(scale), int(causal))
         assert status == 0
         return out, lse
 
     def bwd(grad_out, q, k, v, out, lse, *rest):
-        *layout, scale = rest
+        layout, scale, causal = _split(rest)
         tensors = [t.contiguous() for t in (grad_out, q, k, v, out)]
         delta = torch.empty_like(lse)
         grads = [ops.new_output_like(t) for t in tensors[1:4]]
         status = _LIB.host_rows_backward(
             KINDS[q.dtype], simulate_warp,
             *(ctypes.c_void_p(t.data_ptr()) for t in tensors + [lse.contiguous(), delta] + grads),
-            _ids(layout), *_dims(q, layout), ctypes.c_float(scale))
+            _ids(layout), *_dims(q, tensors[2], layout), ctypes.c_float(scale), int(causal))
         assert status == 0
         return tuple(grads)
 
@@ -101,7 +107,7 @@ for _prefix, _simulate in EXECUTORS.values():
 def _as_cuda(monkeypatch, executor: str) -> None:
     """check_parity resolves its backend through dispatch.select; point "cuda" at a host executor."""
     backend = dispatch.Backend("cuda", EXECUTORS[executor][0], ("cpu",), lambda q: None)
-    monkeypatch.setattr(clear_kernels.dispatch, "select", lambda name, q: backend)
+    monkeypatch.setattr(clear_kernels.dispatch, "select", lambda name, q, features=frozenset(): backend)
 
 
 @pytest.fixture
@@ -117,27 +123,39 @@ def warp_as_cuda(monkeypatch):
 CASES = layout_cases()
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_key_walk_is_the_mask(name):
-    """Each token's walk lists exactly the keys the mask allows, each once (so the dk/dv walk is right too)."""
+def test_key_walk_is_the_mask(name, causal):
+    """Each token's walk lists exactly the keys the mask allows, each once; its walk as a key lists exactly the
+    queries that attend it (the mask's column), which the dk/dv pass relies on."""
     layout = CASES[name]
     tensors = layout.kernel_args()
-    mask = layout.materialize()
+    mask = layout.materialize(causal)
     keys = (ctypes.c_int32 * layout.seq_len)()
     for b in range(layout.batch_size):
         for t in range(layout.seq_len):
-            n = _LIB.host_rows_key_walk(_ids(tensors), layout.num_groups, layout.max_summary, layout.seq_len, b, t,
-                                        keys)
-            walked = list(keys[:n])
-            assert len(walked) == len(set(walked)), f"{name}: token ({b}, {t}) walks a key twice: {walked}"
-            expected = torch.nonzero(mask[b, t]).flatten().tolist()
-            assert sorted(walked) == expected, f"{name}: token ({b}, {t}) walks {sorted(walked)}, mask {expected}"
+            for as_key, allowed in ((0, mask[b, t]), (1, mask[b, :, t])):
+                n = _LIB.host_rows_key_walk(_ids(tensors), layout.num_groups, layout.max_summary, layout.seq_len, b,
+                                            t, int(causal), as_key, keys)
+                walked = list(keys[:n])
+                assert len(walked) == len(set(walked)), f"{name}: token ({b}, {t}) walks a key twice: {walked}"
+                expected = torch.nonzero(allowed).flatten().tolist()
+                assert sorted(walked) == expected, (f"{name}: token ({b}, {t}) as_key={as_key} walks "
+                                                    f"{sorted(walked)}, mask {expected}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_parity_layout_cases(host_as_cuda, name, dtype):
     check_parity("cuda", CASES[name], dtype=dtype, head_dim=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("is_causal, kv_heads", [(True, None), (False, 2), (True, 1)],
+                         ids=["causal", "gqa", "causal_mqa"])
+def test_parity_causal_gqa(host_as_cuda, name, dtype, is_causal, kv_heads):
+    check_parity("cuda", CASES[name], dtype=dtype, head_dim=32, heads=4, is_causal=is_causal, kv_heads=kv_heads)
 
 
 @pytest.mark.parametrize("head_dim", [16, 40, 96, 128, 200, 256])
@@ -176,3 +194,8 @@ def test_simulated_warp_head_dims(warp_as_cuda, head_dim):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_simulated_warp_layouts(warp_as_cuda, name, dtype):
     check_parity("cuda", CASES[name], dtype=dtype, head_dim=96, heads=1)
+
+
+@pytest.mark.parametrize("name", ["many_summary", "long_runs"])
+def test_simulated_warp_causal_gqa(warp_as_cuda, name):
+    check_parity("cuda", CASES[name], dtype=torch.float32, head_dim=40, heads=2, kv_heads=1, is_causal=True)

@@ -48,6 +48,21 @@ def test_parity_layout_cases(name, dtype):
     check_parity("cuda", CASES[name], device="cuda", dtype=dtype, head_dim=64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("is_causal, kv_heads", [(True, None), (False, 2), (True, 1)],
+                         ids=["causal", "gqa", "causal_mqa"])
+def test_parity_causal_gqa(name, dtype, is_causal, kv_heads):
+    check_parity("cuda", CASES[name], device="cuda", dtype=dtype, head_dim=64, heads=4, is_causal=is_causal,
+                 kv_heads=kv_heads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity_packed_causal_documents(dtype):
+    layout = SegmentLayout.block_diagonal([[700, 20, 1300, 28], [2000, 48, 0, 0]])
+    check_parity("cuda", layout, device="cuda", dtype=dtype, head_dim=128, heads=8, kv_heads=2, is_causal=True)
+
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_parity_head_dims(head_dim, dtype):

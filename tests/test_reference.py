@@ -75,8 +75,8 @@ def test_parity_harness_rejects_a_wrong_kernel(monkeypatch):
     import clear_kernels.ops as ops
     real_fwd = ops.op("reference", "fwd")
 
-    def wrong_fwd(q, k, v, *rest):
-        return real_fwd(q, k, v, *rest[:-1], rest[-1] * 1.01)
+    def wrong_fwd(q, k, v, *rest):  # rest ends with scale, is_causal
+        return real_fwd(q, k, v, *rest[:-2], rest[-2] * 1.01, rest[-1])
 
     monkeypatch.setattr(ops, "op", lambda prefix, which="fwd": wrong_fwd if which == "fwd" else real_fwd)
     with pytest.raises(AssertionError, match="out: max abs error"):

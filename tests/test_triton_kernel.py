@@ -76,6 +76,50 @@ def test_parity_hypothesis_layouts():
 
 
 @CPU_DEVICE
+@pytest.mark.parametrize("name", ["conduction", "many_summary", "long_runs", "block_diagonal_zeros",
+                                  "one_long_segment", "random_with_empty_row"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_parity_causal(name, strided):
+    _triton_usable()
+    check_parity("triton", CASES[name], heads=2, head_dim=32, is_causal=True, strided=strided)
+
+
+@CPU_DEVICE
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_parity_causal_half(dtype):
+    _triton_usable()
+    for name in ("many_summary", "long_runs"):
+        check_parity("triton", CASES[name], heads=2, head_dim=32, dtype=dtype, is_causal=True)
+
+
+@CPU_DEVICE
+def test_parity_causal_hypothesis_layouts():
+    _triton_usable()
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=8, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(seed=st.integers(0, 10_000), length=st.integers(1, 70), max_seg=st.integers(1, 60),
+                      p_summary=st.sampled_from([0.0, 0.1]))
+    def check(seed, length, max_seg, p_summary):
+        layout = random_layout(seed, batch=2, length=length, num_groups=2, max_seg=max_seg, p_summary=p_summary,
+                               p_pad=0.1)
+        check_parity("triton", layout, heads=2, head_dim=16, seed=seed, is_causal=True)
+
+    check()
+
+
+@CPU_DEVICE
+def test_grouped_query_attention_is_refused_until_implemented():
+    _triton_usable()
+    layout = CASES["conduction"]
+    q = torch.randn(layout.batch_size, 2, layout.seq_len, 16)
+    assert "grouped-query" in clear_kernels.dispatch.why_not("triton", q, frozenset({"gqa"}))
+    with pytest.raises(ValueError, match="grouped-query attention is not implemented in the Triton kernels"):
+        ops.op("triton", "fwd")(q, q[:, :1], q[:, :1], *layout.kernel_args(), 0.25)
+
+
+@CPU_DEVICE
 @pytest.mark.parametrize("head_dim", [32, 96])
 @pytest.mark.parametrize("name", ["conduction", "random_mixed", "one_token_segments"])
 def test_parity_bfloat16(name, head_dim):
@@ -246,6 +290,19 @@ def test_opcheck():
 
 
 @CPU_DEVICE
+def test_opcheck_causal():
+    _triton_usable()
+    layout = conduction_layout(3, batch=1, leads=3, beats=3)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 16, generator=gen, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(ops.op("triton", "fwd"), (q, k, v, *layout.kernel_args(), 0.25, True))
+    out, lse = ops.op("triton", "fwd")(q.detach(), k.detach(), v.detach(), *layout.kernel_args(), 0.25, True)
+    torch.library.opcheck(ops.op("triton", "bwd"),
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                           *layout.kernel_args(), 0.25, True))
+
+
+@CPU_DEVICE
 def test_module_path_with_autograd():
     _triton_usable()
     layout = CASES["conduction_compact"]
@@ -337,6 +394,16 @@ def test_gpu_parity(name, dtype):
     _triton_usable()
     for head_dim in (32, 40, 96, 128):
         check_parity("triton", CASES[name], heads=2, head_dim=head_dim, dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_parity_causal(dtype):
+    _triton_usable()
+    packed = SegmentLayout.block_diagonal([[700, 20, 1300, 28], [2000, 48, 0, 0]])
+    for layout in (CASES["many_summary"], CASES["long_runs"], packed):
+        check_parity("triton", layout, heads=8, head_dim=128, dtype=dtype, device="cuda", is_causal=True)
+    check_parity("triton", packed, heads=4, head_dim=96, dtype=dtype, device="cuda", is_causal=True, strided=True)
 
 
 @pytest.mark.gpu

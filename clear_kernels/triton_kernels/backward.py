@@ -10,6 +10,9 @@ The grid is the forward's: ``(MAX_SUMMARY + cdiv(L, BLOCK_M), H, B)``.
   as keys against the chunk as queries (dk, dv).
 * ``delta = rowsum(dO * O)``, the softmax-gradient correction of a query row, is computed where it is needed
   from the dO and O rows already loaded: no separate pass, no buffer.
+* ``CAUSAL``: the two directions differ inside a run (tile query m sees chunk key n iff n <= m; chunk query n sees
+  tile key m iff m <= n), so a chunk wholly before the tile adds only to dq and a chunk wholly after it only to dk
+  and dv; the work above the diagonal is skipped, and the diagonal chunk is masked both ways.
 * A summary program computes one summary token's dq (as a query over its group) and dk/dv (as a key seen by
   every token of its group), walking ``group_index`` in order: the reduction over the many heartbeat tokens of
   a lead happens in one program, in a fixed order.
@@ -27,17 +30,31 @@ from .forward import summary_index_arg
 
 
 @triton.jit
-def _both_ways(q, k, v, do, delta, lse2, q_n, k_n, v_n, do_n, delta_n, lse2_n, allowed, dq, dk, dv, qk_scale,
-               F32: tl.constexpr):
-    """One chunk's contribution to a tile's dq (tile as queries) and dk/dv (tile as keys). ``allowed[m, n]`` is
-    symmetric in meaning: tile token m and chunk token n see each other."""
+def _as_queries(q, do, delta, lse2, k_n, v_n, allowed, dq, qk_scale, F32: tl.constexpr):
+    """One chunk's contribution to a tile's dq: the tile as queries (``allowed[m, n]``: tile m sees chunk n)."""
     p = tl.where(allowed, tl.exp2(dot(q, tl.trans(k_n), F32) * qk_scale - lse2[:, None]), 0.0)
     ds = p * (dot(do, tl.trans(v_n), F32) - delta[:, None])
     dq += dot(ds.to(k_n.dtype), k_n, F32)
+    return dq
+
+
+@triton.jit
+def _as_keys(k, v, q_n, do_n, delta_n, lse2_n, allowed, dk, dv, qk_scale, F32: tl.constexpr):
+    """One chunk's contribution to a tile's dk and dv: the tile as keys (``allowed[m, n]``: chunk n sees tile m)."""
     p_t = tl.where(allowed, tl.exp2(dot(k, tl.trans(q_n), F32) * qk_scale - lse2_n[None, :]), 0.0)
     dv += dot(p_t.to(do_n.dtype), do_n, F32)
     ds_t = p_t * (dot(v, tl.trans(do_n), F32) - delta_n[None, :])
     dk += dot(ds_t.to(q_n.dtype), q_n, F32)
+    return dk, dv
+
+
+@triton.jit
+def _both_ways(q, k, v, do, delta, lse2, q_n, k_n, v_n, do_n, delta_n, lse2_n, allowed, dq, dk, dv, qk_scale,
+               F32: tl.constexpr):
+    """One chunk's contribution to a tile's dq (tile as queries) and dk/dv (tile as keys). ``allowed[m, n]`` is
+    symmetric in meaning: tile token m and chunk token n see each other."""
+    dq = _as_queries(q, do, delta, lse2, k_n, v_n, allowed, dq, qk_scale, F32)
+    dk, dv = _as_keys(k, v, q_n, do_n, delta_n, lse2_n, allowed, dk, dv, qk_scale, F32)
     return dq, dk, dv
 
 
@@ -106,7 +123,8 @@ def _bwd(
     Q, K, V, Out, GradOut, Lse, GradQ, GradK, GradV, Seg, Grp, SegStart, SegEnd, GrpIdx, GrpOff, SumIdx, SumOff,
     sqb, sqh, sql, sgb, sgh, sgl, sob, soh, sol,
     L, H, NUM_GROUPS, MAX_SUMMARY, BUCKET, scale, qk_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """``Q``, ``K``, ``V`` share the strides ``(sqb, sqh, sql)``, ``GradOut`` has ``(sgb, sgh, sgl)``, ``Out``
     ``(sob, soh, sol)`` (unit stride along D for all); ``Lse`` and the gradients are contiguous."""
@@ -154,8 +172,17 @@ def _bwd(
             do_n, delta_n, lse2_n = _load_grad_rows(GradOut, Out, Lse, go_base, o_base, lse_base, n_safe, n_ok,
                                                     offs_d, d_ok, sgl, sol, F32)
             allowed = m_is_seg[:, None] & (seg_m[:, None] == seg_n[None, :])
-            dq, dk, dv = _both_ways(q, k, v, do, delta, lse2, q_n, k_n, v_n, do_n, delta_n, lse2_n, allowed,
-                                    dq, dk, dv, qk_scale, F32)
+            if CAUSAL:
+                tile_lo = (pid - MAX_SUMMARY) * BLOCK_M
+                if n0 < tile_lo + BLOCK_M:  # keys at or before some tile row
+                    dq = _as_queries(q, do, delta, lse2, k_n, v_n, allowed & (offs_n[None, :] <= offs_m[:, None]),
+                                     dq, qk_scale, F32)
+                if n0 + BLOCK_N > tile_lo:  # queries at or after some tile key
+                    dk, dv = _as_keys(k, v, q_n, do_n, delta_n, lse2_n,
+                                      allowed & (offs_n[None, :] >= offs_m[:, None]), dk, dv, qk_scale, F32)
+            else:
+                dq, dk, dv = _both_ways(q, k, v, do, delta, lse2, q_n, k_n, v_n, do_n, delta_n, lse2_n, allowed,
+                                        dq, dk, dv, qk_scale, F32)
         # The summary tokens of the tile's groups (keys of its queries, queries of its keys).
         for j0 in range(sum_lo, sum_hi, BLOCK_N):
             offs_j = j0 + tl.arange(0, BLOCK_N)
@@ -180,7 +207,7 @@ def _bwd(
 
 
 def segment_attention_backward(grad_out, q, k, v, out, lse, segment, group, seg_start, seg_end, group_index,
-                               group_offsets, summary_index, summary_offsets, scale: float):
+                               group_offsets, summary_index, summary_offsets, scale: float, is_causal: bool = False):
     """Launch the backward kernel: ``(dq, dk, dv)`` per the op contract (contiguous). ``q``, ``k``, ``v`` share
     strides; ``grad_out`` and ``out`` may have their own (unit stride along D for all)."""
     batch, heads, length, head_dim = q.shape
@@ -192,5 +219,6 @@ def segment_attention_backward(grad_out, q, k, v, out, lse, segment, group, seg_
             seg_start, seg_end, group_index, group_offsets, summary_index_arg(summary_index), summary_offsets,
             *q.stride()[:3], *grad_out.stride()[:3], *out.stride()[:3]),
            dict(L=length, H=heads, NUM_GROUPS=group_offsets.shape[1] - 1, MAX_SUMMARY=summary_index.shape[1],
-                scale=float(scale), qk_scale=float(scale) * LOG2E.value, D=head_dim, BLOCK_D=block_d(head_dim)))
+                scale=float(scale), qk_scale=float(scale) * LOG2E.value, D=head_dim, BLOCK_D=block_d(head_dim),
+                CAUSAL=bool(is_causal)))
     return grad_q, grad_k, grad_v

@@ -4,6 +4,9 @@ The grid is ``(MAX_SUMMARY + cdiv(L, BLOCK_M), H, B)``. Programs ``0 .. MAX_SUMM
 summary rows (one summary query against every token of its group); they come first because they walk the
 longest key lists (a whole lead), so the scheduler starts them before the short tiles. The rest are query tiles.
 
+``CAUSAL``: inside a segment a query sees the keys at or before it; a query tile's key window then ends at its last
+row, so key blocks above the diagonal are not visited (the diagonal block is masked).
+
 Scores are kept in the log2 domain (``qk_scale = scale * log2(e)``) so the online softmax uses ``exp2``; the
 saved logsumexp is converted back to the natural log the op contract asks for.
 """
@@ -74,7 +77,8 @@ def _fwd(
     Q, K, V, Out, Lse, Seg, Grp, SegStart, SegEnd, GrpIdx, GrpOff, SumIdx, SumOff,
     sqb, sqh, sql, sob, soh, sol,
     L, H, NUM_GROUPS, MAX_SUMMARY, BUCKET, qk_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """``Q``, ``K``, ``V`` share the strides ``(sqb, sqh, sql)``, ``Out`` has ``(sob, soh, sol)`` (unit stride
     along D for both); ``Lse`` is contiguous. ``BUCKET`` is only read by the autotuner (its key), never by the
@@ -98,6 +102,8 @@ def _fwd(
         m_ok, m_safe, seg_q, grp_q, start_q, end_q = load_ids(Seg, Grp, SegStart, SegEnd, row_base, offs_m, L)
         lo, hi, sum_lo, sum_hi = tile_window(seg_q, grp_q, start_q, end_q, SumOff + b * (NUM_GROUPS + 1), L,
                                              NUM_GROUPS)
+        if CAUSAL:
+            hi = tl.minimum(hi, (pid - MAX_SUMMARY) * BLOCK_M + BLOCK_M)
         q_is_seg = seg_q >= 0
         q = load_rows(Q + in_base, m_safe, m_ok, offs_d, d_ok, sql, F32)
 
@@ -113,6 +119,8 @@ def _fwd(
             k = load_rows(K + in_base, n_safe, n_ok, offs_d, d_ok, sql, F32)
             v = load_rows(V + in_base, n_safe, n_ok, offs_d, d_ok, sql, F32)
             allowed = q_is_seg[:, None] & (seg_q[:, None] == seg_k[None, :])
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
             m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, F32)
         # Summary keys of the tile's groups: gathered through summary_index.
         for j0 in range(sum_lo, sum_hi, BLOCK_N):
@@ -150,7 +158,7 @@ def summary_index_arg(summary_index: torch.Tensor) -> torch.Tensor:
 
 
 def segment_attention_forward(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets,
-                              summary_index, summary_offsets, scale: float):
+                              summary_index, summary_offsets, scale: float, is_causal: bool = False):
     """Launch the forward kernel: ``(out, lse)`` per the op contract. ``q``, ``k``, ``v`` must share strides with
     unit stride along D (see ``common.shared_strides``). ``out`` is the ``[B, H, L, D]`` view of a ``[B, L, H, D]``
     tensor (``out_like``), so merging the heads after attention, as every multi-head module does, is free."""
@@ -163,5 +171,5 @@ def segment_attention_forward(q, k, v, segment, group, seg_start, seg_end, group
            (q, k, v, out, lse, segment, group, seg_start, seg_end, group_index, group_offsets,
             summary_index_arg(summary_index), summary_offsets, *q.stride()[:3], *out.stride()[:3]),
            dict(L=length, H=heads, NUM_GROUPS=group_offsets.shape[1] - 1, MAX_SUMMARY=summary_index.shape[1],
-                qk_scale=float(scale) * LOG2E.value, D=head_dim, BLOCK_D=block_d(head_dim)))
+                qk_scale=float(scale) * LOG2E.value, D=head_dim, BLOCK_D=block_d(head_dim), CAUSAL=bool(is_causal)))
     return out, lse

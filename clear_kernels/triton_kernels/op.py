@@ -19,24 +19,36 @@ from .forward import out_like, segment_attention_forward
 
 FWD, BWD = ops.define_pair("triton")
 
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
+def _check_supported(q, k) -> None:
+    # Grouped-query attention is not implemented in these kernels yet (they take q, k, v with one set of strides):
+    # the backend does not list the feature, so dispatch never sends it here ("auto" takes another backend); a
+    # direct call of the op is refused rather than answered without it.
+    if k.shape != q.shape:
+        raise ValueError(f"clear_kernels::triton: k must have the shape of q {tuple(q.shape)} (grouped-query "
+                         f"attention is not implemented in the Triton kernels), got {tuple(k.shape)}")
+
+
 @torch.library.impl(FWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_fwd(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
-                summary_offsets, scale):
+                summary_offsets, scale, is_causal=False):
+    _check_supported(q, k)
     # Strided views (the module's projection split into heads) go to the kernel as they are: no copies.
     return segment_attention_forward(*shared_strides(q, k, v), segment, group, seg_start, seg_end, group_index,
-                                     group_offsets, summary_index, summary_offsets, scale)
+                                     group_offsets, summary_index, summary_offsets, scale, is_causal)
 
 
 @torch.library.impl(BWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_bwd(grad_out, q, k, v, out, lse, segment, group, seg_start, seg_end, group_index, group_offsets,
-                summary_index, summary_offsets, scale):
+                summary_index, summary_offsets, scale, is_causal=False):
+    _check_supported(q, k)
     return segment_attention_backward(unit_stride(grad_out), *shared_strides(q, k, v), unit_stride(out), lse,
                                       segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
-                                      summary_offsets, scale)
+                                      summary_offsets, scale, is_causal)
 
 
 ops.register_pair("triton", contiguous_grad=False, out_like=out_like)
@@ -66,4 +78,4 @@ def refuse(q: torch.Tensor) -> Optional[str]:
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 dispatch.register(dispatch.Backend(name="triton", op_prefix="triton", device_types=DEVICE_TYPES, refuse=refuse,
-                                   strided=True))
+                                   strided=True, features=frozenset({"causal"})))

@@ -17,8 +17,13 @@ struct Params {
   int64_t max_run = 1;     // longest segment run in the layout: sizes the per-thread scratch
   int64_t max_group_summary = 0;  // most summary tokens in one group (a run's pairs with summary tokens)
   int64_t chunk = 256;     // positions per task in the token passes
+  int64_t kv_heads = 0;    // heads of k and v: H, or fewer (grouped-query attention, H % kv_heads == 0)
   double scale = 1.0;
   DType dtype = DType::Float32;
+  bool causal = false;     // inside a segment, a query sees only the keys at or before its position
+  // Backward with grouped-query attention: dk and dv are [B, H, L, D] in the compute type (float, or double for
+  // float64), one row per query head; the caller sums each key/value head's query heads in a fixed order.
+  bool kv_grad_per_query_head = false;
 
   const void* q = nullptr;
   const void* k = nullptr;
@@ -50,6 +55,10 @@ struct Params {
   const int32_t* summary_offsets = nullptr;
 
   int64_t chunks_per_row() const { return (length + chunk - 1) / chunk; }
+  // Element offset of the k/v head that query head bh (= b * heads + h) reads.
+  int64_t kv_offset(int64_t bh) const {
+    return ((bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads)) * length * head_dim;
+  }
   // Whether the backward needs its separate summary phase: a row of one chunk has its summary rows finished by
   // its run task (partial sums in the task's scratch); longer rows share Params::summary_partials.
   bool summary_phase() const { return max_summary > 0 && chunks_per_row() > 1; }

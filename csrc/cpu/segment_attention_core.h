@@ -200,8 +200,8 @@ void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, 
   const int64_t D = p.head_dim, L = p.length, n = r1 - r0;
   const T scale = static_cast<T>(p.scale);
   const Src* q = static_cast<const Src*>(p.q) + bh * L * D;
-  const Src* k = static_cast<const Src*>(p.k) + bh * L * D;
-  const Src* v = static_cast<const Src*>(p.v) + bh * L * D;
+  const Src* k = static_cast<const Src*>(p.k) + p.kv_offset(bh);
+  const Src* v = static_cast<const Src*>(p.v) + p.kv_offset(bh);
   Src* out = static_cast<Src*>(p.out_w) + bh * L * D;
   const T* K = as_compute(k + r0 * D, n * D, s.k);
   const T* V = as_compute(v + r0 * D, n * D, s.v);
@@ -210,7 +210,9 @@ void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, 
   for (int64_t i0 = r0; i0 < r1; i0 += kQueryTile) {
     const int64_t rows = (r1 - i0 < kQueryTile) ? r1 - i0 : kQueryTile;
     const T* Q = as_compute(q + i0 * D, rows * D, s.q);
-    score_block(Q, rows, K, n, D, scale, s.scores, ld);
+    // Causal: the tile needs the run's keys up to its last row only; the keys above the diagonal are not scored
+    // (within the tile's own diagonal block, a row's later keys are scored and then left out of its sums).
+    score_block(Q, rows, K, p.causal ? i0 + rows - r0 : n, D, scale, s.scores, ld);
     // The tile's scores against its summary keys, four (query, key) pairs per call so that four dot products
     // share one reduction tree. Incomplete groups repeat their first pair: every pair gets the same arithmetic.
     {
@@ -253,17 +255,20 @@ void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, 
       T* srow = s.scores + i * ld;
       int64_t ns;
       const int32_t* sums = lay.summary_list(lay.group()[t], &ns);
-      const int64_t m = n + ns;
+      // The row's run keys: all n, or with causal the first t - r0 + 1; the summary scores move up behind them.
+      const int64_t nk = p.causal ? t - r0 + 1 : n;
+      for (int64_t u = 0; nk < n && u < ns; ++u) srow[nk + u] = srow[n + u];
+      const int64_t m = nk + ns;
       T mx = srow[0];
       for (int64_t j = 1; j < m; ++j) mx = srow[j] > mx ? srow[j] : mx;
       const T sum = exp_shift_sum(srow, m, mx);
       if constexpr (SameType<Src, T>::value) {
         // The run's value rows and the summary tokens' in one register-resident sum.
-        combine_rows_at(acc, false, srow, 1, RunThenGathered<T>{V, v, sums, n, D}, m, D);
+        combine_rows_at(acc, false, srow, 1, RunThenGathered<T>{V, v, sums, nk, D}, m, D);
       } else {
-        combine_rows(acc, false, srow, 1, V, D, n, D);
+        combine_rows(acc, false, srow, 1, V, D, nk, D);
         for (int64_t u = 0; u < ns; ++u)
-          axpy(acc, srow[n + u], as_compute(v + int64_t(sums[u]) * D, D, s.row(1, p)), D);
+          axpy(acc, srow[nk + u], as_compute(v + int64_t(sums[u]) * D, D, s.row(1, p)), D);
       }
       store_scaled(out + t * D, acc, T(1) / sum, D);
       write_lse<T>(p, bh * L + t, mx + log_scalar(sum));
@@ -277,8 +282,8 @@ void forward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int6
   const int64_t D = p.head_dim, L = p.length;
   const T scale = static_cast<T>(p.scale);
   const Src* q = static_cast<const Src*>(p.q) + bh * L * D;
-  const Src* k = static_cast<const Src*>(p.k) + bh * L * D;
-  const Src* v = static_cast<const Src*>(p.v) + bh * L * D;
+  const Src* k = static_cast<const Src*>(p.k) + p.kv_offset(bh);
+  const Src* v = static_cast<const Src*>(p.v) + p.kv_offset(bh);
   Src* out = static_cast<Src*>(p.out_w) + bh * L * D;
   int64_t m;
   const int32_t* keys = lay.group_list(lay.group()[t], &m);
@@ -359,6 +364,19 @@ void forward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
 }
 
 // ----------------------------------------------------------------------------------------------- backward
+// Stores a token's dk (times scale) and dv at element `row` of the query head's rows: in the storage type, or with
+// grouped-query attention in the compute type, per query head (Params::kv_grad_per_query_head).
+template <typename Src, typename T>
+inline void store_kv_grad(const Params& p, int64_t row, const T* dk, const T* dv, T scale) {
+  if (p.kv_grad_per_query_head) {
+    store_scaled(static_cast<T*>(p.dk) + row, dk, scale, p.head_dim);
+    store_scaled(static_cast<T*>(p.dv) + row, dv, T(1), p.head_dim);
+  } else {
+    store_scaled(static_cast<Src*>(p.dk) + row, dk, scale, p.head_dim);
+    store_scaled(static_cast<Src*>(p.dv) + row, dv, T(1), p.head_dim);
+  }
+}
+
 // delta = rowsum(dO * O) of every summary token of head bh's row, by slot, into the task's scratch. Every task
 // that needs them computes them itself (the same dot products, so the same bits): no phase has to wait for
 // another, and a row holds few summary tokens.
@@ -392,8 +410,8 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
   const T scale = static_cast<T>(p.scale);
   const int64_t base = bh * L * D;
   const Src* q = static_cast<const Src*>(p.q) + base;
-  const Src* k = static_cast<const Src*>(p.k) + base;
-  const Src* v = static_cast<const Src*>(p.v) + base;
+  const Src* k = static_cast<const Src*>(p.k) + p.kv_offset(bh);
+  const Src* v = static_cast<const Src*>(p.v) + p.kv_offset(bh);
   const Src* dout = static_cast<const Src*>(p.grad_out) + base;
   const T* Q = as_compute(q + r0 * D, n * D, s.q);
   const T* K = as_compute(k + r0 * D, n * D, s.k);
@@ -443,8 +461,10 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
     const int64_t rows = (n - i0 < kQueryTile) ? n - i0 : kQueryTile;
     T* P = s.scores;
     T* dS = s.dscores;
-    score_block(Q + i0 * D, rows, K, n, D, scale, P, ld);
-    score_block(dO + i0 * D, rows, V, n, D, T(1), dS, ld);
+    // Causal: only the keys up to the tile's last row (see forward_run); each row then uses its first i + 1.
+    const int64_t kn = p.causal ? i0 + rows : n;
+    score_block(Q + i0 * D, rows, K, kn, D, scale, P, ld);
+    score_block(dO + i0 * D, rows, V, kn, D, T(1), dS, ld);
     for (int64_t i = 0; i < rows; ++i) {
       prefetch_next_run(q, r0 + i0 + i, n, L, D);
       prefetch_next_run(k, r0 + i0 + i, n, L, D);
@@ -452,15 +472,20 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
       prefetch_next_run(dout, r0 + i0 + i, n, L, D);
       T* prow = P + i * ld;
       T* dsrow = dS + i * ld;
-      exp_shift_sum(prow, n, s.run_lse[i0 + i]);
-      const T di = s.run_delta[i0 + i] + dot_padded(prow, dsrow, n);
+      const int64_t nk = p.causal ? i0 + i + 1 : n;
+      exp_shift_sum(prow, nk, s.run_lse[i0 + i]);
+      const T di = s.run_delta[i0 + i] + dot_padded(prow, dsrow, nk);
       s.run_delta[i0 + i] = di;
-      for (int64_t j = 0; j < n; ++j) dsrow[j] = prow[j] * (dsrow[j] - di);
-      combine_rows(s.dq + (i0 + i) * D, false, dsrow, 1, K, D, n, D);
+      for (int64_t j = 0; j < nk; ++j) dsrow[j] = prow[j] * (dsrow[j] - di);
+      combine_rows(s.dq + (i0 + i) * D, false, dsrow, 1, K, D, nk, D);
     }
-    for (int64_t j = 0; j < n; ++j) {
-      combine_rows(s.dk + j * D, i0 > 0, dS + j, ld, Q + i0 * D, D, rows, D);
-      combine_rows(s.dv + j * D, i0 > 0, P + j, ld, dO + i0 * D, D, rows, D);
+    // Key j gets the tile's rows that see it: all of them, or with causal the rows at or after j. Its sums start
+    // in the first tile that reaches it (tile 0, or with causal j's own tile) and accumulate after that.
+    for (int64_t j = 0; j < kn; ++j) {
+      const int64_t first = p.causal && j > i0 ? j - i0 : 0;
+      const bool accumulate = p.causal ? j < i0 : i0 > 0;
+      combine_rows(s.dk + j * D, accumulate, dS + first * ld + j, ld, Q + (i0 + first) * D, D, rows - first, D);
+      combine_rows(s.dv + j * D, accumulate, P + first * ld + j, ld, dO + (i0 + first) * D, D, rows - first, D);
     }
   }
 
@@ -490,12 +515,9 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
   }
 
   Src* dq = static_cast<Src*>(p.dq) + base;
-  Src* dk = static_cast<Src*>(p.dk) + base;
-  Src* dv = static_cast<Src*>(p.dv) + base;
   for (int64_t i = 0; i < n; ++i) {
     store_scaled(dq + (r0 + i) * D, s.dq + i * D, scale, D);
-    store_scaled(dk + (r0 + i) * D, s.dk + i * D, scale, D);
-    store_scaled(dv + (r0 + i) * D, s.dv + i * D, T(1), D);
+    store_kv_grad<Src, T>(p, base + (r0 + i) * D, s.dk + i * D, s.dv + i * D, scale);
   }
 }
 
@@ -508,8 +530,8 @@ void backward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int
   const int64_t t = p.summary_index[lay.b * S + slot];
   const int64_t base = bh * L * D;
   const Src* q = static_cast<const Src*>(p.q) + base;
-  const Src* k = static_cast<const Src*>(p.k) + base;
-  const Src* v = static_cast<const Src*>(p.v) + base;
+  const Src* k = static_cast<const Src*>(p.k) + p.kv_offset(bh);
+  const Src* v = static_cast<const Src*>(p.v) + p.kv_offset(bh);
   const Src* dout = static_cast<const Src*>(p.grad_out) + base;
   const int32_t* slots = p.summary_index + lay.b * S;
   const T delta_t = s.summary_delta[slot];  // load_summary_delta ran for this row in this task
@@ -555,11 +577,8 @@ void backward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int
     axpy(dv, probs[1], doy, D);
   }
   Src* gq = static_cast<Src*>(p.dq) + base;
-  Src* gk = static_cast<Src*>(p.dk) + base;
-  Src* gv = static_cast<Src*>(p.dv) + base;
   store_scaled(gq + t * D, dq, scale, D);
-  store_scaled(gk + t * D, dk, scale, D);
-  store_scaled(gv + t * D, dv, T(1), D);
+  store_kv_grad<Src, T>(p, base + t * D, dk, dv, scale);
 }
 
 // Backward phase 1 over (b, h, chunk) tasks: the runs that start in the chunk (zeros for padding rows), and the
@@ -583,8 +602,13 @@ void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) 
       if (seg == kPadding) {
         const int64_t row = (bh * L + t) * D;
         store_zero(static_cast<Src*>(p.dq) + row, D);
-        store_zero(static_cast<Src*>(p.dk) + row, D);
-        store_zero(static_cast<Src*>(p.dv) + row, D);
+        if (p.kv_grad_per_query_head) {
+          zero(static_cast<T*>(p.dk) + row, D);
+          zero(static_cast<T*>(p.dv) + row, D);
+        } else {
+          store_zero(static_cast<Src*>(p.dk) + row, D);
+          store_zero(static_cast<Src*>(p.dv) + row, D);
+        }
       } else if (seg >= 0 && lay.seg_start()[t] == t) {
         backward_run<Src, T>(p, lay, bh, t, lay.seg_end()[t], part, s);
       }

@@ -55,6 +55,20 @@ const KernelTable& kernel_table() {
 }
 
 // ------------------------------------------------------------------------------------------- input checks
+// k or v: [B, H_kv, L, D] like q but with H_kv key/value heads, H_kv dividing q's H (grouped-query attention).
+void check_kv(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t kv_heads) {
+  TORCH_CHECK(t.device().is_cpu(), "native op (CPU): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(1) == kv_heads && t.size(2) == q.size(2) &&
+                  t.size(3) == q.size(3),
+              "native op (CPU): ", name, " must be [B, H_kv, L, D] = [", q.size(0), ", ", kv_heads, ", ", q.size(2),
+              ", ", q.size(3), "] (the shape of q, or of k with fewer heads), got shape ", t.sizes());
+  TORCH_CHECK(kv_heads >= 1 && q.size(1) % kv_heads == 0, "native op (CPU): the heads of q (", q.size(1),
+              ") must be a multiple of the heads of ", name, " (", kv_heads, ")");
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "native op (CPU): ", name, " has dtype ", t.scalar_type(),
+              " but q has ", q.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "native op (CPU): ", name, " must be contiguous");
+}
+
 void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.device().is_cpu(), "native op (CPU): ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.dim() == 4, "native op (CPU): ", name, " must be [B, H, L, D], got shape ", t.sizes());
@@ -184,13 +198,17 @@ std::tuple<at::Tensor, at::Tensor> native_fwd_cpu(const at::Tensor& q, const at:
                                                   const at::Tensor& seg_start, const at::Tensor& seg_end,
                                                   const at::Tensor& group_index, const at::Tensor& group_offsets,
                                                   const at::Tensor& summary_index,
-                                                  const at::Tensor& summary_offsets, double scale) {
+                                                  const at::Tensor& summary_offsets, double scale,
+                                                  bool is_causal) {
   Params p;
   p.dtype = check_q(q);
-  check_like_q(k, "k", q);
-  check_like_q(v, "v", q);
+  TORCH_CHECK(k.dim() == 4, "native op (CPU): k must be [B, H_kv, L, D], got shape ", k.sizes());
+  check_kv(k, "k", q, k.size(1));
+  check_kv(v, "v", q, k.size(1));
   fill_layout(p, q, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index, summary_offsets,
               scale);
+  p.kv_heads = k.size(1);
+  p.causal = is_causal;
   at::Tensor out = new_output(q.sizes(), q.options());
   // The logsumexp in float64 for float64 inputs (float32 would cost the backward half of its precision).
   const bool lse_double = p.dtype == DType::Float64;
@@ -213,11 +231,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& segment, const at::Tensor& group, const at::Tensor& seg_start,
     const at::Tensor& seg_end, const at::Tensor& group_index, const at::Tensor& group_offsets,
-    const at::Tensor& summary_index, const at::Tensor& summary_offsets, double scale) {
+    const at::Tensor& summary_index, const at::Tensor& summary_offsets, double scale, bool is_causal) {
   Params p;
   p.dtype = check_q(q);
-  check_like_q(k, "k", q);
-  check_like_q(v, "v", q);
+  TORCH_CHECK(k.dim() == 4, "native op (CPU): k must be [B, H_kv, L, D], got shape ", k.sizes());
+  check_kv(k, "k", q, k.size(1));
+  check_kv(v, "v", q, k.size(1));
   check_like_q(out, "out", q);
   check_like_q(grad_out, "grad_out", q);
   const bool lse_double = p.dtype == DType::Float64;
@@ -228,9 +247,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
               at::IntArrayRef({q.size(0), q.size(1), q.size(2)}), ", got ", lse.scalar_type(), " ", lse.sizes());
   fill_layout(p, q, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index, summary_offsets,
               scale);
+  p.kv_heads = k.size(1);
+  p.causal = is_causal;
+  // Grouped-query attention: every query head writes its own dk/dv rows in the compute type, and the heads that
+  // share a key/value head are summed below, in head order (deterministic, and rounded to bfloat16 once).
+  p.kv_grad_per_query_head = p.kv_heads != p.heads;
+  const at::ScalarType compute = p.dtype == DType::Float64 ? at::kDouble : at::kFloat;
+  const at::TensorOptions kv_grad_options = p.kv_grad_per_query_head ? q.options().dtype(compute) : q.options();
   at::Tensor dq = new_output(q.sizes(), q.options());
-  at::Tensor dk = new_output(q.sizes(), q.options());
-  at::Tensor dv = new_output(q.sizes(), q.options());
+  at::Tensor dk = new_output(q.sizes(), kv_grad_options);
+  at::Tensor dv = new_output(q.sizes(), kv_grad_options);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -254,6 +280,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
   }
   run_phase(table, p, bh * p.chunks_per_row(), table.backward_runs);
   if (p.summary_phase()) run_phase(table, p, bh * p.max_summary, table.backward_summaries);
+  if (p.kv_grad_per_query_head) {
+    const int64_t group_size = p.heads / p.kv_heads;
+    auto fold = [&](const at::Tensor& g) {
+      return g.view({p.batch, p.kv_heads, group_size, p.length, p.head_dim}).sum(2).to(q.scalar_type());
+    };
+    return {dq, fold(dk), fold(dv)};
+  }
   return {dq, dk, dv};
 }
 

@@ -47,15 +47,23 @@ ScalarKind scalar_kind(const at::Tensor& t) {
   return ScalarKind::kFloat32;  // unreachable
 }
 
-// An operand of the attention: [B, H, L, D] like q, same dtype and device; made contiguous.
-at::Tensor operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
+// An operand of the attention: [B, H, L, D] like q (or, for k and v, [B, H_kv, L, D] with H_kv = heads dividing
+// q's H: grouped-query attention), same dtype and device; made contiguous.
+at::Tensor operand(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t heads = -1) {
   TORCH_CHECK(t.is_cuda(), "clear_kernels CUDA kernel: ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.device() == q.device(), "clear_kernels CUDA kernel: ", name, " is on ", t.device(),
               " but q is on ", q.device());
   TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "clear_kernels CUDA kernel: ", name, " has dtype ",
                    t.scalar_type(), " but q has ", q.scalar_type());
-  TORCH_CHECK(t.sizes() == q.sizes(), "clear_kernels CUDA kernel: ", name, " must have the shape of q ", q.sizes(),
-              ", got ", t.sizes());
+  if (heads < 0) {
+    TORCH_CHECK(t.sizes() == q.sizes(), "clear_kernels CUDA kernel: ", name, " must have the shape of q ",
+                q.sizes(), ", got ", t.sizes());
+  } else {
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(1) == heads && t.size(2) == q.size(2) &&
+                    t.size(3) == q.size(3) && heads >= 1 && q.size(1) % heads == 0,
+                "clear_kernels CUDA kernel: ", name, " must be [B, H_kv, L, D] with H_kv dividing q's ", q.size(1),
+                " heads (q is ", q.sizes(), "), got ", t.sizes());
+  }
   return t.contiguous();
 }
 
@@ -106,7 +114,7 @@ struct Prepared {
   at::Tensor q, k, v;
   at::Tensor layout_tensors[8];
   LayoutView layout;
-  int batch, heads, length, head_dim;
+  int batch, heads, kv_heads, length, head_dim;
 };
 
 Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& segment,
@@ -124,8 +132,10 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
               "clear_kernels CUDA kernel: q is too large: ", q.sizes());
   Prepared p;
   p.q = q.contiguous();
-  p.k = operand(k, "k", q);
-  p.v = operand(v, "v", q);
+  TORCH_CHECK(k.dim() == 4, "clear_kernels CUDA kernel: k must be [B, H_kv, L, D], got ", k.sizes());
+  p.k = operand(k, "k", q, k.size(1));
+  p.v = operand(v, "v", q, k.size(1));
+  p.kv_heads = static_cast<int>(k.size(1));
   p.batch = static_cast<int>(q.size(0));
   p.heads = static_cast<int>(q.size(1));
   p.length = static_cast<int>(q.size(2));
@@ -168,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> native_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& segment,
     const at::Tensor& group, const at::Tensor& seg_start, const at::Tensor& seg_end, const at::Tensor& group_index,
     const at::Tensor& group_offsets, const at::Tensor& summary_index, const at::Tensor& summary_offsets,
-    double scale) {
+    double scale, bool is_causal) {
   const c10::cuda::CUDAGuard device_guard(q.device());
   Prepared p = prepare(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
                        summary_offsets);
@@ -176,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor> native_fwd_cuda(
   at::Tensor lse = new_output(at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat)));
   check_launch(launch_segment_attention_forward(
                    scalar_kind(q), p.q.data_ptr(), p.k.data_ptr(), p.v.data_ptr(), out.data_ptr(),
-                   lse.data_ptr<float>(), p.layout, p.batch, p.heads, p.length, p.head_dim,
-                   checked_scale(scale), c10::cuda::getCurrentCUDAStream().stream()),
+                   lse.data_ptr<float>(), p.layout, p.batch, p.heads, p.kv_heads, p.length, p.head_dim,
+                   checked_scale(scale), is_causal, c10::cuda::getCurrentCUDAStream().stream()),
                "forward kernel");
   return {out, lse};
 }
@@ -186,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& segment, const at::Tensor& group, const at::Tensor& seg_start,
     const at::Tensor& seg_end, const at::Tensor& group_index, const at::Tensor& group_offsets,
-    const at::Tensor& summary_index, const at::Tensor& summary_offsets, double scale) {
+    const at::Tensor& summary_index, const at::Tensor& summary_offsets, double scale, bool is_causal) {
   const c10::cuda::CUDAGuard device_guard(q.device());
   Prepared p = prepare(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
                        summary_offsets);
@@ -204,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cuda(
   check_launch(launch_segment_attention_backward(
                    scalar_kind(q), grad_out_c.data_ptr(), p.q.data_ptr(), p.k.data_ptr(), p.v.data_ptr(),
                    out_c.data_ptr(), lse_c.data_ptr<float>(), delta.data_ptr<float>(), grad_q.data_ptr(),
-                   grad_k.data_ptr(), grad_v.data_ptr(), p.layout, p.batch, p.heads, p.length, p.head_dim,
-                   checked_scale(scale), c10::cuda::getCurrentCUDAStream().stream()),
+                   grad_k.data_ptr(), grad_v.data_ptr(), p.layout, p.batch, p.heads, p.kv_heads, p.length,
+                   p.head_dim, checked_scale(scale), is_causal, c10::cuda::getCurrentCUDAStream().stream()),
                "backward kernels");
   return {grad_q, grad_k, grad_v};
 }

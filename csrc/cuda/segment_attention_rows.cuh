@@ -73,7 +73,9 @@ CLEAR_HD float fast_exp2(float x) {
 
 // The keys a token attends as a query: first a contiguous run of positions, then a list of positions. Because
 // the attention rule is symmetric, the same walk also lists the queries that attend the token as a key, which is
-// what makes the dk/dv pass a gather with no atomics.
+// what makes the dk/dv pass a gather with no atomics. With causal segments the run is the one part that is not
+// symmetric: as a query, token t of run [s, e) walks [s, t]; as a key it is seen by [t, e) (walk_of's as_key).
+// The walks hold only those positions, so no work above the diagonal is done.
 struct KeyWalk {
   int run_start;
   int run_len;
@@ -86,7 +88,7 @@ struct KeyWalk {
 
 // Heartbeat token: its run [seg_start, seg_end) plus its group's summary tokens. Summary token: every non-padding
 // token of its group (itself included). Padding: nothing.
-CLEAR_HD KeyWalk walk_of(const LayoutView& lay, int length, int b, int t) {
+CLEAR_HD KeyWalk walk_of(const LayoutView& lay, int length, int b, int t, bool causal = false, bool as_key = false) {
   KeyWalk walk{t, 0, nullptr, 0};
   const int64_t bt = static_cast<int64_t>(b) * length + t;
   const int seg = lay.segment[bt];
@@ -95,8 +97,8 @@ CLEAR_HD KeyWalk walk_of(const LayoutView& lay, int length, int b, int t) {
   if (g < 0 || g >= lay.num_groups) return walk;  // a malformed layout must not make us read out of bounds
   const int64_t off_row = static_cast<int64_t>(b) * (lay.num_groups + 1);
   if (seg >= 0) {
-    walk.run_start = lay.seg_start[bt];
-    walk.run_len = lay.seg_end[bt] - lay.seg_start[bt];
+    walk.run_start = causal && as_key ? t : lay.seg_start[bt];
+    walk.run_len = (causal && !as_key ? t + 1 : lay.seg_end[bt]) - walk.run_start;
     const int32_t* offsets = lay.summary_offsets + off_row;
     walk.list_len = offsets[g + 1] - offsets[g];
     if (walk.list_len > 0) walk.list = lay.summary_index + static_cast<int64_t>(b) * lay.max_summary + offsets[g];
@@ -117,17 +119,28 @@ struct SerialLanes {
 };
 
 // ------------------------------------------------------------------------------------------ the operands
+// k and v (and their gradients) have kv_heads heads; query head h reads kv head h / (heads / kv_heads)
+// (grouped-query attention; kv_heads == heads is plain multi-head attention).
 template <typename T>
 struct ForwardArgs {
   const T* q;  // [B, H, L, D]
-  const T* k;
+  const T* k;  // [B, H_kv, L, D]
   const T* v;
   T* out;      // [B, H, L, D]
   float* lse;  // [B, H, L], natural log
   LayoutView layout;
   int batch, heads, length, head_dim;
   float scale;
+  int kv_heads;
+  bool causal;
 };
+
+// Element offset of the (b, kv head) slice that query row `row` = (b * H + h) * L + t reads.
+CLEAR_HD int64_t kv_head_base(int64_t row, int heads, int kv_heads, int length, int head_dim) {
+  const int64_t bh = row / length;
+  const int64_t b = bh / heads, h = bh % heads;
+  return (b * kv_heads + h / (heads / kv_heads)) * length * head_dim;
+}
 
 template <typename T>
 struct BackwardArgs {
@@ -139,11 +152,13 @@ struct BackwardArgs {
   const float* lse;   // [B, H, L]
   float* delta;       // [B, H, L] workspace: rowsum(grad_out * out), written by the dq pass, read by dk/dv
   T* grad_q;
-  T* grad_k;
+  T* grad_k;          // [B, H_kv, L, D]
   T* grad_v;
   LayoutView layout;
   int batch, heads, length, head_dim;
   float scale;
+  int kv_heads;
+  bool causal;
 };
 
 // Lane `lane` of a row owns elements lane, lane + W, lane + 2W, ... (coalesced loads across a warp).
@@ -195,8 +210,8 @@ CLEAR_HD void forward_row(const ForwardArgs<T>& a, int64_t row, const Lanes& lan
   const int D = a.head_dim;
   const int t = static_cast<int>(row % a.length);
   const int b = static_cast<int>(row / (static_cast<int64_t>(a.heads) * a.length));
-  const int64_t head_base = (row - t) * D;  // start of this (b, h) slice
-  const KeyWalk walk = walk_of(a.layout, a.length, b, t);
+  const int64_t head_base = kv_head_base(row, a.heads, a.kv_heads, a.length, D);  // the k/v slice it reads
+  const KeyWalk walk = walk_of(a.layout, a.length, b, t, a.causal);
 
   float qrow[EPL], acc[EPL];
   load_row(qrow, a.q + row * D, D, lanes, a.scale * kLog2e);
@@ -247,8 +262,8 @@ CLEAR_HD void grad_query_row(const BackwardArgs<T>& a, int64_t row, const Lanes&
   const int D = a.head_dim;
   const int t = static_cast<int>(row % a.length);
   const int b = static_cast<int>(row / (static_cast<int64_t>(a.heads) * a.length));
-  const int64_t head_base = (row - t) * D;
-  const KeyWalk walk = walk_of(a.layout, a.length, b, t);
+  const int64_t head_base = kv_head_base(row, a.heads, a.kv_heads, a.length, D);
+  const KeyWalk walk = walk_of(a.layout, a.length, b, t, a.causal);
   const int n = walk.size();
 
   float dout[EPL], qrow[EPL], acc[EPL];
@@ -291,16 +306,18 @@ CLEAR_UNROLL
   store_row(a.grad_q + row * D, acc, D, lanes, a.scale);
 }
 
-// Pass 2, per key row: the queries that attend key t are the tokens t attends (symmetric rule), so
-// dv[t] = sum_q P[q,t] dO[q] and dk[t] = scale * sum_q P[q,t] (dO[q].v[t] - delta[q]) q[q]; padding keys get 0.
+// Pass 2, per key row of a kv head, row = (b * H_kv + j) * L + t: the queries that attend key t are the tokens
+// t attends (symmetric rule; with causal segments, walk_of's as_key walk), in each query head that reads kv head j,
+// so dv[t] = sum_q P[q,t] dO[q] and dk[t] = scale * sum_q P[q,t] (dO[q].v[t] - delta[q]) q[q], the query heads
+// taken in order (deterministic); padding keys get 0.
 template <int EPL, typename Lanes, typename T>
 CLEAR_HD void grad_key_row(const BackwardArgs<T>& a, int64_t row, const Lanes& lanes) {
   const int D = a.head_dim;
   const int t = static_cast<int>(row % a.length);
-  const int b = static_cast<int>(row / (static_cast<int64_t>(a.heads) * a.length));
-  const int64_t head_row = row - t;  // row index of token 0 of this (b, h)
-  const int64_t head_base = head_row * D;
-  const KeyWalk walk = walk_of(a.layout, a.length, b, t);
+  const int64_t bj = row / a.length;
+  const int b = static_cast<int>(bj / a.kv_heads);
+  const int group_size = a.heads / a.kv_heads;
+  const KeyWalk walk = walk_of(a.layout, a.length, b, t, a.causal, true);
   const int n = walk.size();
 
   float krow[EPL], vrow[EPL], dk[EPL], dv[EPL];
@@ -309,29 +326,34 @@ CLEAR_HD void grad_key_row(const BackwardArgs<T>& a, int64_t row, const Lanes& l
 CLEAR_UNROLL
   for (int i = 0; i < EPL; ++i) dk[i] = dv[i] = 0.f;
 
-  for (int first = 0; first < n; first += kKeysPerStep) {
-    int queries[kKeysPerStep];
-    float score[kKeysPerStep], dp[kKeysPerStep];
+  for (int hq = 0; hq < group_size; ++hq) {
+    // Row index of token 0 of query head (b, (bj % H_kv) * group_size + hq).
+    const int64_t head_row = (static_cast<int64_t>(b) * a.heads + (bj % a.kv_heads) * group_size + hq) * a.length;
+    const int64_t head_base = head_row * D;
+    for (int first = 0; first < n; first += kKeysPerStep) {
+      int queries[kKeysPerStep];
+      float score[kKeysPerStep], dp[kKeysPerStep];
 CLEAR_UNROLL
-    for (int c = 0; c < kKeysPerStep; ++c) {
-      queries[c] = first + c < n ? walk.key(first + c) : -1;
-      const int64_t at = head_base + static_cast<int64_t>(queries[c] >= 0 ? queries[c] : t) * D;
-      score[c] = queries[c] >= 0 ? partial_dot(krow, a.q + at, D, lanes) : 0.f;
-      dp[c] = queries[c] >= 0 ? partial_dot(vrow, a.grad_out + at, D, lanes) : 0.f;
-    }
+      for (int c = 0; c < kKeysPerStep; ++c) {
+        queries[c] = first + c < n ? walk.key(first + c) : -1;
+        const int64_t at = head_base + static_cast<int64_t>(queries[c] >= 0 ? queries[c] : t) * D;
+        score[c] = queries[c] >= 0 ? partial_dot(krow, a.q + at, D, lanes) : 0.f;
+        dp[c] = queries[c] >= 0 ? partial_dot(vrow, a.grad_out + at, D, lanes) : 0.f;
+      }
 CLEAR_UNROLL
-    for (int c = 0; c < kKeysPerStep; ++c) {
-      score[c] = lanes.sum(score[c]);
-      dp[c] = lanes.sum(dp[c]);
-    }
+      for (int c = 0; c < kKeysPerStep; ++c) {
+        score[c] = lanes.sum(score[c]);
+        dp[c] = lanes.sum(dp[c]);
+      }
 CLEAR_UNROLL
-    for (int c = 0; c < kKeysPerStep; ++c) {
-      if (queries[c] < 0) continue;
-      const int64_t qrow_index = head_row + queries[c];
-      const float p = fast_exp2(score[c] - a.lse[qrow_index] * kLog2e);
-      const float ds = p * (dp[c] - a.delta[qrow_index]);
-      add_scaled(dv, p, a.grad_out + qrow_index * D, D, lanes);
-      add_scaled(dk, ds, a.q + qrow_index * D, D, lanes);
+      for (int c = 0; c < kKeysPerStep; ++c) {
+        if (queries[c] < 0) continue;
+        const int64_t qrow_index = head_row + queries[c];
+        const float p = fast_exp2(score[c] - a.lse[qrow_index] * kLog2e);
+        const float ds = p * (dp[c] - a.delta[qrow_index]);
+        add_scaled(dv, p, a.grad_out + qrow_index * D, D, lanes);
+        add_scaled(dk, ds, a.q + qrow_index * D, D, lanes);
+      }
     }
   }
   store_row(a.grad_k + row * D, dk, D, lanes, a.scale);

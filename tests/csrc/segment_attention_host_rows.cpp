@@ -32,9 +32,10 @@ void serial_forward_all(const ForwardArgs<T>& args) {
 template <typename T>
 void serial_backward_all(const BackwardArgs<T>& args) {
   const int64_t rows = static_cast<int64_t>(args.batch) * args.heads * args.length;
+  const int64_t kv_rows = static_cast<int64_t>(args.batch) * args.kv_heads * args.length;
   // Same order as on the GPU: every delta exists before any dk/dv row reads it.
   for (int64_t row = 0; row < rows; ++row) grad_query_row<kMaxHeadDim>(args, row, SerialLanes{});
-  for (int64_t row = 0; row < rows; ++row) grad_key_row<kMaxHeadDim>(args, row, SerialLanes{});
+  for (int64_t row = 0; row < kv_rows; ++row) grad_key_row<kMaxHeadDim>(args, row, SerialLanes{});
 }
 
 // ------------------------------------------------------------------------------------------ simulated warp
@@ -98,49 +99,59 @@ void warp_forward_all(const ForwardArgs<T>& args) {
 template <typename T>
 void warp_backward_all(const BackwardArgs<T>& args) {
   const int64_t rows = static_cast<int64_t>(args.batch) * args.heads * args.length;
+  const int64_t kv_rows = static_cast<int64_t>(args.batch) * args.kv_heads * args.length;
   with_elements_per_lane(args.head_dim, [&](auto epl) {
     run_simulated_warp([&](const SimulatedLanes& lanes) {
       for (int64_t row = 0; row < rows; ++row) grad_query_row<decltype(epl)::value>(args, row, lanes);
       lanes.warp->sync.arrive_and_wait();  // the second kernel launch: every delta is written
-      for (int64_t row = 0; row < rows; ++row) grad_key_row<decltype(epl)::value>(args, row, lanes);
+      for (int64_t row = 0; row < kv_rows; ++row) grad_key_row<decltype(epl)::value>(args, row, lanes);
     });
   });
 }
 
 template <typename T>
 void forward_all(bool simulate_warp, const void* q, const void* k, const void* v, void* out, float* lse,
-                 const LayoutView& layout, int batch, int heads, int length, int head_dim, float scale) {
+                 const LayoutView& layout, int batch, int heads, int kv_heads, int length, int head_dim, float scale,
+                 bool causal) {
   const ForwardArgs<T> args{static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                            static_cast<T*>(out), lse, layout, batch, heads, length, head_dim, scale};
+                            static_cast<T*>(out), lse, layout, batch, heads, length, head_dim, scale, kv_heads,
+                            causal};
   simulate_warp ? warp_forward_all(args) : serial_forward_all(args);
 }
 
 template <typename T>
 void backward_all(bool simulate_warp, const void* grad_out, const void* q, const void* k, const void* v,
                   const void* out, const float* lse, float* delta, void* grad_q, void* grad_k, void* grad_v,
-                  const LayoutView& layout, int batch, int heads, int length, int head_dim, float scale) {
+                  const LayoutView& layout, int batch, int heads, int kv_heads, int length, int head_dim,
+                  float scale, bool causal) {
   const BackwardArgs<T> args{static_cast<const T*>(grad_out), static_cast<const T*>(q), static_cast<const T*>(k),
                              static_cast<const T*>(v), static_cast<const T*>(out), lse, delta,
                              static_cast<T*>(grad_q), static_cast<T*>(grad_k), static_cast<T*>(grad_v),
-                             layout, batch, heads, length, head_dim, scale};
+                             layout, batch, heads, length, head_dim, scale, kv_heads, causal};
   simulate_warp ? warp_backward_all(args) : serial_backward_all(args);
 }
 
 }  // namespace
 
 // kind: 0 float32, 1 float16, 2 bfloat16. simulate_warp: 0 serial, 1 32-lane simulated warp. ids: the 8 layout
-// tensors in op-schema order. Returns 0, or -1 for a bad kind or head dim.
+// tensors in op-schema order. k and v have kv_heads heads; causal: causal segments. Returns 0, or -1 for a bad
+// kind, head dim or kv_heads.
 extern "C" int host_rows_forward(int kind, int simulate_warp, const void* q, const void* k, const void* v, void* out,
                                  float* lse, const int32_t* const* ids, int num_groups, int max_summary, int batch,
-                                 int heads, int length, int head_dim, float scale) {
-  if (head_dim < 1 || head_dim > kMaxHeadDim) return -1;
+                                 int heads, int kv_heads, int length, int head_dim, float scale, int causal) {
+  if (head_dim < 1 || head_dim > kMaxHeadDim || kv_heads < 1 || heads % kv_heads) return -1;
   const LayoutView layout = make_layout(ids, num_groups, max_summary);
-  const bool warp = simulate_warp != 0;
+  const bool warp = simulate_warp != 0, c = causal != 0;
   switch (kind) {
-    case 0: forward_all<float>(warp, q, k, v, out, lse, layout, batch, heads, length, head_dim, scale); return 0;
-    case 1: forward_all<__half>(warp, q, k, v, out, lse, layout, batch, heads, length, head_dim, scale); return 0;
+    case 0:
+      forward_all<float>(warp, q, k, v, out, lse, layout, batch, heads, kv_heads, length, head_dim, scale, c);
+      return 0;
+    case 1:
+      forward_all<__half>(warp, q, k, v, out, lse, layout, batch, heads, kv_heads, length, head_dim, scale, c);
+      return 0;
     case 2:
-      forward_all<__nv_bfloat16>(warp, q, k, v, out, lse, layout, batch, heads, length, head_dim, scale);
+      forward_all<__nv_bfloat16>(warp, q, k, v, out, lse, layout, batch, heads, kv_heads, length, head_dim, scale,
+                                 c);
       return 0;
     default: return -1;
   }
@@ -149,31 +160,33 @@ extern "C" int host_rows_forward(int kind, int simulate_warp, const void* q, con
 extern "C" int host_rows_backward(int kind, int simulate_warp, const void* grad_out, const void* q, const void* k,
                                   const void* v, const void* out, const float* lse, float* delta, void* grad_q,
                                   void* grad_k, void* grad_v, const int32_t* const* ids, int num_groups,
-                                  int max_summary, int batch, int heads, int length, int head_dim, float scale) {
-  if (head_dim < 1 || head_dim > kMaxHeadDim) return -1;
+                                  int max_summary, int batch, int heads, int kv_heads, int length, int head_dim,
+                                  float scale, int causal) {
+  if (head_dim < 1 || head_dim > kMaxHeadDim || kv_heads < 1 || heads % kv_heads) return -1;
   const LayoutView layout = make_layout(ids, num_groups, max_summary);
-  const bool warp = simulate_warp != 0;
+  const bool warp = simulate_warp != 0, c = causal != 0;
   switch (kind) {
     case 0:
       backward_all<float>(warp, grad_out, q, k, v, out, lse, delta, grad_q, grad_k, grad_v, layout, batch, heads,
-                          length, head_dim, scale);
+                          kv_heads, length, head_dim, scale, c);
       return 0;
     case 1:
       backward_all<__half>(warp, grad_out, q, k, v, out, lse, delta, grad_q, grad_k, grad_v, layout, batch, heads,
-                           length, head_dim, scale);
+                           kv_heads, length, head_dim, scale, c);
       return 0;
     case 2:
       backward_all<__nv_bfloat16>(warp, grad_out, q, k, v, out, lse, delta, grad_q, grad_k, grad_v, layout, batch,
-                                  heads, length, head_dim, scale);
+                                  heads, kv_heads, length, head_dim, scale, c);
       return 0;
     default: return -1;
   }
 }
 
-// The keys token t of batch element b attends, in walk order, into keys[0:L]; returns how many.
+// The keys token t of batch element b attends (as_key: the queries that attend it), in walk order, into
+// keys[0:L]; returns how many.
 extern "C" int host_rows_key_walk(const int32_t* const* ids, int num_groups, int max_summary, int length, int b,
-                                  int t, int32_t* keys) {
-  const KeyWalk walk = walk_of(make_layout(ids, num_groups, max_summary), length, b, t);
+                                  int t, int causal, int as_key, int32_t* keys) {
+  const KeyWalk walk = walk_of(make_layout(ids, num_groups, max_summary), length, b, t, causal != 0, as_key != 0);
   const int n = walk.size();
   for (int i = 0; i < n && i < length; ++i) keys[i] = walk.key(i);
   return n;
