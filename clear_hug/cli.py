@@ -1,4 +1,4 @@
-"""The ``clear-hug`` command: prepare, pretrain, finetune, evaluate, demo."""
+"""The ``clear-hug`` command: prepare, pretrain, finetune, evaluate, predict, plot, demo."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from .config import ATTN_IMPLS, PRESETS
 
-COMMANDS = ("prepare", "pretrain", "finetune", "evaluate", "demo")
+COMMANDS = ("prepare", "pretrain", "finetune", "evaluate", "predict", "plot", "demo")
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -81,11 +81,48 @@ def finetune_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clear-hug evaluate", description="Macro AUROC of trained heads on a split.")
+    p = argparse.ArgumentParser(prog="clear-hug evaluate", description="Classifiers on a split: macro and per-class "
+                                "AUROC and AUPRC, F1, F-beta and G-beta (beta 2) with per-class thresholds tuned on "
+                                "the validation split, the CinC 2021 score for its classes, bootstrap intervals; a "
+                                "Markdown report with ROC and precision-recall curves and the predictions.")
     _common(p)
-    p.add_argument("heads", nargs="+", help="head checkpoints written by `clear-hug finetune`")
+    p.add_argument("heads", nargs="+", help="head checkpoints written by `clear-hug finetune`, or folders written by "
+                   "save_pretrained (finetune's OUT/pretrained)")
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.add_argument("--out", default=None, help="append results to this JSONL file")
+    p.add_argument("--report", default=None, help="folder for the reports (one subfolder per model; default: beside "
+                   "each model, MODEL_SPLIT_report/)")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the 95%% intervals (0: none)")
+    return p
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clear-hug predict", description="Class probabilities for records read "
+                                "straight from disk (no token cache), by a classifier saved with save_pretrained "
+                                "(finetune's OUT/pretrained).")
+    p.add_argument("--model", required=True, help="folder with model.safetensors + config.json")
+    p.add_argument("inputs", nargs="+", help="WFDB records (.hea/.dat/.mat or the name without extension), folders "
+                   "of records (searched recursively), or a PTB-XL root (ptbxl_database.csv)")
+    p.add_argument("--out", default="predictions.csv", help="CSV, one row per record and a column per class; the "
+                   "same as JSON (with the skipped records) beside it")
+    p.add_argument("--plot", default=None, help="folder for one PNG per record: leads, beats, token windows, top "
+                   "classes and what each lead group / HUG level contributed")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the model's, cpu)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    from .data.prepare import max_beats_arg
+
+    p = argparse.ArgumentParser(prog="clear-hug plot", description="Draw a record's 12 leads with the detected beats "
+                                "and their token windows.")
+    p.add_argument("record", help="a WFDB record (.hea/.dat/.mat or the name without extension)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RECORD.png here)")
+    p.add_argument("--start", type=float, default=None, help="seconds: first time shown (long records)")
+    p.add_argument("--end", type=float, default=None, help="seconds: last time shown")
+    p.add_argument("--max-beats", type=max_beats_arg, default=15, help="beats tokenised ('all' for every beat)")
+    p.add_argument("--no-bandpass", action="store_true")
     return p
 
 
@@ -98,7 +135,7 @@ def _setup_threads(args) -> None:
 
 def _preprocessing(meta: dict) -> dict:
     """How the cache turned records into tokens: what a model saved with ``save_pretrained`` expects."""
-    keys = ("fs", "bandpass", "token_len", "max_beats", "source")
+    keys = ("fs", "bandpass", "token_len", "max_beats", "window_s", "source")
     return {"detector": "clear_hug.data.rpeaks.detect_rpeaks", **{k: meta[k] for k in keys if k in meta}}
 
 
@@ -224,23 +261,48 @@ def cmd_evaluate(argv: Sequence[str]) -> int:
     _setup_threads(args)
     import torch
 
-    from .checkpoint import load_classifier
     from .data.cache import TokenDataset
+    from .evaluation import evaluate_split, write_report
     from .train import common
     from .train.common import json_line
-    from .train.finetune import evaluate
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = TokenDataset(args.cache, args.split)
     if len(dataset) == 0:
         raise ValueError(f"the {args.split!r} split of {args.cache} has no records")
+    val_set = TokenDataset(args.cache, "val")
     for path in args.heads:
-        model = load_classifier(path, class_names=dataset.class_names)  # refuses a head of other classes
-        result = {"checkpoint": path, "split": args.split, **evaluate(model, dataset, device=device)}
+        model = _load_for_evaluation(path, dataset.class_names)
+        report, predictions = evaluate_split(model, val_set, dataset, dataset.class_names, device, args.n_boot,
+                                             args.seed)
+        folder = (Path(args.report) / Path(path).stem if args.report else
+                  Path(path) / f"report_{args.split}" if Path(path).is_dir() else
+                  Path(path).with_name(f"{Path(path).stem}_{args.split}_report"))
+        md = write_report(report, predictions, dataset.class_names, folder,
+                          f"{Path(path).name} on the {args.split} split of {args.cache}",
+                          {"checkpoint": path, "split": args.split})
+        macro = report["macro"]
+        result = {"checkpoint": path, "split": args.split, "auroc": macro["auroc"],
+                  "classes_scored": int(sum(not math.isnan(r["auroc"]) for r in report["per_class"])),
+                  "classes_excluded": int(sum(math.isnan(r["auroc"]) for r in report["per_class"])),
+                  **{k: v for k, v in macro.items() if k != "auroc"}, "report": str(md)}
         if args.out:
             common.JsonlLogger(args.out).log(**result)
         print(json_line(result))
     return 0
+
+
+def _load_for_evaluation(path: str, class_names):
+    """A head checkpoint or a save_pretrained folder as a Classifier, refused when it predicts other classes."""
+    from .checkpoint import CheckpointError, from_pretrained, load_classifier
+
+    if not Path(path).is_dir():
+        return load_classifier(path, class_names=class_names)
+    model = from_pretrained(path, kind="classifier")
+    if list(model.class_names) != list(class_names):
+        raise CheckpointError(f"{path}: the classifier predicts classes {model.class_names}, but the data has "
+                              f"classes {list(class_names)}")
+    return model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -258,8 +320,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
+    from .plot import main as cmd_plot
+    from .predict import main as cmd_predict
+
     try:
-        return {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate}[command](rest)
+        return {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                "plot": cmd_plot}[command](rest)
     except (ValueError, FileNotFoundError) as exc:  # bad input or files (CheckpointError is a ValueError)
         print(f"clear-hug {command}: {exc}", file=sys.stderr)
         return 2

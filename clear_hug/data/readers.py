@@ -18,7 +18,7 @@ import numpy as np
 
 from .leads import LEADS, NUM_LEADS, map_leads
 from .preprocess import check_sampling_rate, check_size
-from .snomed import snomed_name
+from .snomed import class_of
 
 ECG_DIR_ENV = "CLEAR_HUG_ECG_DIR"
 
@@ -333,14 +333,17 @@ def _is_cpsc2018_original(path: Path) -> bool:
 class CinCFolderDataset(RecordIndex):
     """A folder (searched recursively) of PhysioNet/CinC records labelled by their ``# Dx:`` SNOMED codes.
 
-    Class names come from ``snomed.SNOMED_NAMES`` (unknown codes keep their number); ``class_names`` are the
-    names that occur, sorted. The challenge data has no official split, so each record gets a stable hash split
+    ``label_set="all"``: a class per code, named by ``snomed.SNOMED_NAMES`` (unknown codes keep their number);
+    ``"cinc2021"``: the CinC 2021 challenge's scored classes with equivalent codes merged (other codes ignored).
+    ``class_names`` are the classes that occur, sorted. The challenge data has no official split, so each record gets a stable hash split
     (80/10/10).
     """
 
     source = "cinc"
 
-    def __init__(self, root: Union[str, os.PathLike], val: float = 0.1, test: float = 0.1) -> None:
+    def __init__(self, root: Union[str, os.PathLike], val: float = 0.1, test: float = 0.1,
+                 label_set: str = "all") -> None:
+        class_of("0", label_set)  # checks label_set before any file is read
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"CinC folder not found: {root}")
@@ -361,7 +364,7 @@ class CinCFolderDataset(RecordIndex):
             meta = parse_header_comments(_header_comments(base))
             ids.append(h.stem)
             paths.append(base)
-            label_sets.append(sorted({snomed_name(c) for c in meta["dx"]}))
+            label_sets.append(sorted({c for c in (class_of(code, label_set) for code in meta["dx"]) if c}))
             splits.append(stable_split(h.stem, val, test))
         class_names = sorted({c for s in label_sets for c in s})
         pos = {c: i for i, c in enumerate(class_names)}
