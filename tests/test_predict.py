@@ -18,17 +18,33 @@ from model_fixtures import tiny_config, token_batch
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny HUG classifier trained on the real CinC records, its portable folder, and evaluate's report."""
+    """A tiny HUG classifier trained on the real CinC records (CinC 2021 scored classes), its portable folder, and evaluate's report."""
     root = need_ecg("cinc2021")
     work = tmp_path_factory.mktemp("predict")
     cache, ft, rep = work / "cache", work / "ft", work / "rep"
     assert main(["prepare", "--source", "cinc", "--root", str(root), "--out", str(cache), "--workers", "1",
-                 "--no-progress"]) == 0
+                 "--labels", "cinc2021", "--no-progress"]) == 0
     assert main(["finetune", "--cache", str(cache), "--preset", "tiny", "--out", str(ft), "--head", "hug",
                  "--fractions", "1", "--epochs", "2", "--no-progress", "--device", "cpu"]) == 0
     assert main(["evaluate", "--cache", str(cache), str(ft / "pretrained"), "--report", str(rep), "--n-boot", "20",
                  "--device", "cpu"]) == 0
     return root, work, ft / "pretrained", json.loads((rep / "pretrained" / "predictions.json").read_text())
+
+
+def test_evaluate_writes_a_report(trained):
+    _, work, _, evaluated = trained
+    rep = work / "rep" / "pretrained"
+    assert sorted(p.name for p in rep.iterdir()) == ["metrics.json", "pr.png", "predictions.csv", "predictions.json",
+                                                     "report.md", "roc.png"]
+    metrics = json.loads(rep.joinpath("metrics.json").read_text())  # strict JSON: NaN written as null
+    names = evaluated["class_names"]
+    assert [r["class"] for r in metrics["per_class"]] == names and metrics["split"] == "test"
+    # The CinC 2021 scored classes: the challenge score is reported too.
+    assert set(metrics["macro"]) == {"auroc", "auprc", "f1", "fbeta", "gbeta", "challenge"}
+    assert "CRBBB|RBBB" in names and np.isfinite(metrics["macro"]["challenge"]) and metrics["macro"]["challenge"] <= 1
+    report = rep.joinpath("report.md").read_text()
+    assert "| macro AUROC |" in report and all(f"| {c} |" in report for c in names)
+    assert "![roc](roc.png)" in report and rep.joinpath("roc.png").stat().st_size > 10_000
 
 
 def test_predict_matches_evaluate_on_real_records(trained, capsys, monkeypatch):
