@@ -1,4 +1,4 @@
-"""The ``clear-hug`` command: prepare, pretrain, finetune, evaluate, predict, plot, demo."""
+"""The ``clear-hug`` command: prepare, pretrain, finetune, evaluate, predict, plot, ablate, demo."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from .config import ATTN_IMPLS, PRESETS
 
-COMMANDS = ("prepare", "pretrain", "finetune", "evaluate", "predict", "plot", "demo")
+COMMANDS = ("prepare", "pretrain", "finetune", "evaluate", "predict", "plot", "ablate", "demo")
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -320,12 +320,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
+    from .ablate import main as cmd_ablate
     from .plot import main as cmd_plot
     from .predict import main as cmd_predict
 
     try:
         return {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                "plot": cmd_plot}[command](rest)
+                "plot": cmd_plot, "ablate": cmd_ablate}[command](rest)
     except (ValueError, FileNotFoundError) as exc:  # bad input or files (CheckpointError is a ValueError)
         print(f"clear-hug {command}: {exc}", file=sys.stderr)
         return 2
