@@ -39,7 +39,7 @@ def _axes_leads(fig, gs_leads, y, valid, rpeaks, max_beats, t0: float, t1: float
         ax.plot(t, y[lead, lo:hi], color="k" if valid[lead] else "0.6", lw=0.7)
         ax.set_ylabel(LEADS[lead], rotation=0, ha="right", va="center", fontsize=9)
         ax.tick_params(labelsize=7)
-        ax.margins(x=0)
+        ax.set_xlim(lo / fs, hi / fs)
         if lead < 11:
             ax.tick_params(labelbottom=False)
         axes.append(ax)
@@ -59,6 +59,7 @@ def plot_record(path, out: os.PathLike, *, bandpass: bool = True, max_beats: Opt
 
     from .data.preprocess import preprocess
     from .data.readers import read_record
+    from .data.snomed import snomed_name
     from .data.tokenize import tokenize_beats
 
     signal, fs, meta = read_record(path)
@@ -75,9 +76,10 @@ def plot_record(path, out: os.PathLike, *, bandpass: bool = True, max_beats: Opt
     fig = plt.figure(figsize=(width, 15))
     gs = fig.add_gridspec(12, 2 if side else 1, width_ratios=[4, 1.2] if side else None, hspace=0.08, wspace=0.25)
     axes = _axes_leads(fig, [gs[i, 0] for i in range(12)], y, ~bt.flat, np.asarray(bt.rpeaks), max_beats, t0, t1)
-    dx = ",".join(str(c) for c in meta["dx"])
+    dx = ", ".join(f"{snomed_name(c)} ({c})" for c in meta["dx"])
+    span = f", {t0:g}-{t1:g} s of {duration:.0f} s shown" if start is not None or end is not None else ""
     axes[0].set_title(f"{meta['record']}: {len(bt.rpeaks)} beats detected on all leads together (R peaks red, "
-                      f"token windows shaded){'; Dx ' + dx if dx else ''}", fontsize=10)
+                      f"token windows shaded){span}{'; Dx ' + dx if dx else ''}", fontsize=10)
     axes[-1].set_xlabel("time (s), 100 Hz" + (", band-pass 0.67-40 Hz" if bandpass else ""))
     if side:
         probs = prediction["probabilities"]

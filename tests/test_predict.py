@@ -105,3 +105,26 @@ def test_hug_contributions_add_up_to_the_logits(fusion):
     torch.testing.assert_close(shares.sum(1) + hug.classifier.bias, hug(feats))
     probe = LinearProbe(32, 4)
     torch.testing.assert_close(probe.lead_contributions(feats).sum(1) + probe.linear.bias, probe(feats))
+
+
+def test_find_records_in_folders_ptbxl_roots_and_paths(tmp_path):
+    from _ecgdata import write_ptbxl_fixture
+    from clear_hug.predict import find_records
+
+    root = write_ptbxl_fixture(tmp_path / "ptbxl")
+    records, missing = find_records([root, tmp_path / "ptbxl" / "records100" / "00000" / "00002_lr.hea",
+                                     tmp_path / "nothing.dat"])
+    assert [r for r, _ in records] == ["1", "2", "3", "4", "5", "00002_lr"]
+    assert records[0][1].endswith("records100/00000/00001_lr") and missing[0]["record"].endswith("nothing.dat")
+    folder, _ = find_records([tmp_path / "ptbxl" / "records500"])
+    assert [r for r, _ in folder] == [f"0000{i}_hr" for i in range(1, 6)]
+
+
+def test_plot_command_zooms_into_a_long_record(tmp_path, capsys):
+    mitdb = need_ecg("mitdb")
+    out = tmp_path / "zoom.png"
+    assert main(["plot", str(mitdb / "100"), "--start", "60", "--end", "70", "--max-beats", "all",
+                 "--out", str(out)]) == 0
+    assert out.stat().st_size > 20_000 and str(out) in capsys.readouterr().out
+    assert main(["plot", str(mitdb / "100"), "--start", "70", "--end", "60", "--out", str(out)]) == 2
+    assert "start/end must satisfy" in capsys.readouterr().err
