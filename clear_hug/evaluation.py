@@ -82,8 +82,10 @@ def plot_curves(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[st
     paths = []
     for kind in ("roc", "pr"):
         fig, ax = plt.subplots(figsize=(7, 6))
+        drawn = 0
         for c, name in enumerate(class_names):
             if 0 < y[:, c].sum() < len(y):
+                drawn += 1
                 if kind == "roc":
                     fpr, tpr, _ = roc_curve(y[:, c], scores[:, c])
                     ax.plot(fpr, tpr, lw=1, label=name)
@@ -97,8 +99,10 @@ def plot_curves(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[st
         ax.set_title("ROC curves per class" if kind == "roc" else "Precision-recall curves per class")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
-        if ax.lines:
+        if drawn:
             ax.legend(fontsize=7, ncol=2, loc="lower right" if kind == "roc" else "lower left")
+        else:
+            ax.text(0.5, 0.5, "no class has both a positive and a negative record", ha="center", va="center")
         fig.tight_layout()
         path = out_dir / f"{kind}.png"
         fig.savefig(path, dpi=90)
