@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("predict")
     cache, ft, rep = work / "cache", work / "ft", work / "rep"
     assert main(["prepare", "--source", "cinc", "--root", str(root), "--out", str(cache), "--workers", "1",
-                 "--labels", "cinc2021", "--no-progress"]) == 0
+                 "--labels", "cinc2021", "--bandpass", "--no-progress"]) == 0  # predict must repeat the filter
     assert main(["finetune", "--cache", str(cache), "--preset", "tiny", "--out", str(ft), "--head", "hug",
                  "--fractions", "1", "--epochs", "2", "--no-progress", "--device", "cpu"]) == 0
     assert main(["evaluate", "--cache", str(cache), str(ft / "pretrained"), "--report", str(rep), "--n-boot", "20",
