@@ -84,6 +84,7 @@ def predict_records(model, records: Sequence[Tuple[str, str]], device=None, batc
     from tqdm.auto import tqdm
 
     names = _class_names(model)
+    check_preprocessing(model.preprocessing)  # a model-level problem is an error, not a skip of every record
     device = torch.device(device or next(model.parameters()).device)
     model = model.to(device).eval()
     rows, skipped, batch = [], [], []
@@ -101,6 +102,9 @@ def predict_records(model, records: Sequence[Tuple[str, str]], device=None, batc
             item, facts = record_inputs(path, model.preprocessing)
         except (RecordReadError, NoBeatsError) as exc:
             skipped.append({"record": record, "path": path, "reason": str(exc)})
+            continue
+        except Exception as exc:  # noqa: BLE001 -- as in the cache builder: one odd record is a named skip
+            skipped.append({"record": record, "path": path, "reason": f"{type(exc).__name__}: {exc}"})
             continue
         batch.append((item, {"record": record, "path": path, "beats": facts["beats"],
                              "beats_dropped": facts["beats_dropped"]}))

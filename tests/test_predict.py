@@ -89,8 +89,9 @@ def test_predict_refuses_a_folder_without_records_and_a_model_without_preprocess
     torch.manual_seed(0)
     bare = Classifier(CLEAR(tiny_config()), build_head("linear", 32, 2))
     bare.save_pretrained(tmp_path / "bare", ["A", "B"])  # no preprocessing recorded
-    with pytest.raises(ValueError, match="does not say"):
+    with pytest.raises(ValueError, match="does not say") as raised:
         Classifier.from_pretrained(tmp_path / "bare").predict_record(tmp_path / "x")
+    assert not isinstance(raised.value, RecordReadError)  # the model's fault, not the record's
     with pytest.raises(ValueError, match="load it with"):
         bare.predict_record(tmp_path / "x")
 
