@@ -294,4 +294,8 @@ def from_pretrained(directory: os.PathLike, kind: Optional[str] = None) -> torch
         model.load_state_dict(state)
     except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
         raise CheckpointError(f"{weights}: the weights do not fit the model of {CONFIG_NAME}: {exc}") from exc
+    # What predict needs to turn a record into this model's inputs and name its outputs.
+    model.preprocessing = dict(config.get("preprocessing") or {})
+    if config["kind"] == "classifier":
+        model.class_names = list(config["class_names"])
     return model

@@ -1,22 +1,63 @@
-"""The ``clear-hug`` command: prepare, pretrain, finetune, evaluate, demo."""
+"""The ``clear-hug`` command: prepare, pretrain, finetune, evaluate, predict, plot, ablate, demo."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-from dataclasses import asdict
+import typing
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ATTN_IMPLS, PRESETS
 
-COMMANDS = ("prepare", "pretrain", "finetune", "evaluate", "demo")
+COMMANDS = ("prepare", "pretrain", "finetune", "evaluate", "predict", "plot", "ablate", "demo")
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
     p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None,
                    help=help)
+
+
+def _dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict, choices: Optional[dict] = None) -> None:
+    """One flag per field named in ``helps`` (``lr`` -> ``--lr``), its type and default taken from the run
+    dataclass ``cls``, so that each default lives in one place (the dataclass) and the command line follows it."""
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in fields(cls)}
+    for name, help in helps.items():
+        typ, default = hints[name], defaults[name]
+        inner = [a for a in typing.get_args(typ) if a is not type(None)]
+        typ = inner[0] if inner else typ  # Optional[X] -> X
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help)
+        else:
+            p.add_argument(flag, dest=name, type=typ, default=default, choices=(choices or {}).get(name),
+                           help=f"{help} (default: {default})")
+
+
+def _dataclass_values(args: argparse.Namespace, helps: dict) -> dict:
+    return {name: getattr(args, name) for name in helps}
+
+
+# The run dataclasses' fields that are flags, with their help (types and defaults come from the dataclasses).
+PRETRAIN_FLAGS = {
+    "epochs": "epochs of the schedule", "batch_size": "records per batch, per process", "lr": "peak learning rate",
+    "weight_decay": "AdamW weight decay", "warmup_epochs": "linear warm-up epochs", "min_lr": "lr at the end of "
+    "the cosine decay", "clip": "gradient-norm clipping",
+    "max_tokens": "variable-length batches: records of similar length, at most this many padded tokens per batch "
+                  "(instead of --batch-size records); for ragged long-record caches",
+    "stop_after_epochs": "end this invocation after N epochs (the schedule still spans --epochs); resume later",
+    "extend_schedule": "resume with another --epochs than OUT/last.pt was started with: the cosine decay is "
+                       "stretched to the new end from the current step on (refused without this flag)",
+}
+FINETUNE_FLAGS = {
+    "fusion": "HUG's fusion of its 7 expert outputs", "epochs": "head epochs", "batch_size": "records per batch",
+    "lr": "peak learning rate", "weight_decay": "AdamW weight decay", "warmup_epochs": "linear warm-up epochs",
+    "min_lr": "lr at the end of the cosine decay", "clip": "gradient-norm clipping",
+    "encoder_lr": "with --finetune-encoder: the encoder's lr (None: lr / 10)",
+}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -38,22 +79,10 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-impl", choices=ATTN_IMPLS, default=None)
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--mask-ratio", type=float, default=None)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="variable-length batches: records of similar length, at most this many padded tokens per "
-                        "batch (instead of --batch-size records); for ragged long-record caches")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=5)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--clip", type=float, default=3.0)
+    from .train.pretrain import PretrainArgs
+
+    _dataclass_flags(p, PretrainArgs, PRETRAIN_FLAGS)
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
-    p.add_argument("--stop-after-epochs", type=int, default=None,
-                   help="end this invocation after N epochs (the schedule still spans --epochs); resume later")
-    p.add_argument("--extend-schedule", action="store_true",
-                   help="resume with another --epochs than OUT/last.pt was started with: the cosine decay is "
-                        "stretched to the new end from the current step on (refused without this flag)")
     return p
 
 
@@ -66,26 +95,59 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for head checkpoints and results.jsonl, and pretrained/ "
                    "(model.safetensors + config.json): the classifier with the best validation AUROC")
     p.add_argument("--head", choices=("hug", "linear", "both"), default="hug")
-    p.add_argument("--fusion", choices=("mean", "concat"), default="mean")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: --seed")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=10)
-    p.add_argument("--min-lr", type=float, default=1e-5)
+    from .heads import FUSIONS
+    from .train.finetune import FinetuneArgs
+
+    _dataclass_flags(p, FinetuneArgs, FINETUNE_FLAGS, choices={"fusion": FUSIONS})
     p.add_argument("--finetune-encoder", action="store_true", help="train the encoder too (default: frozen)")
-    p.add_argument("--encoder-lr", type=float, default=None)
     return p
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clear-hug evaluate", description="Macro AUROC of trained heads on a split.")
+    p = argparse.ArgumentParser(prog="clear-hug evaluate", description="Classifiers on a split: macro and per-class "
+                                "AUROC and AUPRC, F1, F-beta and G-beta (beta 2) with per-class thresholds tuned on "
+                                "the validation split, the CinC 2021 score for its classes, bootstrap intervals; a "
+                                "Markdown report with ROC and precision-recall curves and the predictions.")
     _common(p)
-    p.add_argument("heads", nargs="+", help="head checkpoints written by `clear-hug finetune`")
+    p.add_argument("heads", nargs="+", help="head checkpoints written by `clear-hug finetune`, or folders written by "
+                   "save_pretrained (finetune's OUT/pretrained)")
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.add_argument("--out", default=None, help="append results to this JSONL file")
+    p.add_argument("--report", default=None, help="folder for the reports (one subfolder per model; default: beside "
+                   "each model, MODEL_SPLIT_report/)")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the 95%% intervals (0: none)")
+    return p
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clear-hug predict", description="Class probabilities for records read "
+                                "straight from disk (no token cache), by a classifier saved with save_pretrained "
+                                "(finetune's OUT/pretrained).")
+    p.add_argument("--model", required=True, help="folder with model.safetensors + config.json")
+    p.add_argument("inputs", nargs="+", help="WFDB records (.hea/.dat/.mat or the name without extension), folders "
+                   "of records (searched recursively), or a PTB-XL root (ptbxl_database.csv)")
+    p.add_argument("--out", default="predictions.csv", help="CSV, one row per record and a column per class; the "
+                   "same as JSON (with the skipped records) beside it")
+    p.add_argument("--plot", default=None, help="folder for one PNG per record: leads, beats, token windows, top "
+                   "classes and what each lead group / HUG level contributed")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the model's, cpu)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    from .data.prepare import max_beats_arg
+
+    p = argparse.ArgumentParser(prog="clear-hug plot", description="Draw a record's 12 leads with the detected beats "
+                                "and their token windows.")
+    p.add_argument("record", help="a WFDB record (.hea/.dat/.mat or the name without extension)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RECORD.png here)")
+    p.add_argument("--start", type=float, default=None, help="seconds: first time shown (long records)")
+    p.add_argument("--end", type=float, default=None, help="seconds: last time shown")
+    p.add_argument("--max-beats", type=max_beats_arg, default=15, help="beats tokenised ('all' for every beat)")
+    p.add_argument("--no-bandpass", action="store_true")
     return p
 
 
@@ -98,7 +160,7 @@ def _setup_threads(args) -> None:
 
 def _preprocessing(meta: dict) -> dict:
     """How the cache turned records into tokens: what a model saved with ``save_pretrained`` expects."""
-    keys = ("fs", "bandpass", "token_len", "max_beats", "source")
+    keys = ("fs", "bandpass", "token_len", "max_beats", "window_s", "source")
     return {"detector": "clear_hug.data.rpeaks.detect_rpeaks", **{k: meta[k] for k in keys if k in meta}}
 
 
@@ -124,11 +186,8 @@ def cmd_pretrain(argv: Sequence[str]) -> int:
 
     cfg = get_config(args.preset, attn_impl=args.attn_impl, dropout=args.dropout, mask_ratio=args.mask_ratio)
     info = setup_distributed(args.device)
-    run = PretrainArgs(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                       warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, clip=args.clip, seed=args.seed,
-                       amp=args.amp, out_dir=args.out, resume=not args.no_resume,
-                       stop_after_epochs=args.stop_after_epochs, extend_schedule=args.extend_schedule,
-                       progress=not args.no_progress, device=args.device, max_tokens=args.max_tokens)
+    run = PretrainArgs(**_dataclass_values(args, PRETRAIN_FLAGS), seed=args.seed, amp=args.amp, out_dir=args.out,
+                       resume=not args.no_resume, progress=not args.no_progress, device=args.device)
     train_set = TokenDataset(args.cache, "train")
     history = pretrain(cfg, train_set, run, _val_split(args.cache), info)
     if info.is_main and history["epochs"] and history["epochs"][-1]["epoch"] == args.epochs - 1:
@@ -166,10 +225,15 @@ def cmd_finetune(argv: Sequence[str]) -> int:
     from .checkpoint import load_classifier, save_head
     from .data.cache import TokenDataset
     from .train import common
-    from .train.common import json_line
-    from .train.finetune import FinetuneArgs, extract_features, finetune_end_to_end, train_head_on_features
+    from .train.common import json_line, setup_distributed
+    from .train.finetune import (FinetuneArgs, extract_features_distributed, finetune_end_to_end,
+                                 train_head_on_features)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = setup_distributed(args.device)
+    if info.distributed and args.finetune_encoder:
+        raise ValueError("--finetune-encoder is not supported under torchrun yet; run it in one process (with a "
+                         "frozen encoder, torchrun shares the feature extraction among the processes)")
+    device = info.device
     train_set, val_set = TokenDataset(args.cache, "train"), TokenDataset(args.cache, "val")
     for name, split in (("train", train_set), ("val", val_set)):
         if len(split) == 0:
@@ -180,17 +244,22 @@ def cmd_finetune(argv: Sequence[str]) -> int:
     seeds = args.seeds if args.seeds is not None else [args.seed]
     encoder = _encoder(args.checkpoint, args.preset, args.seed).to(device)
     if not args.finetune_encoder:
-        feats = [extract_features(encoder, s, device=device, amp=args.amp, progress=not args.no_progress)
+        feats = [extract_features_distributed(encoder, s, info, device=device, amp=args.amp,
+                                              progress=not args.no_progress and info.is_main)
                  for s in (train_set, val_set)]
+        if info.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()  # the heads train in seconds on the gathered features: rank 0 alone
+            if not info.is_main:
+                return 0
     best: Optional[tuple] = None  # (val_auroc, head checkpoint)
     for head in heads:
         for fraction in args.fractions:
             for seed in seeds:
-                run = FinetuneArgs(head=head, fusion=args.fusion, epochs=args.epochs, batch_size=args.batch_size,
-                                   lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                                   min_lr=args.min_lr, seed=seed, label_fraction=fraction,
-                                   encoder_lr=args.encoder_lr, amp=args.amp,
-                                   progress=not args.no_progress, device=str(device))
+                run = FinetuneArgs(**_dataclass_values(args, FINETUNE_FLAGS), head=head, seed=seed,
+                                   label_fraction=fraction, amp=args.amp, progress=not args.no_progress,
+                                   device=str(device))
                 name = f"{head}_f{fraction:g}_s{seed}"
                 logger = common.JsonlLogger(out / f"{name}.jsonl")
                 if args.finetune_encoder:
@@ -224,23 +293,48 @@ def cmd_evaluate(argv: Sequence[str]) -> int:
     _setup_threads(args)
     import torch
 
-    from .checkpoint import load_classifier
     from .data.cache import TokenDataset
+    from .evaluation import evaluate_split, write_report
     from .train import common
     from .train.common import json_line
-    from .train.finetune import evaluate
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = TokenDataset(args.cache, args.split)
     if len(dataset) == 0:
         raise ValueError(f"the {args.split!r} split of {args.cache} has no records")
+    val_set = TokenDataset(args.cache, "val")
     for path in args.heads:
-        model = load_classifier(path, class_names=dataset.class_names)  # refuses a head of other classes
-        result = {"checkpoint": path, "split": args.split, **evaluate(model, dataset, device=device)}
+        model = _load_for_evaluation(path, dataset.class_names)
+        report, predictions = evaluate_split(model, val_set, dataset, dataset.class_names, device, args.n_boot,
+                                             args.seed)
+        folder = (Path(args.report) / Path(path).stem if args.report else
+                  Path(path) / f"report_{args.split}" if Path(path).is_dir() else
+                  Path(path).with_name(f"{Path(path).stem}_{args.split}_report"))
+        md = write_report(report, predictions, dataset.class_names, folder,
+                          f"{Path(path).name} on the {args.split} split of {args.cache}",
+                          {"checkpoint": path, "split": args.split})
+        macro = report["macro"]
+        result = {"checkpoint": path, "split": args.split, "auroc": macro["auroc"],
+                  "classes_scored": int(sum(not math.isnan(r["auroc"]) for r in report["per_class"])),
+                  "classes_excluded": int(sum(math.isnan(r["auroc"]) for r in report["per_class"])),
+                  **{k: v for k, v in macro.items() if k != "auroc"}, "report": str(md)}
         if args.out:
             common.JsonlLogger(args.out).log(**result)
         print(json_line(result))
     return 0
+
+
+def _load_for_evaluation(path: str, class_names):
+    """A head checkpoint or a save_pretrained folder as a Classifier, refused when it predicts other classes."""
+    from .checkpoint import CheckpointError, from_pretrained, load_classifier
+
+    if not Path(path).is_dir():
+        return load_classifier(path, class_names=class_names)
+    model = from_pretrained(path, kind="classifier")
+    if list(model.class_names) != list(class_names):
+        raise CheckpointError(f"{path}: the classifier predicts classes {model.class_names}, but the data has "
+                              f"classes {list(class_names)}")
+    return model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -258,8 +352,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
+    from .ablate import main as cmd_ablate
+    from .plot import main as cmd_plot
+    from .predict import main as cmd_predict
+
     try:
-        return {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate}[command](rest)
+        return {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                "plot": cmd_plot, "ablate": cmd_ablate}[command](rest)
     except (ValueError, FileNotFoundError) as exc:  # bad input or files (CheckpointError is a ValueError)
         print(f"clear-hug {command}: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,9 @@ from torch import nn
 LEAD_GROUPS = {"limb": (0, 1, 2), "augmented": (3, 4, 5), "chest": (6, 7, 8, 9, 10, 11)}
 GROUP_PAIRS = ((0, 1), (0, 2), (1, 2))
 FUSIONS = ("mean", "concat")
+# HUG's experts by level: the three lead groups, the three pairs of groups, all of them.
+EXPERTS = (("limb", 1), ("augmented", 1), ("chest", 1), ("limb+augmented", 2), ("limb+chest", 2),
+           ("augmented+chest", 2), ("all groups", 3))
 
 
 class HUG(nn.Module):
@@ -45,6 +48,22 @@ class HUG(nn.Module):
         fused = torch.stack(outs, 0).mean(0) if self.fusion == "mean" else torch.cat(outs, -1)
         return self.classifier(fused)
 
+    def expert_contributions(self, summary: torch.Tensor) -> torch.Tensor:
+        """Each of the 7 experts' share of the class logits, ``[B, 7, C]`` in the order of ``EXPERTS``.
+
+        The classifier is linear in the fused outputs, so the logits are exactly these shares summed plus the
+        classifier's bias: what each lead group (level 1), pair of groups (level 2) and the whole (level 3) added.
+        """
+        if summary.dim() != 3 or summary.shape[1] != 12:
+            raise ValueError(f"summary must be [B, 12, E], got {tuple(summary.shape)}")
+        l1 = [expert(summary[:, idx.to(summary.device)].mean(1)) for expert, idx in zip(self.level1, self.groups)]
+        l2 = [expert(torch.cat([l1[a], l1[b]], -1)) for expert, (a, b) in zip(self.level2, GROUP_PAIRS)]
+        outs = l1 + l2 + [self.level3(torch.cat(l2, -1))]
+        w = self.classifier.weight  # [C, hidden] (mean) or [C, 7 * hidden] (concat)
+        if self.fusion == "mean":
+            return torch.stack([o @ w.T / len(outs) for o in outs], 1)
+        return torch.stack([o @ wk.T for o, wk in zip(outs, w.chunk(len(outs), dim=1))], 1)
+
 
 class LinearProbe(nn.Module):
     """The baseline head: one linear layer on the mean of the 12 summary outputs."""
@@ -57,6 +76,12 @@ class LinearProbe(nn.Module):
         if summary.dim() != 3:
             raise ValueError(f"summary must be [B, leads, E], got {tuple(summary.shape)}")
         return self.linear(summary.mean(1))
+
+    def lead_contributions(self, summary: torch.Tensor) -> torch.Tensor:
+        """Each lead's share of the class logits, ``[B, leads, C]``: the logits are their sum plus the bias."""
+        if summary.dim() != 3:
+            raise ValueError(f"summary must be [B, leads, E], got {tuple(summary.shape)}")
+        return summary @ self.linear.weight.T / summary.shape[1]
 
 
 def build_head(kind: str, in_dim: int, num_classes: int, fusion: str = "mean") -> nn.Module:
@@ -90,6 +115,14 @@ class Classifier(nn.Module):
         from .checkpoint import from_pretrained
 
         return from_pretrained(directory, kind="classifier")
+
+    def predict_record(self, path: Union[str, os.PathLike], device: Optional[str] = None) -> dict:
+        """Class probabilities of one WFDB record on disk (no token cache): ``{"record", "path", "beats",
+        "beats_dropped", "probabilities": {class: p}}``. Needs the class names and preprocessing that
+        ``from_pretrained`` reads; a record that cannot be read raises ``RecordReadError``."""
+        from .predict import predict_record
+
+        return predict_record(self, path, device)
 
 class BeatHead(nn.Module):
     """Per-beat head beside HUG: token outputs to per-beat logits ``[B, beats, C]``.

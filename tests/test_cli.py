@@ -89,3 +89,19 @@ def test_cli_random_encoder_and_errors(tmp_path, capsys):
     assert main(["nonsense"]) == 2
     with pytest.raises(SystemExit):
         main(["pretrain", "--cache", str(cache)])  # --out is required
+
+
+def test_run_flags_come_from_the_run_dataclasses():
+    from clear_hug.cli import FINETUNE_FLAGS, PRETRAIN_FLAGS, finetune_parser, pretrain_parser
+    from clear_hug.train.finetune import FinetuneArgs
+    from clear_hug.train.pretrain import PretrainArgs
+
+    for parser, cls, flags in ((pretrain_parser(), PretrainArgs, PRETRAIN_FLAGS),
+                               (finetune_parser(), FinetuneArgs, FINETUNE_FLAGS)):
+        args = parser.parse_args(["--cache", "c", "--out", "o"])
+        assert {k: getattr(args, k) for k in flags} == {k: getattr(cls(), k) for k in flags}
+    args = pretrain_parser().parse_args(["--cache", "c", "--out", "o", "--lr", "0.25", "--max-tokens", "960",
+                                         "--extend-schedule"])
+    assert (args.lr, args.max_tokens, args.extend_schedule) == (0.25, 960, True)
+    with pytest.raises(SystemExit):
+        finetune_parser().parse_args(["--cache", "c", "--out", "o", "--fusion", "max"])

@@ -142,7 +142,52 @@ def test_ptbxl_records_both_rates(ptbxl_root):
     with pytest.raises(ValueError):
         PTBXLDataset(ptbxl_root, 250)
     with pytest.raises(ValueError):
-        PTBXLDataset(ptbxl_root, 100, task="diagnostic")
+        PTBXLDataset(ptbxl_root, 100, task="nonsense")
+
+
+def test_ptbxl_all_and_diagnostic_tasks(ptbxl_root):
+    diag = PTBXLDataset(ptbxl_root, 100, "diagnostic")
+    assert diag.class_names == ["ASMI", "IMI", "LVH", "NDT", "NORM"]
+    assert _labels(diag) == {"1": ["NORM"], "2": ["ASMI", "IMI"], "3": ["LVH", "NDT"], "5": ["NDT"]}
+    every = PTBXLDataset(ptbxl_root, 100, "all")
+    assert every.class_names == ["ABQRS", "AFIB", "ASMI", "IMI", "LVH", "NDT", "NORM", "PVC", "SR"]
+    assert _labels(every)["5"] == ["NDT"] and len(every) == 5  # the unknown code is not a statement
+
+
+def test_split_file_replaces_the_splits(ptbxl_root, tmp_path):
+    ds = PTBXLDataset(ptbxl_root, 100, "rhythm")
+    path = tmp_path / "split.csv"
+    path.write_text("record,split\n1,test\n2,val\n3,train\n4,train\n99,test\n")
+    ds.use_split_file(path)
+    assert list(ds.splits) == [2, 1, 0, 0]
+    path.write_text("record,split\n1,test\n2,val\n")
+    with pytest.raises(ValueError, match="does not list 2 of the 4 records"):
+        ds.use_split_file(path)
+    path.write_text("record,split\n1,holdout\n")
+    with pytest.raises(ValueError, match="line 2: split 'holdout'"):
+        ds.use_split_file(path)
+    path.write_text("name,fold\n1,1\n")
+    with pytest.raises(ValueError, match="columns 'record' and 'split'"):
+        ds.use_split_file(path)
+
+
+def test_cinc2021_scored_classes_merge_equivalent_codes(tmp_path):
+    x, _ = toy_ecg(500, [0.85] * 10, n_leads=12, seed=0)
+    for name, dx in (("a", "59118001,284470004"), ("b", "713427006,63593006,164873001"), ("c", "426783006")):
+        _write(tmp_path, name, x, 500, PTBXL_NAMES, comments=[f"Dx: {dx}"])
+    ds = CinCFolderDataset(tmp_path, label_set="cinc2021")
+    assert ds.class_names == ["CRBBB|RBBB", "PAC|SVPB", "SNR"]  # LVH (164873001) is not scored
+    assert _labels(ds) == {"a": ["CRBBB|RBBB", "PAC|SVPB"], "b": ["CRBBB|RBBB", "PAC|SVPB"], "c": ["SNR"]}
+    assert CinCFolderDataset(tmp_path).class_names == ["CRBBB", "LVH", "PAC", "RBBB", "SNR", "SVPB"]
+    with pytest.raises(ValueError, match="label_set"):
+        CinCFolderDataset(tmp_path, label_set="cinc2020")
+
+
+def test_every_code_of_the_shared_records_has_a_name():
+    d = need_ecg("cinc2021")
+    codes = {c for h in d.glob("*.hea") for c in parse_header_comments(
+        [line[1:] for line in h.read_text().splitlines() if line.startswith("#")])["dx"]}
+    assert codes and [c for c in codes if snomed_name(c) == str(c)] == []
 
 
 def test_cinc_folder_dataset():

@@ -3,6 +3,7 @@
 import os
 import socket
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
@@ -95,3 +96,39 @@ def test_two_process_ddp_matches_gradient_averaging(tmp_path):
     common.seed_everything(5)
     init = CLEAR(tiny_config()).state_dict()
     assert any((ckpt["model"][k] - init[k]).abs().max() > 1e-4 for k in state)
+
+
+def _finetune_worker(rank, port, cache, out_dir):
+    from clear_hug.cli import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert main(_finetune_argv(cache, out_dir)) == 0
+
+
+def _finetune_argv(cache, out_dir):
+    return ["finetune", "--cache", str(cache), "--preset", "tiny", "--out", str(out_dir), "--head", "linear",
+            "--fractions", "1", "--epochs", "2", "--no-progress", "--device", "cpu"]
+
+
+def test_torchrun_finetune_matches_one_process(tmp_path):
+    from clear_hug.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--out", str(cache), "--n-records", "30", "--workers", "1", "--no-progress"]) == 0
+    mp.start_processes(_finetune_worker, args=(_free_port(), cache, tmp_path / "two"), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_finetune_argv(cache, tmp_path / "one")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two = checkpoint.load_checkpoint(tmp_path / "two" / "linear_f1_s0.pt", "head")
+    one = checkpoint.load_checkpoint(tmp_path / "one" / "linear_f1_s0.pt", "head")
+    # Rank 0 alone trained and wrote the head, on features both ranks extracted: the same as one process.
+    for k, v in one["head_state"].items():
+        torch.testing.assert_close(two["head_state"][k], v, rtol=1e-4, atol=1e-5)
+    assert two["result"]["n_train"] == one["result"]["n_train"] == int((np.load(cache / "splits.npy") == 0).sum())
+    assert (tmp_path / "two" / "pretrained" / "model.safetensors").is_file()

@@ -246,6 +246,14 @@ def _tokenize_item(item, opt: _Options):
     return out, empty
 
 
+def item_rows(start: float, bt) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The beat-major rows an item of ``bt`` (starting ``start`` seconds into its record) is stored as:
+    ``tokens [n, 12, 96]``, ``valid [n, 12]``, ``time [n]`` (see ``item_tensors`` for the way back)."""
+    # Beat-major: an item is a contiguous block of rows. The R peak's second is shared by the leads; stored once.
+    time = ((np.asarray(bt.rpeaks) - int(round(start * TARGET_FS))) // TARGET_FS).astype(np.int32)
+    return bt.tokens.transpose(1, 0, 2), bt.valid.T, time
+
+
 def _tokenize_payload(payload, positions: List[int], opt: _Options) -> Dict:
     """Worker body: tokenise one shard into the arrays of its items (see ``_write_shard``).
 
@@ -276,10 +284,10 @@ def _tokenize_payload(payload, positions: List[int], opt: _Options) -> Dict:
             start_l.append(start)
             len_l.append(bt.tokens.shape[1])
             drop_l.append(dropped)
-            toks.append(bt.tokens.transpose(1, 0, 2))  # beat-major: an item is a contiguous block of rows
-            vals.append(bt.valid.T)
-            # The R peak's second is shared by the leads; stored once per beat.
-            times.append(((np.asarray(bt.rpeaks) - int(round(start * TARGET_FS))) // TARGET_FS).astype(np.int32))
+            rows = item_rows(start, bt)
+            toks.append(rows[0])
+            vals.append(rows[1])
+            times.append(rows[2])
             blabs.append(labels)
     k = len(opt.beat_classes)
     cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt)  # noqa: E731
@@ -619,22 +627,28 @@ class TokenDataset(Dataset):
         j = int(self.indices[i])
         a = self.arrays
         lo, hi = int(a["offsets"][j]), int(a["offsets"][j + 1])
-        width = max(hi - lo, self.pad_to or 0)
-        tokens = np.zeros((NUM_LEADS, width, TOKEN_LEN), np.float32)
-        valid = np.zeros((NUM_LEADS, width), bool)
-        time = np.zeros((NUM_LEADS, width), np.int64)
-        beat_labels = np.zeros((width, a["beat_labels"].shape[1]), np.float32)
-        tokens[:, : hi - lo] = np.asarray(a["tokens"][lo:hi]).transpose(1, 0, 2)
-        valid[:, : hi - lo] = np.asarray(a["valid"][lo:hi]).T
-        time[:, : hi - lo] = np.where(valid[:, : hi - lo], np.asarray(a["time"][lo:hi], np.int64)[None, :], 0)
+        item = item_tensors(a["tokens"][lo:hi], a["valid"][lo:hi], a["time"][lo:hi], self.pad_to)
+        beat_labels = np.zeros((item["tokens"].shape[1], a["beat_labels"].shape[1]), np.float32)
         beat_labels[: hi - lo] = a["beat_labels"][lo:hi]
-        return {
-            "tokens": torch.from_numpy(tokens),
-            "valid": torch.from_numpy(valid),
-            "time": torch.from_numpy(time),
-            "labels": torch.from_numpy(np.array(a["labels"][j], dtype=np.float32)),
-            "beat_labels": torch.from_numpy(beat_labels),
-        }
+        item["labels"] = torch.from_numpy(np.array(a["labels"][j], dtype=np.float32))
+        item["beat_labels"] = torch.from_numpy(beat_labels)
+        return item
+
+
+def item_tensors(tokens, valid, time, pad_to: Optional[int]) -> Dict[str, torch.Tensor]:
+    """Beat-major rows of one item (``tokens [n, 12, 96]``, ``valid [n, 12]``, ``time [n]``) as the model's
+    lead-major inputs ``tokens [12, w, 96]``, ``valid [12, w]``, ``time [12, w]``, padded to ``w = max(n,
+    pad_to)``. The one place a cached item and a record read by ``predict`` become model inputs, so both give
+    the model the same numbers."""
+    n = len(tokens)
+    width = max(n, pad_to or 0)
+    tok = np.zeros((NUM_LEADS, width, TOKEN_LEN), np.float32)
+    val = np.zeros((NUM_LEADS, width), bool)
+    tim = np.zeros((NUM_LEADS, width), np.int64)
+    tok[:, :n] = np.asarray(tokens).transpose(1, 0, 2)
+    val[:, :n] = np.asarray(valid).T
+    tim[:, :n] = np.where(val[:, :n], np.asarray(time, np.int64)[None, :], 0)
+    return {"tokens": torch.from_numpy(tok), "valid": torch.from_numpy(val), "time": torch.from_numpy(tim)}
 
 
 def pad_collate(items: Sequence[Dict]) -> Dict:

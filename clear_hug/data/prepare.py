@@ -10,9 +10,12 @@ from typing import Optional, Sequence
 
 from .cache import PathSource, Source, build_cache, synthetic_source
 from .readers import PTBXL_TASKS, CinCFolderDataset, PTBXLDataset
+from .snomed import LABEL_SETS
 
 
 def make_source(args: argparse.Namespace) -> Source:
+    if args.source == "synthetic" and args.split_file:
+        raise ValueError("--split-file is for real sources (ptbxl, cinc); the synthetic records carry their splits")
     if args.source == "synthetic":
         return synthetic_source(args.n_records or 1000, seed=args.seed, use_true_rpeaks=args.true_rpeaks)
     if not args.root:
@@ -20,10 +23,16 @@ def make_source(args: argparse.Namespace) -> Source:
     if args.source == "ptbxl":
         index = PTBXLDataset(args.root, sampling_rate=args.sampling_rate, task=args.task)
         info = {"root": os.path.abspath(args.root), "task": args.task, "sampling_rate": args.sampling_rate}
+    else:
+        index = CinCFolderDataset(args.root, label_set=args.labels)
+        info = {"root": os.path.abspath(args.root), "labels": args.labels}
+    if args.split_file:
+        index.use_split_file(args.split_file)
+        info["split_file"] = os.path.abspath(args.split_file)
+    if args.source == "ptbxl":
         return PathSource(index, "ptbxl", info, limit=args.n_records)
-    index = CinCFolderDataset(args.root)
-    return PathSource(index, "cinc", {"root": os.path.abspath(args.root)}, limit=args.n_records,
-                      annotations=args.annotations, beat_class_names=args.beat_classes or ())
+    return PathSource(index, "cinc", info, limit=args.n_records, annotations=args.annotations,
+                      beat_class_names=args.beat_classes or ())
 
 
 def max_beats_arg(text: str):
@@ -58,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic: how many to generate (default 1000); real sources: use only the first N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", choices=PTBXL_TASKS, default="superdiagnostic")
+    p.add_argument("--labels", choices=LABEL_SETS, default="all",
+                   help="cinc: a class per SNOMED code ('all'), or the CinC 2021 scored classes with equivalent "
+                        "codes merged ('cinc2021'; evaluate then reports the challenge score)")
+    p.add_argument("--split-file", default=None,
+                   help="real sources: a CSV with columns record,split (train/val/test), e.g. a published split")
     p.add_argument("--sampling-rate", type=int, choices=(100, 500), default=100, help="PTB-XL records100 or 500")
     p.add_argument("--bandpass", action="store_true", help="0.67-40 Hz zero-phase band-pass before tokenising")
     p.add_argument("--true-rpeaks", action="store_true", help="synthetic: use the generator's R-peaks")

@@ -18,7 +18,7 @@ import numpy as np
 
 from .leads import LEADS, NUM_LEADS, map_leads
 from .preprocess import check_sampling_rate, check_size
-from .snomed import snomed_name
+from .snomed import class_of
 
 ECG_DIR_ENV = "CLEAR_HUG_ECG_DIR"
 
@@ -225,23 +225,47 @@ class RecordIndex:
         """Positions of the records of one split (``"train"``, ``"val"`` or ``"test"``)."""
         return np.nonzero(self.splits == SPLIT_IDS[split])[0]
 
+    def use_split_file(self, path: Union[str, os.PathLike]) -> None:
+        """Replace the splits by a published one: a CSV with columns ``record`` and ``split`` (train, val or
+        test). Every record of the index must be listed (records of the file that are not here are ignored)."""
+        import csv
 
-PTBXL_TASKS = ("superdiagnostic", "subdiagnostic", "form", "rhythm")
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"record", "split"} <= set(reader.fieldnames):
+                raise ValueError(f"split file {path} must have the columns 'record' and 'split', got "
+                                 f"{reader.fieldnames}")
+            table = {}
+            for line, row in enumerate(reader, start=2):
+                if row["split"] not in SPLIT_IDS:
+                    raise ValueError(f"split file {path}, line {line}: split {row['split']!r} is not one of "
+                                     f"{SPLIT_NAMES}")
+                table[row["record"]] = SPLIT_IDS[row["split"]]
+        absent = [r for r in self.record_ids if r not in table]
+        if absent:
+            raise ValueError(f"split file {path} does not list {len(absent)} of the {len(self)} records "
+                             f"(first: {absent[:5]})")
+        self.splits = np.array([table[r] for r in self.record_ids], dtype=np.int8)
+
+
+PTBXL_TASKS = ("superdiagnostic", "subdiagnostic", "diagnostic", "form", "rhythm", "all")
 
 
 def ptbxl_labels(scp_codes: Dict[str, float], statements, task: str) -> List[str]:
     """Labels of one PTB-XL record for a benchmark task, aggregated the standard way (Strodthoff et al. 2021).
 
     Every code in ``scp_codes`` counts, whatever its likelihood. superdiagnostic / subdiagnostic: diagnostic
-    statements mapped to their ``diagnostic_class`` / ``diagnostic_subclass``; form / rhythm: the codes flagged
-    ``form`` / ``rhythm`` themselves.
+    statements mapped to their ``diagnostic_class`` / ``diagnostic_subclass``; diagnostic / form / rhythm: the
+    codes flagged ``diagnostic`` / ``form`` / ``rhythm`` themselves; all: every statement of the table.
     """
     out = set()
     for code in scp_codes:
         if code not in statements.index:
             continue
         row = statements.loc[code]
-        if task in ("superdiagnostic", "subdiagnostic"):
+        if task == "all":
+            out.add(code)
+        elif task in ("superdiagnostic", "subdiagnostic"):
             if _flag(row.get("diagnostic")):
                 col = "diagnostic_class" if task == "superdiagnostic" else "diagnostic_subclass"
                 value = row.get(col)
@@ -263,7 +287,8 @@ class PTBXLDataset(RecordIndex):
     """PTB-XL over ``ptbxl_database.csv``, ``scp_statements.csv`` and ``records100/`` or ``records500/``.
 
     ``labels`` are multi-hot over ``class_names`` (the task's labels that occur, sorted); splits follow
-    ``strat_fold``: 1-8 train, 9 val, 10 test. Records without any label for the task are left out, as in the
+    ``strat_fold``: 1-8 train, 9 val, 10 test (the dataset's folds keep each patient in one fold, so the splits
+    are patient-level). Records without any label for the task are left out, as in the
     benchmark (set ``drop_empty=False`` to keep them with all-zero labels).
     """
 
@@ -333,14 +358,17 @@ def _is_cpsc2018_original(path: Path) -> bool:
 class CinCFolderDataset(RecordIndex):
     """A folder (searched recursively) of PhysioNet/CinC records labelled by their ``# Dx:`` SNOMED codes.
 
-    Class names come from ``snomed.SNOMED_NAMES`` (unknown codes keep their number); ``class_names`` are the
-    names that occur, sorted. The challenge data has no official split, so each record gets a stable hash split
+    ``label_set="all"``: a class per code, named by ``snomed.SNOMED_NAMES`` (unknown codes keep their number);
+    ``"cinc2021"``: the CinC 2021 challenge's scored classes with equivalent codes merged (other codes ignored).
+    ``class_names`` are the classes that occur, sorted. The challenge data has no official split, so each record gets a stable hash split
     (80/10/10).
     """
 
     source = "cinc"
 
-    def __init__(self, root: Union[str, os.PathLike], val: float = 0.1, test: float = 0.1) -> None:
+    def __init__(self, root: Union[str, os.PathLike], val: float = 0.1, test: float = 0.1,
+                 label_set: str = "all") -> None:
+        class_of("0", label_set)  # checks label_set before any file is read
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"CinC folder not found: {root}")
@@ -361,7 +389,7 @@ class CinCFolderDataset(RecordIndex):
             meta = parse_header_comments(_header_comments(base))
             ids.append(h.stem)
             paths.append(base)
-            label_sets.append(sorted({snomed_name(c) for c in meta["dx"]}))
+            label_sets.append(sorted({c for c in (class_of(code, label_set) for code in meta["dx"]) if c}))
             splits.append(stable_split(h.stem, val, test))
         class_names = sorted({c for s in label_sets for c in s})
         pos = {c: i for i, c in enumerate(class_names)}

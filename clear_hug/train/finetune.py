@@ -96,6 +96,30 @@ def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128,
     return torch.cat(feats), torch.cat(labels)
 
 
+def extract_features_distributed(encoder: CLEAR, dataset: Dataset, info: common.DistInfo,
+                                 **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract_features`` under torchrun: rank r encodes records r, r + W, r + 2W, ... and every rank receives
+    all records' features in dataset order (tensors gathered, so nothing is pickled). One process: the same as
+    ``extract_features``."""
+    if not info.distributed:
+        return extract_features(encoder, dataset, **kwargs)
+    import torch.distributed as dist
+
+    n, world = len(dataset), info.world_size
+    mine = list(range(info.rank, n, world))
+    feats, labels = extract_features(encoder, Subset(dataset, mine), **kwargs)
+    rows = -(-n // world)  # ranks hold ceil or floor of n / world records: pad to the larger
+    pad = lambda t: torch.cat([t, t.new_zeros((rows - len(t),) + t.shape[1:])])  # noqa: E731
+    comm = info.device if info.device.type == "cuda" else torch.device("cpu")  # NCCL gathers on the GPU
+    gathered = []
+    for t in (feats, labels):
+        parts = [torch.empty((rows,) + t.shape[1:], dtype=t.dtype, device=comm) for _ in range(world)]
+        dist.all_gather(parts, pad(t).to(comm))
+        # Record i sits on rank i % world at row i // world.
+        gathered.append(torch.stack(parts, 1).reshape((rows * world,) + t.shape[1:])[:n].cpu())
+    return gathered[0], gathered[1]
+
+
 @torch.no_grad()
 def predict(module: torch.nn.Module, batches: Iterable,
             device: Union[str, torch.device]) -> tuple[np.ndarray, np.ndarray]:
