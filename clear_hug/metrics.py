@@ -50,7 +50,7 @@ def episode_scores(true_flags: np.ndarray, pred_flags: np.ndarray, min_beats: in
     true_eps = episodes_from_beats(true_flags, 1)
     pred_eps = episodes_from_beats(pred_flags, min_beats)
 
-    def overlaps(a, bs):
+    def overlaps(a: tuple[int, int], bs: list[tuple[int, int]]) -> bool:
         return any(s < a[1] and a[0] < e for s, e in bs)
 
     return {"true_episodes": len(true_eps), "detected": sum(overlaps(t, pred_eps) for t in true_eps),
@@ -73,13 +73,13 @@ def _scorable(y: np.ndarray) -> np.ndarray:
     return (pos > 0) & (pos < y.shape[0])
 
 
-def per_class_auroc(labels, scores) -> np.ndarray:
+def per_class_auroc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """AUROC of each class (scikit-learn), NaN for a class without both a positive and a negative record."""
     y, s = _check(labels, scores)
     return np.array([roc_auc_score(y[:, c], s[:, c]) if ok else np.nan for c, ok in enumerate(_scorable(y))])
 
 
-def per_class_auprc(labels, scores) -> np.ndarray:
+def per_class_auprc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Area under the precision-recall curve of each class (scikit-learn's average precision), NaN as above."""
     y, s = _check(labels, scores)
     return np.array([average_precision_score(y[:, c], s[:, c]) if ok else np.nan
@@ -92,7 +92,7 @@ def _nanmean(x) -> float:
 
 
 # ------------------------------------------------------------------ thresholded metrics
-def counts(labels, predictions) -> dict:
+def counts(labels: np.ndarray, predictions: np.ndarray) -> dict:
     """Per-class true/false positives and negatives of binary ``predictions`` ``[N, C]``."""
     y, p = _check(labels, predictions, "predictions")
     p = p > 0.5
@@ -104,13 +104,13 @@ def _ratio(num, den) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
-def fbeta_per_class(tp, fp, fn, beta: float = FBETA) -> np.ndarray:
+def fbeta_per_class(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, beta: float = FBETA) -> np.ndarray:
     """(1 + b^2) TP / ((1 + b^2) TP + FP + b^2 FN); 0 for a class never predicted nor present (as scikit-learn)."""
     b2 = beta * beta
     return _ratio((1 + b2) * np.asarray(tp), (1 + b2) * np.asarray(tp) + fp + b2 * np.asarray(fn))
 
 
-def gbeta_per_class(tp, fp, fn, beta: float = FBETA) -> np.ndarray:
+def gbeta_per_class(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, beta: float = FBETA) -> np.ndarray:
     """TP / (TP + FP + b FN), the CinC 2020 challenge's G-beta; 0 where the denominator is 0."""
     return _ratio(tp, np.asarray(tp) + fp + beta * np.asarray(fn))
 
@@ -122,7 +122,7 @@ THRESHOLD_METRICS: dict[str, Callable] = {
 }
 
 
-def tune_thresholds(labels, scores, metric: str = "fbeta") -> np.ndarray:
+def tune_thresholds(labels: np.ndarray, scores: np.ndarray, metric: str = "fbeta") -> np.ndarray:
     """Per class, the threshold ``t`` maximising the class's ``metric`` when predicting ``score >= t``.
 
     Candidates are the class's distinct scores (every distinct way to split the records) and +inf (predict
@@ -152,7 +152,7 @@ def tune_thresholds(labels, scores, metric: str = "fbeta") -> np.ndarray:
     return out
 
 
-def apply_thresholds(scores, thresholds) -> np.ndarray:
+def apply_thresholds(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64)
     t = np.asarray(thresholds, dtype=np.float64)
     if s.ndim != 2 or t.shape != (s.shape[1],):
@@ -161,7 +161,7 @@ def apply_thresholds(scores, thresholds) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ the PhysioNet/CinC 2021 challenge score
-def challenge_score(labels, predictions, weights, normal: int) -> float:
+def challenge_score(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray, normal: int) -> float:
     """The PhysioNet/CinC 2021 challenge metric of binary ``predictions`` ``[N, C]`` with the class-by-class
     reward ``weights`` ``[C, C]`` and the index of the normal (sinus rhythm) class.
 
@@ -177,7 +177,7 @@ def challenge_score(labels, predictions, weights, normal: int) -> float:
     if not 0 <= normal < y.shape[1]:
         raise ValueError(f"normal must index a class (0..{y.shape[1] - 1}), got {normal}")
 
-    def reward(outputs):
+    def reward(outputs: np.ndarray) -> float:
         norm = np.maximum((y | outputs).sum(1), 1).astype(np.float64)  # size of the union per record
         a = (y.astype(np.float64) / norm[:, None]).T @ outputs.astype(np.float64)  # [true class, predicted class]
         return float((w * a).sum())
@@ -217,7 +217,8 @@ def _finite_or_none(x: float):
     return float(x) if np.isfinite(x) else None
 
 
-def classification_report(val_labels, val_scores, test_labels, test_scores, class_names: Sequence[str],
+def classification_report(val_labels: np.ndarray, val_scores: np.ndarray, test_labels: np.ndarray,
+                          test_scores: np.ndarray, class_names: Sequence[str],
                           n_boot: int = 200, seed: int = 0, weights: Optional[np.ndarray] = None,
                           normal: Optional[int] = None) -> dict:
     """Every metric of a test split, with per-class thresholds tuned on the validation split, and bootstrap 95%
@@ -231,7 +232,7 @@ def classification_report(val_labels, val_scores, test_labels, test_scores, clas
     thresholds = {m: tune_thresholds(yv, sv, m) for m in THRESHOLD_METRICS}
     preds = {m: apply_thresholds(st, t) > 0.5 for m, t in thresholds.items()}
 
-    def per_class(idx) -> dict:
+    def per_class(idx: np.ndarray) -> dict:
         y, s = yt[idx], st[idx]
         out = {"auroc": per_class_auroc(y, s), "auprc": per_class_auprc(y, s)}
         for m, p in preds.items():
@@ -239,7 +240,8 @@ def classification_report(val_labels, val_scores, test_labels, test_scores, clas
             out[m] = THRESHOLD_METRICS[m](c["tp"], c["fp"], c["fn"])
         return out
 
-    def macro(idx) -> dict:
+    def macro(idx: np.ndarray) -> dict:
+
         out = {k: _nanmean(v) if k in ("auroc", "auprc") else float(np.mean(v)) for k, v in per_class(idx).items()}
         if weights is not None:
             out["challenge"] = challenge_score(yt[idx], preds["fbeta"][idx], weights, normal)
