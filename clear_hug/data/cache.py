@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .annotations import episode_labels, read_annotations
+from .annotations import Episode, episode_labels, read_annotations
 from .leads import NUM_LEADS
 from .preprocess import check_sampling_rate
 from .readers import SPLIT_IDS, SPLIT_NAMES, RecordIndex, RecordReadError, read_record
-from .tokenize import TARGET_FS, TOKEN_LEN, NoBeatsError, _check_max_beats, split_windows, tokenize_beats
+from .tokenize import TARGET_FS, TOKEN_LEN, BeatTokens, NoBeatsError, _check_max_beats, split_windows, tokenize_beats
 
 log = logging.getLogger("clear_hug.data.cache")
 
@@ -71,8 +71,9 @@ class Source:
 
     name = "source"
 
-    def __init__(self, record_ids, labels, class_names, splits, info: Optional[Dict] = None,
-                 beat_class_names: Sequence[str] = ()):
+    def __init__(self, record_ids: Sequence[str], labels: Optional[np.ndarray], class_names: Sequence[str],
+                 splits: Optional[np.ndarray], info: Optional[Dict] = None,
+                 beat_class_names: Sequence[str] = ()) -> None:
         self.record_ids = [str(r) for r in record_ids]
         self.beat_class_names = [str(c) for c in beat_class_names]
         if self.beat_class_names:
@@ -94,7 +95,7 @@ class PathSource(Source):
     """Records on disk, from a ``RecordIndex`` (``PTBXLDataset``, ``CinCFolderDataset``)."""
 
     def __init__(self, index: RecordIndex, name: str, info: Optional[Dict] = None, limit: Optional[int] = None,
-                 annotations: Optional[str] = None, beat_class_names: Sequence[str] = ()):
+                 annotations: Optional[str] = None, beat_class_names: Sequence[str] = ()) -> None:
         n = len(index) if limit is None else min(limit, len(index))
         if beat_class_names and not annotations:
             raise ValueError("beat_class_names needs annotations (the WFDB annotation extension, e.g. 'atr')")
@@ -104,7 +105,7 @@ class PathSource(Source):
         self.paths = index.paths[:n]
         self.name, self.annotations = name, annotations
 
-    def payload(self, indices):
+    def payload(self, indices: Sequence[int]) -> List[tuple]:
         return [("path", self.paths[i], self.annotations) for i in indices]
 
 
@@ -113,8 +114,11 @@ class ArraySource(Source):
 
     ``episodes`` (per record, a list of ``annotations.Episode``) label beats with ``beat_class_names``."""
 
-    def __init__(self, signals, fs, labels, class_names, splits, record_ids=None, rpeaks=None, name="arrays",
-                 info: Optional[Dict] = None, episodes=None, beat_class_names: Sequence[str] = ()):
+    def __init__(self, signals: Union[np.ndarray, Sequence[np.ndarray]], fs: float, labels: Optional[np.ndarray],
+                 class_names: Sequence[str], splits: Optional[np.ndarray], record_ids: Optional[Sequence[str]] = None,
+                 rpeaks: Optional[Sequence[np.ndarray]] = None, name: str = "arrays", info: Optional[Dict] = None,
+                 episodes: Optional[Sequence[Sequence[Episode]]] = None,
+                 beat_class_names: Sequence[str] = ()) -> None:
         n = len(signals)
         ids = record_ids if record_ids is not None else [f"{name}{i:06d}" for i in range(n)]
         if beat_class_names and episodes is None:
@@ -123,7 +127,7 @@ class ArraySource(Source):
         self.signals, self.fs, self.rpeaks, self.name, self.episodes = (
             signals, check_sampling_rate(fs), rpeaks, name, episodes)
 
-    def payload(self, indices):
+    def payload(self, indices: Sequence[int]) -> List[tuple]:
         return [("array", np.asarray(self.signals[i]), self.fs, None if self.rpeaks is None else self.rpeaks[i],
                  None if self.episodes is None else self.episodes[i]) for i in indices]
 
@@ -139,8 +143,8 @@ class SyntheticSource(Source):
 
     name = "synthetic"
 
-    def __init__(self, n_records: int, seed: int, class_names, use_true_rpeaks: bool = False, kind: str = "strips",
-                 options: Optional[Dict] = None, beat_class_names: Sequence[str] = ()):
+    def __init__(self, n_records: int, seed: int, class_names: Sequence[str], use_true_rpeaks: bool = False,
+                 kind: str = "strips", options: Optional[Dict] = None, beat_class_names: Sequence[str] = ()) -> None:
         if kind not in ("strips", "long"):
             raise ValueError(f"kind must be 'strips' or 'long', got {kind!r}")
         ids = [f"syn{seed}_{i:06d}" if kind == "strips" else f"long{seed}_{i:06d}" for i in range(n_records)]
@@ -152,7 +156,7 @@ class SyntheticSource(Source):
         if kind == "long":
             self.name = "synthetic_long"
 
-    def payload(self, indices):
+    def payload(self, indices: Sequence[int]) -> tuple:
         indices = list(indices)
         if indices != list(range(indices[0], indices[0] + len(indices))):
             raise ValueError("synthetic shards must be contiguous")
@@ -246,7 +250,7 @@ def _tokenize_item(item, opt: _Options):
     return out, empty
 
 
-def item_rows(start: float, bt) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def item_rows(start: float, bt: BeatTokens) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The beat-major rows an item of ``bt`` (starting ``start`` seconds into its record) is stored as:
     ``tokens [n, 12, 96]``, ``valid [n, 12]``, ``time [n]`` (see ``item_tensors`` for the way back)."""
     # Beat-major: an item is a contiguous block of rows. The R peak's second is shared by the leads; stored once.
@@ -421,10 +425,10 @@ def build_cache(source: Source, out_dir: Union[str, os.PathLike], *, max_beats: 
     todo = [s for s in range(n_shards) if _load_shard(shard_path(s)) is None]
     log.info("%d records in %d shards, %d to do", n, n_shards, len(todo))
 
-    def positions(s):
+    def positions(s: int) -> List[int]:
         return list(range(s * shard_size, min((s + 1) * shard_size, n)))
 
-    def save(s, result):
+    def save(s: int, result: Dict) -> None:
         pos = positions(s)
         labels = source.labels[pos] if source.labels is not None else result["gen_labels"]
         splits = source.splits[pos] if source.splits is not None else result["gen_splits"]
@@ -564,7 +568,7 @@ def _merge(source: Source, out: Path, n_shards: int, shard_path, config: Dict) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_meta(cache_dir) -> Dict:
+def load_meta(cache_dir: Union[str, os.PathLike]) -> Dict:
     path = Path(cache_dir) / "meta.json"
     if not path.exists():
         raise FileNotFoundError(f"{cache_dir} is not a complete token cache (no meta.json); run prepare")
@@ -585,7 +589,7 @@ class TokenDataset(Dataset):
     with ``pad_collate``; ``lengths`` feeds a length-bucketing sampler.
     """
 
-    def __init__(self, cache_dir, split: Optional[str] = "train"):
+    def __init__(self, cache_dir: Union[str, os.PathLike], split: Optional[str] = "train") -> None:
         self.cache_dir = Path(cache_dir)
         self.meta = load_meta(cache_dir)
         self.class_names: List[str] = list(self.meta["class_names"])
@@ -635,7 +639,9 @@ class TokenDataset(Dataset):
         return item
 
 
-def item_tensors(tokens, valid, time, pad_to: Optional[int]) -> Dict[str, torch.Tensor]:
+def item_tensors(tokens: np.ndarray, valid: np.ndarray, time: np.ndarray,
+                 pad_to: Optional[int]) -> Dict[str, torch.Tensor]:
+
     """Beat-major rows of one item (``tokens [n, 12, 96]``, ``valid [n, 12]``, ``time [n]``) as the model's
     lead-major inputs ``tokens [12, w, 96]``, ``valid [12, w]``, ``time [12, w]``, padded to ``w = max(n,
     pad_to)``. The one place a cached item and a record read by ``predict`` become model inputs, so both give
