@@ -7,18 +7,24 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
 from .metrics import classification_report
 from .data.snomed import cinc2021_weights
 
+if TYPE_CHECKING:
+    import torch
+
+    from .data.cache import TokenDataset
+
 METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "f1": "F1", "fbeta": "F-beta (2)", "gbeta": "G-beta (2)",
                 "challenge": "CinC 2021 score"}
 
 
-def dataset_scores(model, dataset, device="cpu") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def dataset_scores(model: torch.nn.Module, dataset: TokenDataset,
+                   device: Union[str, torch.device] = "cpu") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Sigmoid scores ``[N, C]``, labels and record ids of every record of a ``TokenDataset`` split."""
     from .train.finetune import _record_batches, predict
 
@@ -26,8 +32,9 @@ def dataset_scores(model, dataset, device="cpu") -> tuple[np.ndarray, np.ndarray
     return scores, labels, [dataset.record_id(i) for i in range(len(dataset))]
 
 
-def evaluate_split(model, val_set, test_set, class_names: Sequence[str], device="cpu", n_boot: int = 200,
-                   seed: int = 0) -> tuple[dict, dict]:
+def evaluate_split(model: torch.nn.Module, val_set: TokenDataset, test_set: TokenDataset, class_names: Sequence[str],
+                   device: Union[str, torch.device] = "cpu", n_boot: int = 200, seed: int = 0) -> tuple[dict, dict]:
+
     """The report of ``model`` on ``test_set`` with thresholds tuned on ``val_set``, and the test predictions
     ``{"record_ids", "scores", "labels"}``."""
     if len(val_set) == 0:

@@ -99,7 +99,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder, self.head = encoder, head
 
-    def forward(self, tokens, valid, time) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder.forward_features(tokens, valid, time))
 
     def save_pretrained(self, directory: Union[str, os.PathLike], class_names: Sequence[str],
@@ -169,6 +169,6 @@ class BeatClassifier(nn.Module):
         super().__init__()
         self.encoder, self.head = encoder, head
 
-    def forward(self, tokens, valid, time) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         grid, _ = self.encoder.forward_tokens(tokens, valid, time)
         return self.head(BeatHead.pool_leads(grid, valid), valid.any(1))

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .heads import Classifier
 
 
 def _axes_leads(fig, gs_leads, y, valid, rpeaks, max_beats, t0: float, t1: float):
@@ -46,9 +49,9 @@ def _axes_leads(fig, gs_leads, y, valid, rpeaks, max_beats, t0: float, t1: float
     return axes
 
 
-def plot_record(path, out: os.PathLike, *, bandpass: bool = True, max_beats: Optional[int] = 15,
-                start: Optional[float] = None, end: Optional[float] = None, prediction: Optional[dict] = None,
-                contributions: Optional[dict] = None, top: int = 5) -> Path:
+def plot_record(path: Union[str, os.PathLike], out: os.PathLike, *, bandpass: bool = True,
+                max_beats: Optional[int] = 15, start: Optional[float] = None, end: Optional[float] = None,
+                prediction: Optional[dict] = None, contributions: Optional[dict] = None, top: int = 5) -> Path:
     """Draw record ``path`` (see the module docstring) into ``out`` (PNG). ``prediction``: a row of
     ``predict_records`` (its top classes are drawn beside the leads); ``contributions``: ``{"class": name,
     "parts": [(label, logit share)]}`` for that class (how much each lead group / HUG level added)."""
@@ -104,7 +107,7 @@ def plot_record(path, out: os.PathLike, *, bandpass: bool = True, max_beats: Opt
     return out
 
 
-def head_contributions(model, path) -> dict:
+def head_contributions(model: Classifier, path: Union[str, os.PathLike]) -> dict:
     """How much each part of the head added to the logit of the record's most probable class: per HUG expert
     (level 1 lead groups, level 2 pairs, level 3 all), or per lead group for the linear probe. Exact: the
     shares plus the classifier's bias are the logit."""
@@ -130,7 +133,8 @@ def head_contributions(model, path) -> dict:
     return {"class": model.class_names[c], "parts": parts}
 
 
-def plot_prediction(model, row: dict, out: os.PathLike) -> Path:
+def plot_prediction(model: Classifier, row: dict, out: os.PathLike) -> Path:
+
     """``plot_record`` of a predicted record with its top classes and the head's contributions."""
     prep = model.preprocessing
     return plot_record(row["path"], out, bandpass=bool(prep["bandpass"]), max_beats=prep["max_beats"],

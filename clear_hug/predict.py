@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from .data.cache import _Options, _tokenize_item, item_rows, item_tensors, pad_c
 from .data.preprocess import TARGET_FS
 from .data.readers import RecordReadError, _record_base
 from .data.tokenize import TOKEN_LEN, NoBeatsError
+
+if TYPE_CHECKING:
+    from .heads import Classifier
 
 
 def check_preprocessing(prep: dict) -> dict:
@@ -41,7 +44,7 @@ def check_preprocessing(prep: dict) -> dict:
     return prep
 
 
-def record_inputs(path, preprocessing: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+def record_inputs(path: Union[str, os.PathLike], preprocessing: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
     """One record on disk as model inputs (``tokens``, ``valid``, ``time`` without a batch axis) and facts about
     it (``beats``, ``beats_dropped``, ``rpeaks`` at 100 Hz). Raises ``RecordReadError`` or ``NoBeatsError``."""
     prep = check_preprocessing(preprocessing)
@@ -77,7 +80,8 @@ def find_records(inputs: Sequence[os.PathLike]) -> Tuple[List[Tuple[str, str]], 
 
 
 @torch.no_grad()
-def predict_records(model, records: Sequence[Tuple[str, str]], device=None, batch_size: int = 64,
+def predict_records(model: Classifier, records: Sequence[Tuple[str, str]],
+                    device: Optional[Union[str, torch.device]] = None, batch_size: int = 64,
                     progress: bool = False) -> Tuple[List[dict], List[dict]]:
     """Rows ``{"record", "path", "beats", "beats_dropped", "probabilities": {class: p}}`` of the records that
     could be read, and ``{"record", "reason"}`` for each that could not (a named skip, never a guess)."""
@@ -89,7 +93,7 @@ def predict_records(model, records: Sequence[Tuple[str, str]], device=None, batc
     model = model.to(device).eval()
     rows, skipped, batch = [], [], []
 
-    def flush():
+    def flush() -> None:
         inputs = pad_collate([item for item, _ in batch])
         probs = torch.sigmoid(model(inputs["tokens"].to(device), inputs["valid"].to(device),
                                     inputs["time"].to(device)).float()).cpu().numpy()
@@ -123,7 +127,9 @@ def _class_names(model) -> List[str]:
     return list(names)
 
 
-def predict_record(model, path, device=None) -> dict:
+def predict_record(model: Classifier, path: Union[str, os.PathLike],
+                   device: Optional[Union[str, torch.device]] = None) -> dict:
+
     """One record's row (see ``predict_records``); a record that cannot be read raises ``RecordReadError``."""
     base = _record_base(path)
     rows, skipped = predict_records(model, [(Path(base).name, base)], device)
