@@ -35,7 +35,7 @@ def make_source(args: argparse.Namespace) -> Source:
                       beat_class_names=args.beat_classes or ())
 
 
-def max_beats_arg(text: str):
+def max_beats_arg(text: str) -> Optional[int]:
     """``--max-beats``: a positive int, or ``all`` for every beat of the record."""
     if text.lower() in ("all", "none"):
         return None

@@ -12,13 +12,16 @@ import os
 import re
 import hashlib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .leads import LEADS, NUM_LEADS, map_leads
 from .preprocess import check_sampling_rate, check_size
 from .snomed import class_of
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ECG_DIR_ENV = "CLEAR_HUG_ECG_DIR"
 
@@ -206,7 +209,8 @@ class RecordIndex:
 
     source = "records"
 
-    def __init__(self, record_ids, paths, labels, class_names, splits):
+    def __init__(self, record_ids: Sequence[str], paths: Sequence[str], labels: np.ndarray,
+                 class_names: Sequence[str], splits: np.ndarray) -> None:
         self.record_ids: List[str] = list(record_ids)
         self.paths: List[str] = list(paths)
         self.labels = np.asarray(labels, dtype=np.float32).reshape(len(self.paths), len(class_names))
@@ -251,7 +255,8 @@ class RecordIndex:
 PTBXL_TASKS = ("superdiagnostic", "subdiagnostic", "diagnostic", "form", "rhythm", "all")
 
 
-def ptbxl_labels(scp_codes: Dict[str, float], statements, task: str) -> List[str]:
+def ptbxl_labels(scp_codes: Dict[str, float], statements: pd.DataFrame, task: str) -> List[str]:
+
     """Labels of one PTB-XL record for a benchmark task, aggregated the standard way (Strodthoff et al. 2021).
 
     Every code in ``scp_codes`` counts, whatever its likelihood. superdiagnostic / subdiagnostic: diagnostic

@@ -7,7 +7,10 @@ number as its name (``"123456"``): labels are never dropped, only left unnamed.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SNOMED_NAMES: Dict[int, str] = {
     # rhythms
@@ -101,7 +104,7 @@ def snomed_name(code: int) -> str:
     return SNOMED_NAMES.get(int(code), str(int(code)))
 
 
-def class_of(code: int, label_set: str = "all"):
+def class_of(code: int, label_set: str = "all") -> Optional[str]:
     """The class a code counts as: its short name (``"all"``), or its CinC 2021 scored class with equivalent
     codes merged (``"cinc2021"``; None for a code the challenge does not score)."""
     if label_set == "all":
@@ -111,7 +114,8 @@ def class_of(code: int, label_set: str = "all"):
     raise ValueError(f"label_set must be one of {LABEL_SETS}, got {label_set!r}")
 
 
-def cinc2021_weights(class_names):
+def cinc2021_weights(class_names: Sequence[str]) -> Optional[Tuple[np.ndarray, int]]:
+
     """The CinC 2021 reward matrix ``[C, C]`` over ``class_names`` and the index of the normal class, or None
     when a class is not a scored class or the normal class is missing (then the challenge score is undefined)."""
     import numpy as np
