@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -93,7 +93,7 @@ def segment_attention(
     enable_gqa: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
-):
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Attention of ``[B, H, L, D]`` queries, keys and values, where each token sees only what ``layout`` allows.
 
     ``scale`` defaults to ``1 / sqrt(D)``. ``is_causal=True``: inside a segment, a token sees the keys at its own
@@ -133,13 +133,16 @@ class _LseGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, lse, q, k, v, out, prefix, scale, is_causal, *layout):
+    def forward(ctx: torch.autograd.function.FunctionCtx, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, out: torch.Tensor, prefix: str, scale: float, is_causal: bool,
+                *layout: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(lse, q, k, out, *layout)
         ctx.prefix, ctx.scale, ctx.is_causal = prefix, scale, is_causal
         return lse.clone()
 
     @staticmethod
-    def backward(ctx, grad_lse):
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 grad_lse: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         lse, q, k, out, *layout = ctx.saved_tensors
         fwd, bwd = ops.op(ctx.prefix, "fwd"), ops.op(ctx.prefix, "bwd")
         g = grad_lse.contiguous()[..., None]
@@ -162,8 +165,9 @@ def segment_attention_varlen(
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: str = "auto",
-):
-    """Attention of packed ``[T, H, D]`` documents, as ``flash_attn_varlen_func`` takes them (self-attention).
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Attention of packed
+ ``[T, H, D]`` documents, as ``flash_attn_varlen_func`` takes them (self-attention).
 
     ``cu_seqlens`` is ``[N + 1]``: ``0`` then the running end of each document, ending at ``T``; document ``i`` is
     tokens ``cu_seqlens[i]:cu_seqlens[i + 1]`` and attends only itself (causally with ``is_causal=True``). ``k``

@@ -24,6 +24,7 @@ as the fused kernels of ``scaled_dot_product_attention`` do, instead of returnin
 from __future__ import annotations
 
 import os
+from typing import Callable, Optional
 
 import torch
 import torch._library.autograd
@@ -125,7 +126,8 @@ def _register_autograd(qualname: str, backward, setup_context) -> None:
     _library.impl(qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
 
 
-def register_pair(prefix: str, contiguous_grad: bool = True, out_like=None) -> None:
+def register_pair(prefix: str, contiguous_grad: bool = True,
+                  out_like: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
     """Fake implementations and autograd for an op pair whose schemas exist (Python- or C++-defined).
 
     The backward op gets an autograd formula that raises: with ``create_graph=True`` the first derivatives are
@@ -137,20 +139,23 @@ def register_pair(prefix: str, contiguous_grad: bool = True, out_like=None) -> N
     bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_bwd").default
     fake_fwd = _fake_fwd
     if out_like is not None:
-        def fake_fwd(q, k, v, *rest):
+        def fake_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     *rest: object) -> tuple[torch.Tensor, torch.Tensor]:
             return out_like(q), _fake_fwd(q, k, v, *rest)[1]
     torch.library.register_fake(fwd_name, fake_fwd, lib=_library)
     torch.library.register_fake(bwd_name, _fake_bwd, lib=_library)
     _register_autograd(bwd_name, _no_double_backward(bwd_name), lambda ctx, inputs, output: None)
 
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
+                      output: tuple[torch.Tensor, torch.Tensor]) -> None:
         q, k, v, *layout = inputs[:3 + NUM_LAYOUT_TENSORS]
         scale, is_causal = (tuple(inputs[3 + NUM_LAYOUT_TENSORS:]) + (False,))[:2]
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, *layout)
         ctx.scale, ctx.is_causal, ctx.num_inputs = scale, is_causal, len(inputs)
 
-    def backward(ctx, grad_out, grad_lse):
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor,
+                 grad_lse: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
         # The op's lse is its auxiliary output for this backward; a caller who differentiates the logsumexp gets it
         # through api._LseGradient, which adds that gradient only when the loss uses it.
         q, k, v, out, lse, *layout = ctx.saved_tensors
@@ -161,6 +166,7 @@ def register_pair(prefix: str, contiguous_grad: bool = True, out_like=None) -> N
     _register_autograd(fwd_name, backward, setup_context)
 
 
-def op(prefix: str, which: str = "fwd"):
+def op(prefix: str, which: str = "fwd") -> torch._ops.OpOverload:
+
     """The registered op overload ``clear_kernels::<prefix>_<which>``."""
     return getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_{which}").default

@@ -7,13 +7,15 @@ autograd and fake-tensor paths as the kernels, and it is exposed as a plain diff
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import dispatch, ops
-from .layout import mask_from_ids
+from .layout import SegmentLayout, mask_from_ids
 
 
-def allowed_matmul(weights, allowed, x):
+def allowed_matmul(weights: torch.Tensor, allowed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``weights @ x`` summed over the allowed pairs only: ``out[i] = sum over allowed j of weights[i, j] * x[j]``.
 
     A dense matmul also multiplies the pairs the mask forbids, by weight 0, and ``0 * NaN`` or ``0 * inf`` is NaN:
@@ -51,7 +53,8 @@ def fold_kv_grad(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return g if heads == kv_heads else g.view(batch, kv_heads, heads // kv_heads, length, dim).sum(2)
 
 
-def masked_attention(q, k, v, mask, scale):
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable dense attention under a bool ``[B, L, L]`` mask; rows with no key give 0, never NaN.
 
     Returns ``(out, lse)`` with ``out`` in the dtype of ``q`` and ``lse`` in ``ops.lse_dtype`` (0 on empty rows).
@@ -75,7 +78,9 @@ def masked_attention(q, k, v, mask, scale):
     return out.to(q.dtype), lse.to(ops.lse_dtype(q.dtype))
 
 
-def segment_attention_reference(q, k, v, layout, scale=None, is_causal=False):
+def segment_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout,
+                                scale: Optional[float] = None, is_causal: bool = False) -> torch.Tensor:
+
     """Plain-PyTorch segment attention on a :class:`SegmentLayout` (differentiable by autograd)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return masked_attention(q, k, v, layout.materialize(is_causal), scale)[0]
