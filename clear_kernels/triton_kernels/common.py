@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+from typing import Callable, Iterator
 
 import torch
 import triton
@@ -124,12 +125,14 @@ def size_bucket(rows: int) -> int:
 _CACHE_KW = ({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 
 
-def kernel(configs):
+def kernel(
+    configs: list[triton.Config],
+) -> Callable[[Callable[..., None]], triton.runtime.JITFunction | triton.runtime.Autotuner]:
     """``triton.jit`` with the data-dependent ints unspecialised; autotuned on head dim and size bucket (and the
     dtypes of the tensor arguments, which Triton's autotuner adds to every key) among the spill-free configs,
     unless autotuning is off or the kernel is interpreted."""
 
-    def wrap(fn):
+    def wrap(fn: Callable[..., None]) -> triton.runtime.JITFunction | triton.runtime.Autotuner:
         jitted = triton.jit(fn, do_not_specialize=[n for n in DYNAMIC_INTS if n in fn.__code__.co_varnames])
         if not AUTOTUNE:
             return jitted
@@ -177,7 +180,7 @@ _FORCED: dict = {}
 
 
 @contextlib.contextmanager
-def forced_configs(configs: dict):
+def forced_configs(configs: dict) -> Iterator[None]:
     """Run the given kernels (``{kernel: triton.Config}``) in exactly these configs, bypassing the autotuner:
     how the tests run every config the autotuner may pick."""
     _FORCED.update(configs)
@@ -188,7 +191,8 @@ def forced_configs(configs: dict):
             _FORCED.pop(fn, None)
 
 
-def launch(fn, q: torch.Tensor, max_summary: int, args: tuple, consts: dict) -> None:
+def launch(fn: triton.runtime.JITFunction | triton.runtime.Autotuner, q: torch.Tensor, max_summary: int, args: tuple,
+           consts: dict) -> None:
     """Launch a tile kernel on the grid ``(max_summary + cdiv(L, BLOCK_M), H, B)`` with ``q``'s device current
     (Triton launches on the current device, whatever the tensors' device)."""
     batch, heads, length, _ = q.shape
@@ -206,7 +210,8 @@ def launch(fn, q: torch.Tensor, max_summary: int, args: tuple, consts: dict) -> 
         fn[grid](*args, **consts, **config)
 
 
-def shared_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def shared_strides(q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q``, ``k``, ``v`` as the kernels take them: one set of strides, unit stride along D. Views of one
     projection (the module's case) pass as they are; anything else is made contiguous."""
     if q.stride(-1) == 1 and k.stride() == q.stride() and v.stride() == q.stride():
