@@ -34,7 +34,6 @@ def dataset_scores(model: torch.nn.Module, dataset: TokenDataset,
 
 def evaluate_split(model: torch.nn.Module, val_set: TokenDataset, test_set: TokenDataset, class_names: Sequence[str],
                    device: Union[str, torch.device] = "cpu", n_boot: int = 200, seed: int = 0) -> tuple[dict, dict]:
-
     """The report of ``model`` on ``test_set`` with thresholds tuned on ``val_set``, and the test predictions
     ``{"record_ids", "scores", "labels"}``."""
     if len(val_set) == 0:

@@ -241,7 +241,6 @@ def classification_report(val_labels: np.ndarray, val_scores: np.ndarray, test_l
         return out
 
     def macro(idx: np.ndarray) -> dict:
-
         out = {k: _nanmean(v) if k in ("auroc", "auprc") else float(np.mean(v)) for k, v in per_class(idx).items()}
         if weights is not None:
             out["challenge"] = challenge_score(yt[idx], preds["fbeta"][idx], weights, normal)

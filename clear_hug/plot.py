@@ -134,7 +134,6 @@ def head_contributions(model: Classifier, path: Union[str, os.PathLike]) -> dict
 
 
 def plot_prediction(model: Classifier, row: dict, out: os.PathLike) -> Path:
-
     """``plot_record`` of a predicted record with its top classes and the head's contributions."""
     prep = model.preprocessing
     return plot_record(row["path"], out, bandpass=bool(prep["bandpass"]), max_beats=prep["max_beats"],

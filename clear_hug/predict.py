@@ -129,7 +129,6 @@ def _class_names(model) -> List[str]:
 
 def predict_record(model: Classifier, path: Union[str, os.PathLike],
                    device: Optional[Union[str, torch.device]] = None) -> dict:
-
     """One record's row (see ``predict_records``); a record that cannot be read raises ``RecordReadError``."""
     base = _record_base(path)
     rows, skipped = predict_records(model, [(Path(base).name, base)], device)

@@ -166,8 +166,7 @@ def segment_attention_varlen(
     return_lse: bool = False,
     backend: str = "auto",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Attention of packed
- ``[T, H, D]`` documents, as ``flash_attn_varlen_func`` takes them (self-attention).
+    """Attention of packed ``[T, H, D]`` documents, as ``flash_attn_varlen_func`` takes them (self-attention).
 
     ``cu_seqlens`` is ``[N + 1]``: ``0`` then the running end of each document, ending at ``T``; document ``i`` is
     tokens ``cu_seqlens[i]:cu_seqlens[i + 1]`` and attends only itself (causally with ``is_causal=True``). ``k``

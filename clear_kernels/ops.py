@@ -167,6 +167,5 @@ def register_pair(prefix: str, contiguous_grad: bool = True,
 
 
 def op(prefix: str, which: str = "fwd") -> torch._ops.OpOverload:
-
     """The registered op overload ``clear_kernels::<prefix>_<which>``."""
     return getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_{which}").default

@@ -80,7 +80,6 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def segment_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout,
                                 scale: Optional[float] = None, is_causal: bool = False) -> torch.Tensor:
-
     """Plain-PyTorch segment attention on a :class:`SegmentLayout` (differentiable by autograd)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return masked_attention(q, k, v, layout.materialize(is_causal), scale)[0]

@@ -641,7 +641,6 @@ class TokenDataset(Dataset):
 
 def item_tensors(tokens: np.ndarray, valid: np.ndarray, time: np.ndarray,
                  pad_to: Optional[int]) -> Dict[str, torch.Tensor]:
-
     """Beat-major rows of one item (``tokens [n, 12, 96]``, ``valid [n, 12]``, ``time [n]``) as the model's
     lead-major inputs ``tokens [12, w, 96]``, ``valid [12, w]``, ``time [12, w]``, padded to ``w = max(n,
     pad_to)``. The one place a cached item and a record read by ``predict`` become model inputs, so both give

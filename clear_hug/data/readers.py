@@ -256,7 +256,6 @@ PTBXL_TASKS = ("superdiagnostic", "subdiagnostic", "diagnostic", "form", "rhythm
 
 
 def ptbxl_labels(scp_codes: Dict[str, float], statements: pd.DataFrame, task: str) -> List[str]:
-
     """Labels of one PTB-XL record for a benchmark task, aggregated the standard way (Strodthoff et al. 2021).
 
     Every code in ``scp_codes`` counts, whatever its likelihood. superdiagnostic / subdiagnostic: diagnostic

@@ -115,7 +115,6 @@ def class_of(code: int, label_set: str = "all") -> Optional[str]:
 
 
 def cinc2021_weights(class_names: Sequence[str]) -> Optional[Tuple[np.ndarray, int]]:
-
     """The CinC 2021 reward matrix ``[C, C]`` over ``class_names`` and the index of the normal class, or None
     when a class is not a scored class or the normal class is missing (then the challenge score is undefined)."""
     import numpy as np
