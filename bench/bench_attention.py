@@ -132,13 +132,14 @@ def cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
 
 # ---------------------------------------------------------------------------------------- implementations
 # Each maker returns (forward, reason, extra) where forward(q, k, v) -> out, or (None, why it cannot run, {}).
+Made = tuple[Optional[Callable[..., torch.Tensor]], Optional[str], dict]
 Maker = Callable[[Case, SegmentLayout, torch.Tensor], tuple]
 
 DENSE_MAX_BYTES = 1 << 30  # dense SDPA's [B, H, L, L] scores beyond this are not worth the memory
 
 
 def make_segment(backend: str) -> Maker:
-    def make(case, layout, q):
+    def make(case: Case, layout: SegmentLayout, q: torch.Tensor) -> Made:
         from clear_kernels import available_backends
         reason = available_backends(q).get(backend)
         if reason is not None:
@@ -147,7 +148,7 @@ def make_segment(backend: str) -> Maker:
     return make
 
 
-def make_dense(case, layout, q):
+def make_dense(case: Case, layout: SegmentLayout, q: torch.Tensor) -> Made:
     b, h, length, _ = q.shape
     if b * h * length * length * 4 > DENSE_MAX_BYTES:
         return None, f"skipped: L x L scores need {b * h * length * length * 4 / 2**30:.0f} GiB", {}
@@ -156,14 +157,15 @@ def make_dense(case, layout, q):
     return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), None, {}
 
 
-def make_reshape(case, layout, q):
+def make_reshape(case: Case, layout: SegmentLayout, q: torch.Tensor) -> Made:
     if case.packed_len is not None:
         return None, "n/a: documents of unequal length", {}
     if case.visible is not None:
         return None, "n/a: beats of unequal length (masked tokens)", {}
     b, h, _, d = q.shape
 
-    def fold(x):  # [B, H, 12 + beats * 12, D] -> [B * beats, H, 12, D] (4-D: SDPA's fused kernels take it)
+    # [B, H, 12 + beats * 12, D] -> [B * beats, H, 12, D] (4-D: SDPA's fused kernels take it)
+    def fold(x: torch.Tensor) -> torch.Tensor:
         return x[:, :, LEADS:].reshape(b, h, case.beats, LEADS, d).permute(0, 2, 1, 3, 4).reshape(-1, h, LEADS, d)
 
     return (lambda q, k, v: F.scaled_dot_product_attention(fold(q), fold(k), fold(v))), None, {}
@@ -182,7 +184,7 @@ def _varlen_fn():
         return None, None
 
 
-def make_varlen(case, layout, q):
+def make_varlen(case: Case, layout: SegmentLayout, q: torch.Tensor) -> Made:
     if q.device.type != "cuda":
         return None, "n/a: CUDA only", {}
     source, fn = _varlen_fn()
@@ -202,7 +204,7 @@ def make_varlen(case, layout, q):
     # Causal documents: torch's varlen takes a (left, right) window, flash-attn a flag.
     causal = {} if not case.causal else ({"window_size": (-1, 0)} if source == "torch" else {"causal": True})
 
-    def run(q, k, v):
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pack = lambda t: t.transpose(1, 2).reshape(b * length, h, d)  # noqa: E731
         out = fn(pack(q), pack(k), pack(v), cu, cu, max_len, max_len, **causal)  # the same positional order in both
         return out.view(b, length, h, d).transpose(1, 2)
@@ -223,7 +225,7 @@ _FLEX_COMPILED = None
 
 
 def make_flex(block_size: int) -> Maker:
-    def make(case, layout, q):
+    def make(case: Case, layout: SegmentLayout, q: torch.Tensor) -> Made:
         global _FLEX_COMPILED
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -231,7 +233,7 @@ def make_flex(block_size: int) -> Maker:
             return None, f"unavailable: {exc}", {}
         seg, grp = layout.segment.to(torch.int64), layout.group.to(torch.int64)
 
-        def mask_mod(b, h, q_idx, kv_idx):
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
             sq, sk = seg[b, q_idx], seg[b, kv_idx]
             same_segment = (sq >= 0) & (sq == sk)
             if case.causal:  # FlexAttention's document-causal mask
@@ -319,18 +321,19 @@ def graph_ms(fn: Callable[[], object], repeats: int) -> tuple[Optional[float], O
         return None, f"no CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
 
-def step_functions(forward: Callable, case: Case, device: str, dtype: torch.dtype, seq_len: int):
+def step_functions(forward: Callable, case: Case, device: str, dtype: torch.dtype,
+                   seq_len: int) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
     """(forward-only step, forward+backward step) on fresh random inputs of the case's shape."""
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (case.batch, case.heads, seq_len, case.head_dim)
     q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
-    def fwd():
+    def fwd() -> torch.Tensor:
         with torch.no_grad():  # detached too: FlexAttention on CPU refuses inputs that require grad
             return forward(q.detach(), k.detach(), v.detach())
 
-    def fwd_bwd():
+    def fwd_bwd() -> None:
         out = forward(q, k, v)
         # The reshape trick returns the folded shape; any gradient of matching size times the same work.
         out.backward(grad.reshape(-1)[: out.numel()].view_as(out))

@@ -10,11 +10,15 @@ Lives in bench/, outside the test suite (``pytest tests``); every test here uses
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 import bench_attention as ba
+
+if TYPE_CHECKING:
+    from pytest_benchmark.fixture import BenchmarkFixture
 
 FULL = os.environ.get("CLEAR_BENCH_FULL", "") == "1"
 DEVICE = os.environ.get("CLEAR_BENCH_DEVICE", "cpu")
@@ -29,7 +33,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("case_name", sorted(CASES))
-def test_attention(benchmark, case_name, impl, mode):
+def test_attention(benchmark: BenchmarkFixture, case_name: str, impl: str, mode: str) -> None:
     case = CASES[case_name]
     layout = case.layout(DEVICE)
     probe = torch.empty(case.batch, case.heads, layout.seq_len, case.head_dim, device=DEVICE)

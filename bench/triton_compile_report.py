@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional, Sequence
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     # Under the interpreter ``triton.jit`` returns interpreted functions, which cannot be compiled.
@@ -73,7 +74,7 @@ def _resource_usage(cubin: bytes) -> dict:
     return {key.lower(): int(value) for key, value in found.items()}
 
 
-def compile_one(name: str, dtype: str, head_dim: int, config, arch: int) -> dict:
+def compile_one(name: str, dtype: str, head_dim: int, config: triton.Config, arch: int) -> dict:
     jitted = KERNELS[name]
     fn = jitted.fn if isinstance(jitted, triton.runtime.Autotuner) else jitted  # the JITFunction
     consts = {"D": head_dim, "BLOCK_D": common.block_d(head_dim), "F32": dtype == "float32", **config.kwargs}
@@ -92,7 +93,7 @@ def compile_one(name: str, dtype: str, head_dim: int, config, arch: int) -> dict
             "shared_bytes": compiled.metadata.shared, "compile_s": round(time.perf_counter() - start, 2)}
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="90", help="compute capabilities as integers, comma-separated (80,90)")
     parser.add_argument("--dtypes", default="float16,bfloat16,float32")

@@ -21,7 +21,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,8 @@ def documents(min_len: int = 20, max_len: int = 2000) -> list[bytes]:
     return docs
 
 
-def packed_batches(docs: list[bytes], batch: int, seq_len: int, seed: int):
+def packed_batches(docs: list[bytes], batch: int, seq_len: int,
+                   seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, SegmentLayout, torch.Tensor]]:
     """Endless batches: rows of documents packed back to back (the last one cut at the row's end).
 
     Yields ``(tokens [B, L], targets [B, L], layout, positions [B, L])``; a target is the next byte of the same
@@ -116,7 +117,7 @@ class PackedLM(nn.Module):
         for block in self.blocks:
             block.attention = attention
 
-    def forward(self, tokens, layout, positions):
+    def forward(self, tokens: torch.Tensor, layout: SegmentLayout, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens) + self.pos(positions)
         mask = None
         if self.blocks[0].attention != "segment":

@@ -17,6 +17,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -79,7 +80,7 @@ def train_step(dry_run: bool) -> int:
     x = torch.randn(batch, layout.seq_len, model.cfg.enc_dim, generator=gen).to(device)
     backend = dispatch.select("auto", torch.empty(1, 1, 1, 32, device=device)).name
 
-    def loss_fn(blocks, x):
+    def loss_fn(blocks: torch.nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         attend = _Attend(layout, "sparse")
         with torch.autocast(device.type, dtype=torch.bfloat16):
             for block in blocks:
@@ -207,7 +208,7 @@ def summarize(steps_file: Path, out_dir: Path) -> int:
     return 0 if passed else 1
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("smoke", "train-step", "native"):
