@@ -79,8 +79,8 @@ SNOMED_NAMES: Dict[int, str] = {
 # The PhysioNet/CinC 2021 challenge's scored classes: (name, the codes scored as that one diagnosis, position).
 # Equivalent codes are merged as the challenge does (dx_mapping_scored.csv: "We score 713427006 and 59118001 as the
 # same diagnosis", likewise PAC/SVPB, PVC/VPB, CLBBB/LBBB). The position ``a`` rebuilds the challenge's reward
-# matrix (weights.csv of physionetchallenges/evaluation-2021): every off-diagonal entry is 0.5 (1 - |a_i - a_j|)
-# and the diagonal is 1 (``cinc2021_weights``; tests/test_metrics.py checks this against the published table).
+# matrix (weights.csv of the CinC 2021 evaluation code): every off-diagonal entry is 0.5 (1 - |a_i - a_j|)
+# and the diagonal is 1 (``cinc2021_weights``; tests/test_metrics.py checks it against entries of the published table).
 # BBB (6374002) and PRWP (365413008), scored in the challenge's final round, are not in the table available
 # offline, so they are not scored here.
 CINC2021_SCORED = (
