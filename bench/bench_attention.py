@@ -39,9 +39,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +65,10 @@ class Case:
     heads: int
     head_dim: int
     beats: int
-    visible: Optional[int] = None  # pretraining encoder: this many random visible tokens per record, compact
+    visible: int | None = None  # pretraining encoder: this many random visible tokens per record, compact
     sweep: bool = False            # part of the beats-per-record sweep (for the plot)
     must_show: bool = False        # a shape the GPU aims of issue #12 are measured at
-    packed_len: Optional[int] = None  # packed documents instead of heartbeats: tokens per row (beats is then 0)
+    packed_len: int | None = None  # packed documents instead of heartbeats: tokens per row (beats is then 0)
     causal: bool = False              # is_causal=True inside each segment (every implementation)
 
     def layout(self, device: str) -> SegmentLayout:
@@ -132,7 +132,7 @@ def cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
 
 # ---------------------------------------------------------------------------------------- implementations
 # Each maker returns (forward, reason, extra) where forward(q, k, v) -> out, or (None, why it cannot run, {}).
-Made = tuple[Optional[Callable[..., torch.Tensor]], Optional[str], dict]
+Made = tuple[Callable[..., torch.Tensor] | None, str | None, dict]
 Maker = Callable[[Case, SegmentLayout, torch.Tensor], tuple]
 
 DENSE_MAX_BYTES = 1 << 30  # dense SDPA's [B, H, L, L] scores beyond this are not worth the memory
@@ -281,7 +281,7 @@ def implementations(device: str, backends: list[str], flex: bool = True,
     return impls
 
 
-def backward_unsupported(impl: str, device: str) -> Optional[str]:
+def backward_unsupported(impl: str, device: str) -> str | None:
     if impl.startswith("flex") and device == "cpu":
         return "n/a: FlexAttention has no CPU backward"
     return None
@@ -311,7 +311,7 @@ def measure_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
     return statistics.median(timer.timeit(1).median for _ in range(repeats)) * 1e3
 
 
-def graph_ms(fn: Callable[[], object], repeats: int) -> tuple[Optional[float], Optional[str]]:
+def graph_ms(fn: Callable[[], object], repeats: int) -> tuple[float | None, str | None]:
     """Kernel-only time: ``fn`` captured once in a CUDA graph and replayed, so no host work is counted; or None
     and the reason capture failed (host synchronisation in ``fn``, say), which goes into the row's note."""
     try:
@@ -359,7 +359,7 @@ def traffic_floor_ms(case: Case, seq_len: int, elem: int, bandwidth_gbs: float) 
 
 
 def run_case(case: Case, impls: dict[str, Maker], device: str, dtype: torch.dtype, repeats: int,
-             bandwidth: Optional[float] = None) -> list[dict]:
+             bandwidth: float | None = None) -> list[dict]:
     layout = case.layout(device)
     probe = torch.empty(case.batch, case.heads, layout.seq_len, case.head_dim, device=device, dtype=dtype)
     floors = traffic_floor_ms(case, layout.seq_len, probe.element_size(), bandwidth) if bandwidth else (None, None)
@@ -474,11 +474,11 @@ def triton_configs() -> dict:
 
 
 # --------------------------------------------------------------------------------------------- reporting
-def _fmt(ms: Optional[float]) -> str:
+def _fmt(ms: float | None) -> str:
     return f"{ms:9.3f} ms" if ms is not None else "        --  "
 
 
-def _num(x: Optional[float], spec: str) -> str:
+def _num(x: float | None, spec: str) -> str:
     return format(x, spec) if x is not None else "--"
 
 
@@ -604,7 +604,7 @@ def render(json_path: Path) -> Path:
     return md
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--backends", nargs="+", default=None, help="segment_attention backends (default: cpu "

@@ -13,8 +13,8 @@ import argparse
 import glob
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

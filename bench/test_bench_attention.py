@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import bench_attention as ba
 import pytest
 import torch
-
-import bench_attention as ba
 
 if TYPE_CHECKING:
     from pytest_benchmark.fixture import BenchmarkFixture

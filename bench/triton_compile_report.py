@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     # Under the interpreter ``triton.jit`` returns interpreted functions, which cannot be compiled.
@@ -93,7 +93,7 @@ def compile_one(name: str, dtype: str, head_dim: int, config: triton.Config, arc
             "shared_bytes": compiled.metadata.shared, "compile_s": round(time.perf_counter() - start, 2)}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="90", help="compute capabilities as integers, comma-separated (80,90)")
     parser.add_argument("--dtypes", default="float16,bfloat16,float32")

@@ -14,8 +14,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -108,7 +108,7 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.readme_from:
         from .report import replace_block
@@ -125,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import get_config
     from .data.cache import TokenDataset
     from .data.prepare import main as prepare_main
-    from .metrics import per_class_auprc, per_class_auroc, _nanmean
+    from .metrics import _nanmean, per_class_auprc, per_class_auroc
     from .model import CLEAR
     from .train import common
     from .train.finetune import FinetuneArgs, _feature_batches, extract_features, predict, train_head_on_features

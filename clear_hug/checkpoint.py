@@ -24,8 +24,9 @@ import os
 import pickle
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------------ models from checkpoints
-def load_encoder(path: os.PathLike, attn_impl: Optional[str] = None, map_location: str = "cpu") -> CLEAR:
+def load_encoder(path: os.PathLike, attn_impl: str | None = None, map_location: str = "cpu") -> CLEAR:
     """The CLEAR encoder of a pretraining checkpoint (optionally with another attention implementation)."""
     from .config import CLEARConfig
     from .model import CLEAR
@@ -145,7 +146,7 @@ def load_encoder(path: os.PathLike, attn_impl: Optional[str] = None, map_locatio
 
 
 def save_head(path: os.PathLike, *, head: str, fusion: str, head_state: dict, class_names: Sequence[str],
-              encoder_config: dict, encoder_state: dict, encoder_file: Optional[os.PathLike] = None,
+              encoder_config: dict, encoder_state: dict, encoder_file: os.PathLike | None = None,
               **extra: Any) -> None:
     """Write a trained head. With ``encoder_file`` (the pretraining checkpoint the frozen encoder came from) the
     head refers to it by relative path and digest; without it the encoder's weights are stored in the head file.
@@ -162,7 +163,7 @@ def save_head(path: os.PathLike, *, head: str, fusion: str, head_state: dict, cl
     save_checkpoint(path, "head", content)
 
 
-def load_classifier(path: os.PathLike, class_names: Optional[Sequence[str]] = None) -> Classifier:
+def load_classifier(path: os.PathLike, class_names: Sequence[str] | None = None) -> Classifier:
     """A head checkpoint (from ``finetune``) as an encoder + head ``Classifier``.
 
     With ``class_names`` (those of the data it is about to score), a head trained on other classes is refused.
@@ -209,8 +210,8 @@ def _head_spec(head: torch.nn.Module) -> dict:
     raise TypeError(f"head must be a HUG or a LinearProbe, got {type(head).__name__}")
 
 
-def save_pretrained(model: torch.nn.Module, directory: os.PathLike, *, class_names: Optional[Sequence[str]] = None,
-                    preprocessing: Optional[dict] = None) -> Path:
+def save_pretrained(model: torch.nn.Module, directory: os.PathLike, *, class_names: Sequence[str] | None = None,
+                    preprocessing: dict | None = None) -> Path:
     """Write ``model`` (a ``CLEAR`` encoder or a ``Classifier``) as a folder in the layout of a Hugging Face Hub
     model: ``model.safetensors`` (the weights; safetensors holds tensors only, so loading runs no code) and
     ``config.json`` (model config, head, class names, and how records were turned into tokens:
@@ -266,7 +267,7 @@ def load_pretrained_config(directory: os.PathLike) -> dict:
     return config
 
 
-def from_pretrained(directory: os.PathLike, kind: Optional[str] = None) -> torch.nn.Module:
+def from_pretrained(directory: os.PathLike, kind: str | None = None) -> torch.nn.Module:
     """The ``CLEAR`` or ``Classifier`` saved in ``directory`` by ``save_pretrained``; ``kind`` ("clear" or
     "classifier") refuses the other. The weights are read with safetensors (no pickle) and must match exactly."""
     from safetensors import SafetensorError

@@ -6,9 +6,9 @@ import argparse
 import math
 import sys
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .config import ATTN_IMPLS, PRESETS
 
@@ -20,7 +20,7 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
                    help=help)
 
 
-def _dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict, choices: Optional[dict] = None) -> None:
+def _dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict, choices: dict | None = None) -> None:
     """One flag per field named in ``helps`` (``lr`` -> ``--lr``), its type and default taken from the run
     dataclass ``cls``, so that each default lives in one place (the dataclass) and the command line follows it."""
     hints = typing.get_type_hints(cls)
@@ -205,7 +205,7 @@ def cmd_pretrain(argv: Sequence[str]) -> int:
     return 0
 
 
-def _encoder(path: Optional[str], preset: str, seed: int):
+def _encoder(path: str | None, preset: str, seed: int):
     from .checkpoint import load_encoder
     from .config import get_config
     from .model import CLEAR
@@ -220,14 +220,12 @@ def _encoder(path: Optional[str], preset: str, seed: int):
 def cmd_finetune(argv: Sequence[str]) -> int:
     args = finetune_parser().parse_args(argv)
     _setup_threads(args)
-    import torch
 
     from .checkpoint import load_classifier, save_head
     from .data.cache import TokenDataset
     from .train import common
     from .train.common import json_line, setup_distributed
-    from .train.finetune import (FinetuneArgs, extract_features_distributed, finetune_end_to_end,
-                                 train_head_on_features)
+    from .train.finetune import FinetuneArgs, extract_features_distributed, finetune_end_to_end, train_head_on_features
 
     info = setup_distributed(args.device)
     if info.distributed and args.finetune_encoder:
@@ -253,7 +251,7 @@ def cmd_finetune(argv: Sequence[str]) -> int:
             dist.destroy_process_group()  # the heads train in seconds on the gathered features: rank 0 alone
             if not info.is_main:
                 return 0
-    best: Optional[tuple] = None  # (val_auroc, head checkpoint)
+    best: tuple | None = None  # (val_auroc, head checkpoint)
     for head in heads:
         for fraction in args.fractions:
             for seed in seeds:
@@ -337,7 +335,7 @@ def _load_for_evaluation(path: str, class_names):
     return model
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(f"usage: clear-hug {{{','.join(COMMANDS)}}} [options]   (clear-hug COMMAND --help for details)",

@@ -41,7 +41,7 @@ class CLEARConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CLEARConfig":
+    def from_dict(cls, data: dict) -> CLEARConfig:
         # Fields of older configs (max_beats, num_time: the learned position tables' sizes) are ignored.
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -11,8 +11,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -131,7 +132,7 @@ def plot_reconstructions(model: CLEAR, dataset: TokenDataset, path: Path, n: int
     plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--long" in argv:
         from .demo_long import main as long_main

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -123,7 +124,7 @@ def plot_record(data: BeatRecords, scores: dict[str, Sequence[np.ndarray]], inde
 
 
 @torch.no_grad()
-def cpsc_check(encoder: CLEAR, head: BeatHead, threshold: float, ecg_dir: Optional[str]) -> dict:
+def cpsc_check(encoder: CLEAR, head: BeatHead, threshold: float, ecg_dir: str | None) -> dict:
     """The trained encoder and per-beat head on the CPSC 2021 excerpts (leads I and II; the other ten flagged
     missing), against the per-beat labels of their ``(AFIB`` episodes."""
     from .data.annotations import episode_labels, read_annotations
@@ -176,7 +177,7 @@ def format_table(results: dict, n_test: int, test_beats: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.readme_from:
         from .report import replace_block
@@ -185,10 +186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"clear-hug demo --long --readme-from {args.readme_from}")
         print(f"{args.readme}: long-demo block rewritten from {args.readme_from}")
         return 0
+    from .checkpoint import load_encoder
     from .config import get_config
     from .data.cache import TokenDataset, build_cache, long_synthetic_source
     from .metrics import macro_auroc
-    from .checkpoint import load_encoder
     from .model import CLEAR
     from .train import common
     from .train.beats import BeatHeadArgs, extract_beat_features, predict_beats, train_beat_head

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .metrics import classification_report
 from .data.snomed import cinc2021_weights
+from .metrics import classification_report
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +25,7 @@ METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "f1": "F1", "fbeta": "F-beta
 
 
 def dataset_scores(model: torch.nn.Module, dataset: TokenDataset,
-                   device: Union[str, torch.device] = "cpu") -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Sigmoid scores ``[N, C]``, labels and record ids of every record of a ``TokenDataset`` split."""
     from .train.finetune import _record_batches, predict
 
@@ -33,7 +34,7 @@ def dataset_scores(model: torch.nn.Module, dataset: TokenDataset,
 
 
 def evaluate_split(model: torch.nn.Module, val_set: TokenDataset, test_set: TokenDataset, class_names: Sequence[str],
-                   device: Union[str, torch.device] = "cpu", n_boot: int = 200, seed: int = 0) -> tuple[dict, dict]:
+                   device: str | torch.device = "cpu", n_boot: int = 200, seed: int = 0) -> tuple[dict, dict]:
     """The report of ``model`` on ``test_set`` with thresholds tuned on ``val_set``, and the test predictions
     ``{"record_ids", "scores", "labels"}``."""
     if len(val_set) == 0:
@@ -129,7 +130,7 @@ def _strict(obj):
 
 
 def write_report(result: dict, predictions: dict, class_names: Sequence[str], out_dir: os.PathLike, title: str,
-                 extra: Optional[dict] = None) -> Path:
+                 extra: dict | None = None) -> Path:
     """``out_dir``: ``metrics.json``, ``predictions.csv``/``.json`` (with the labels), ``roc.png``, ``pr.png`` and
     ``report.md``. Returns the report's path."""
     from .predict import write_predictions

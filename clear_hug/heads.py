@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -102,21 +102,21 @@ class Classifier(nn.Module):
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder.forward_features(tokens, valid, time))
 
-    def save_pretrained(self, directory: Union[str, os.PathLike], class_names: Sequence[str],
-                        preprocessing: Optional[dict] = None) -> os.PathLike:
+    def save_pretrained(self, directory: str | os.PathLike, class_names: Sequence[str],
+                        preprocessing: dict | None = None) -> os.PathLike:
         """Write ``model.safetensors`` + ``config.json`` (see ``clear_hug.checkpoint.save_pretrained``)."""
         from .checkpoint import save_pretrained
 
         return save_pretrained(self, directory, class_names=class_names, preprocessing=preprocessing)
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "Classifier":
+    def from_pretrained(cls, directory: str | os.PathLike) -> Classifier:
         """The classifier saved by ``save_pretrained`` (no pickle is read); class names: ``load_pretrained_config``."""
         from .checkpoint import from_pretrained
 
         return from_pretrained(directory, kind="classifier")
 
-    def predict_record(self, path: Union[str, os.PathLike], device: Optional[str] = None) -> dict:
+    def predict_record(self, path: str | os.PathLike, device: str | None = None) -> dict:
         """Class probabilities of one WFDB record on disk (no token cache): ``{"record", "path", "beats",
         "beats_dropped", "probabilities": {class: p}}``. Needs the class names and preprocessing that
         ``from_pretrained`` reads; a record that cannot be read raises ``RecordReadError``."""

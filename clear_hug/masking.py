@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -15,7 +13,7 @@ def num_masked(valid: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.minimum(n_mask, (n_valid - 1).clamp(min=0)) if ratio < 1 else n_mask
 
 
-def random_mask(valid: torch.Tensor, ratio: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def random_mask(valid: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A bool mask of the same shape as ``valid`` (``[B, leads, beats]``): True where a token is masked.
 
     Each sample draws its own mask (the released code shares one mask across the batch); padding is never

@@ -8,7 +8,7 @@ score) use per-class thresholds tuned on the validation split (``tune_thresholds
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -219,8 +219,8 @@ def _finite_or_none(x: float):
 
 def classification_report(val_labels: np.ndarray, val_scores: np.ndarray, test_labels: np.ndarray,
                           test_scores: np.ndarray, class_names: Sequence[str],
-                          n_boot: int = 200, seed: int = 0, weights: Optional[np.ndarray] = None,
-                          normal: Optional[int] = None) -> dict:
+                          n_boot: int = 200, seed: int = 0, weights: np.ndarray | None = None,
+                          normal: int | None = None) -> dict:
     """Every metric of a test split, with per-class thresholds tuned on the validation split, and bootstrap 95%
     intervals of the macro metrics (``n_boot=0``: none). ``weights``/``normal`` (see ``challenge_score``) add
     the CinC 2021 challenge score, on the F-beta thresholds. A threshold of None: the class is never predicted

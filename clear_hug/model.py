@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +159,8 @@ class CLEAR(nn.Module):
                 f"valid {tuple(valid.shape)} and time {tuple(time.shape)} must be {tuple(tokens.shape[:3])}")
 
     def encode(self, tokens: torch.Tensor, valid: torch.Tensor, time: torch.Tensor,
-               visible: Optional[torch.Tensor] = None,
-               depth: Optional[int] = None) -> tuple[torch.Tensor, SegmentLayout]:
+               visible: torch.Tensor | None = None,
+               depth: int | None = None) -> tuple[torch.Tensor, SegmentLayout]:
         """Run the encoder on the summary tokens plus the ``visible`` heartbeats (all valid ones by default).
 
         Returns the ``[B, L, enc_dim]`` sequence and its layout. ``depth`` stops after that many blocks (without
@@ -217,14 +217,14 @@ class CLEAR(nn.Module):
         loss = (err * weight).sum() / weight.sum().clamp(min=1.0)
         return CLEAROutput(loss, pred, target, mask)
 
-    def save_pretrained(self, directory: Union[str, os.PathLike], preprocessing: Optional[dict] = None) -> os.PathLike:
+    def save_pretrained(self, directory: str | os.PathLike, preprocessing: dict | None = None) -> os.PathLike:
         """Write ``model.safetensors`` + ``config.json`` (see ``clear_hug.checkpoint.save_pretrained``)."""
         from .checkpoint import save_pretrained
 
         return save_pretrained(self, directory, preprocessing=preprocessing)
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "CLEAR":
+    def from_pretrained(cls, directory: str | os.PathLike) -> CLEAR:
         """The encoder saved by ``save_pretrained`` (no pickle is read)."""
         from .checkpoint import from_pretrained
 

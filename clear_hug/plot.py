@@ -10,8 +10,9 @@ leads are grey. ``start``/``end`` (seconds) zoom into a long record.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -49,9 +50,9 @@ def _axes_leads(fig, gs_leads, y, valid, rpeaks, max_beats, t0: float, t1: float
     return axes
 
 
-def plot_record(path: Union[str, os.PathLike], out: os.PathLike, *, bandpass: bool = True,
-                max_beats: Optional[int] = 15, start: Optional[float] = None, end: Optional[float] = None,
-                prediction: Optional[dict] = None, contributions: Optional[dict] = None, top: int = 5) -> Path:
+def plot_record(path: str | os.PathLike, out: os.PathLike, *, bandpass: bool = True,
+                max_beats: int | None = 15, start: float | None = None, end: float | None = None,
+                prediction: dict | None = None, contributions: dict | None = None, top: int = 5) -> Path:
     """Draw record ``path`` (see the module docstring) into ``out`` (PNG). ``prediction``: a row of
     ``predict_records`` (its top classes are drawn beside the leads); ``contributions``: ``{"class": name,
     "parts": [(label, logit share)]}`` for that class (how much each lead group / HUG level added)."""
@@ -107,7 +108,7 @@ def plot_record(path: Union[str, os.PathLike], out: os.PathLike, *, bandpass: bo
     return out
 
 
-def head_contributions(model: Classifier, path: Union[str, os.PathLike]) -> dict:
+def head_contributions(model: Classifier, path: str | os.PathLike) -> dict:
     """How much each part of the head added to the logit of the record's most probable class: per HUG expert
     (level 1 lead groups, level 2 pairs, level 3 all), or per lead group for the linear probe. Exact: the
     shares plus the classifier's bias are the logit."""
@@ -140,7 +141,7 @@ def plot_prediction(model: Classifier, row: dict, out: os.PathLike) -> Path:
                        prediction=row, contributions=head_contributions(model, row["path"]))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from .cli import plot_parser
     from .data.readers import _record_base
 

@@ -12,8 +12,9 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ def check_preprocessing(prep: dict) -> dict:
     return prep
 
 
-def record_inputs(path: Union[str, os.PathLike], preprocessing: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+def record_inputs(path: str | os.PathLike, preprocessing: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """One record on disk as model inputs (``tokens``, ``valid``, ``time`` without a batch axis) and facts about
     it (``beats``, ``beats_dropped``, ``rpeaks`` at 100 Hz). Raises ``RecordReadError`` or ``NoBeatsError``."""
     prep = check_preprocessing(preprocessing)
@@ -55,7 +56,7 @@ def record_inputs(path: Union[str, os.PathLike], preprocessing: dict) -> Tuple[D
     return item, {"beats": int(bt.tokens.shape[1]), "beats_dropped": int(dropped), "rpeaks": np.asarray(bt.rpeaks)}
 
 
-def find_records(inputs: Sequence[os.PathLike]) -> Tuple[List[Tuple[str, str]], List[dict]]:
+def find_records(inputs: Sequence[os.PathLike]) -> tuple[list[tuple[str, str]], list[dict]]:
     """``(record id, base path)`` of every record named by ``inputs`` (records, folders searched recursively for
     ``.hea`` headers, or a PTB-XL root with ``ptbxl_database.csv``), and the inputs that name no record."""
     records, missing = [], []
@@ -80,9 +81,9 @@ def find_records(inputs: Sequence[os.PathLike]) -> Tuple[List[Tuple[str, str]], 
 
 
 @torch.no_grad()
-def predict_records(model: Classifier, records: Sequence[Tuple[str, str]],
-                    device: Optional[Union[str, torch.device]] = None, batch_size: int = 64,
-                    progress: bool = False) -> Tuple[List[dict], List[dict]]:
+def predict_records(model: Classifier, records: Sequence[tuple[str, str]],
+                    device: str | torch.device | None = None, batch_size: int = 64,
+                    progress: bool = False) -> tuple[list[dict], list[dict]]:
     """Rows ``{"record", "path", "beats", "beats_dropped", "probabilities": {class: p}}`` of the records that
     could be read, and ``{"record", "reason"}`` for each that could not (a named skip, never a guess)."""
     from tqdm.auto import tqdm
@@ -119,7 +120,7 @@ def predict_records(model: Classifier, records: Sequence[Tuple[str, str]],
     return rows, skipped
 
 
-def _class_names(model) -> List[str]:
+def _class_names(model) -> list[str]:
     names = getattr(model, "class_names", None)
     if names is None or not hasattr(model, "preprocessing"):
         raise ValueError("the classifier has no class names or preprocessing; load it with "
@@ -127,8 +128,8 @@ def _class_names(model) -> List[str]:
     return list(names)
 
 
-def predict_record(model: Classifier, path: Union[str, os.PathLike],
-                   device: Optional[Union[str, torch.device]] = None) -> dict:
+def predict_record(model: Classifier, path: str | os.PathLike,
+                   device: str | torch.device | None = None) -> dict:
     """One record's row (see ``predict_records``); a record that cannot be read raises ``RecordReadError``."""
     base = _record_base(path)
     rows, skipped = predict_records(model, [(Path(base).name, base)], device)
@@ -138,7 +139,7 @@ def predict_record(model: Classifier, path: Union[str, os.PathLike],
 
 
 def write_predictions(rows: Sequence[dict], class_names: Sequence[str], path: os.PathLike,
-                      extra: Optional[dict] = None) -> Tuple[Path, Path]:
+                      extra: dict | None = None) -> tuple[Path, Path]:
     """``path`` as CSV (one row per record, a column per class) and beside it the same as JSON (with ``extra``,
     e.g. the skipped records). Returns both paths."""
     path = Path(path)
@@ -155,7 +156,7 @@ def write_predictions(rows: Sequence[dict], class_names: Sequence[str], path: os
     return path, json_path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from .cli import predict_parser
 
     args = predict_parser().parse_args(argv)

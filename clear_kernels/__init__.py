@@ -4,13 +4,13 @@
 group's summary tokens (SPEC §2.1), skipping the work between segments instead of masking it.
 """
 
-from . import reference as _reference  # noqa: F401  (registers the reference backend first)
 from . import native as _native  # noqa: F401
+from . import nn  # noqa: E402
+from . import reference as _reference  # noqa: F401  (registers the reference backend first)
 from . import triton_backend as _triton_backend  # noqa: F401
 from .api import segment_attention, segment_attention_varlen
 from .dispatch import ENV_VAR, available_backends
 from .layout import PADDING, SUMMARY, SegmentLayout
-from . import nn  # noqa: E402
 
 __all__ = [
     "segment_attention", "segment_attention_varlen", "SegmentLayout", "available_backends", "ENV_VAR", "PADDING",

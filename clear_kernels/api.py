@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import torch
 
@@ -88,12 +87,12 @@ def segment_attention(
     v: torch.Tensor,
     layout: SegmentLayout,
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     is_causal: bool = False,
     enable_gqa: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
-) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``[B, H, L, D]`` queries, keys and values, where each token sees only what ``layout`` allows.
 
     ``scale`` defaults to ``1 / sqrt(D)``. ``is_causal=True``: inside a segment, a token sees the keys at its own
@@ -142,7 +141,7 @@ class _LseGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx,
-                 grad_lse: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+                 grad_lse: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         lse, q, k, out, *layout = ctx.saved_tensors
         fwd, bwd = ops.op(ctx.prefix, "fwd"), ops.op(ctx.prefix, "bwd")
         g = grad_lse.contiguous()[..., None]
@@ -160,12 +159,12 @@ def segment_attention_varlen(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     *,
-    max_seqlen: Optional[int] = None,
+    max_seqlen: int | None = None,
     is_causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
-) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of packed ``[T, H, D]`` documents, as ``flash_attn_varlen_func`` takes them (self-attention).
 
     ``cu_seqlens`` is ``[N + 1]``: ``0`` then the running end of each document, ending at ``T``; document ``i`` is

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -35,7 +35,7 @@ class Backend:
     op_prefix: str
     device_types: tuple[str, ...]
     # Returns None when the backend can run an input like ``q`` (dtype, device, head dim), else the reason.
-    refuse: Callable[[torch.Tensor], Optional[str]]
+    refuse: Callable[[torch.Tensor], str | None]
     # Takes q, k, v as strided views (unit stride along D); others get them contiguous.
     strided: bool = False
     # The optional parts of the op it implements: "causal" (is_causal=True) and "gqa" (fewer key/value heads).
@@ -62,7 +62,7 @@ def mark_unavailable(name: str, reason: str) -> None:
         _unavailable[name] = reason
 
 
-def why_not(name: str, q: torch.Tensor, features: frozenset = frozenset()) -> Optional[str]:
+def why_not(name: str, q: torch.Tensor, features: frozenset = frozenset()) -> str | None:
     """None when backend ``name`` can run inputs like ``q`` using ``features`` (see ``Backend.features``);
     otherwise a sentence saying why not."""
     if name in _unavailable:
@@ -78,7 +78,7 @@ def why_not(name: str, q: torch.Tensor, features: frozenset = frozenset()) -> Op
     return backend.refuse(q)
 
 
-def available_backends(q: Optional[torch.Tensor] = None) -> dict[str, Optional[str]]:
+def available_backends(q: torch.Tensor | None = None) -> dict[str, str | None]:
     """Every backend name mapped to None (usable) or the reason it is not; for ``q`` if given, else in general."""
     if q is None:
         return {name: _unavailable.get(name, None if name in _registry else "not available") for name in BACKEND_NAMES}

@@ -13,7 +13,8 @@ with ``is_causal`` a pair of the same segment also needs ``k <= q`` (positions).
 statement of this rule.
 
 Without ``is_causal`` the rule is symmetric, so the keys a query sees are also the queries that see that key; the
-summary part stays symmetric with it, which is what the backward kernels rely on. Besides the ids, a layout carries the index tensors the kernels walk instead of scanning all ``L``
+summary part stays symmetric with it, which is what the backward kernels rely on. Besides the ids, a layout
+carries the index tensors the kernels walk instead of scanning all ``L``
 keys per query (all int32, ``[B, ...]``, on the device of the ids):
 
 * ``seg_start``/``seg_end`` ``[B, L]``: the run ``[start, end)`` of a segment token's segment (segments are
@@ -29,8 +30,8 @@ input, which does synchronise once; pass ``validate=False`` with ``num_groups`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Optional, Sequence, Union
 
 import torch
 
@@ -116,20 +117,20 @@ class SegmentLayout:
     max_summary: int
     # Only for conduction layouts: the token grid is [leads, beats] and grid_index[b, lead * beats + beat] is the
     # sequence position of that token, or L (one past the end) where the token is not in the sequence.
-    grid_shape: Optional[tuple[int, int]] = None
-    grid_index: Optional[torch.Tensor] = None
+    grid_shape: tuple[int, int] | None = None
+    grid_index: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_ids(
         cls,
         segment: torch.Tensor,
-        group: Optional[torch.Tensor] = None,
+        group: torch.Tensor | None = None,
         *,
-        num_groups: Optional[int] = None,
-        max_summary: Optional[int] = None,
+        num_groups: int | None = None,
+        max_summary: int | None = None,
         validate: bool = True,
-    ) -> "SegmentLayout":
+    ) -> SegmentLayout:
         """A layout from raw ``[B, L]`` ids (SPEC §2.1). ``group`` defaults to all zeros.
 
         Summary tokens and padding may stand anywhere; the tokens of each segment must be contiguous. Ids must
@@ -172,9 +173,9 @@ class SegmentLayout:
 
     @classmethod
     def block_diagonal(
-        cls, seqlens: Union[torch.Tensor, Sequence[Sequence[int]]], *, total_len: Optional[int] = None,
-        device: Optional[Union[str, torch.device]] = None,
-    ) -> "SegmentLayout":
+        cls, seqlens: torch.Tensor | Sequence[Sequence[int]], *, total_len: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> SegmentLayout:
         """Plain block-diagonal attention (packed documents) from ``[B, S]`` segment lengths.
 
         Lengths may be zero; shorter rows are padded at the end. ``total_len`` is the sequence length ``L``; by
@@ -213,9 +214,9 @@ class SegmentLayout:
 
     @classmethod
     def from_cu_seqlens(
-        cls, cu_seqlens: torch.Tensor, *, total_len: Optional[int] = None, max_seqlen: Optional[int] = None,
+        cls, cu_seqlens: torch.Tensor, *, total_len: int | None = None, max_seqlen: int | None = None,
         _exact_end: bool = False,
-    ) -> "SegmentLayout":
+    ) -> SegmentLayout:
         """Packed documents of one sequence from cumulative lengths, as ``flash_attn_varlen_func`` takes them.
 
         ``cu_seqlens`` is ``[N + 1]`` integers: ``0``, then the running end of each document. Document ``i`` is
@@ -251,7 +252,7 @@ class SegmentLayout:
         return cls._build(segment.contiguous(), torch.zeros_like(segment), num_groups=1, max_summary=0)
 
     @classmethod
-    def from_document_ids(cls, ids: torch.Tensor, *, padding_id: Optional[int] = None) -> "SegmentLayout":
+    def from_document_ids(cls, ids: torch.Tensor, *, padding_id: int | None = None) -> SegmentLayout:
         """Packed documents from ``[B, L]`` (or ``[L]``) per-token document ids, as FlexAttention's document mask.
 
         Tokens with equal ids attend each other; every token with an id equal to ``padding_id`` is padding (no
@@ -284,7 +285,7 @@ class SegmentLayout:
         return cls._build(segment, torch.zeros_like(segment), num_groups=1, max_summary=0)
 
     @classmethod
-    def conduction(cls, valid: torch.Tensor, *, compact: bool = False) -> "SegmentLayout":
+    def conduction(cls, valid: torch.Tensor, *, compact: bool = False) -> SegmentLayout:
         """The CLEAR layout for a ``[B, leads, beats]`` grid of heartbeat tokens (``valid`` marks real tokens).
 
         The sequence holds ``leads`` summary tokens (one per lead, in lead order) and then the valid heartbeat
@@ -322,7 +323,7 @@ class SegmentLayout:
         return replace(layout, grid_shape=(leads, beats), grid_index=grid_index.to(torch.int64).contiguous())
 
     @classmethod
-    def _build(cls, segment: torch.Tensor, group: torch.Tensor, num_groups: int, max_summary: int) -> "SegmentLayout":
+    def _build(cls, segment: torch.Tensor, group: torch.Tensor, num_groups: int, max_summary: int) -> SegmentLayout:
         if segment.shape[1] > INT32_MAX:  # positions and run ends (up to L) are int32
             raise ValueError(f"a layout holds at most 2^31 - 1 tokens per row, got L = {segment.shape[1]}")
         seg_start, seg_end, _ = _runs(segment)
@@ -359,7 +360,7 @@ class SegmentLayout:
         """The dense ``[B, L, L]`` bool mask (True = may attend), for tests and dense baselines only."""
         return mask_from_ids(self.segment, self.group, is_causal)
 
-    def to(self, device: Union[str, torch.device]) -> "SegmentLayout":
+    def to(self, device: str | torch.device) -> SegmentLayout:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
             if isinstance(value, torch.Tensor):
@@ -382,7 +383,7 @@ class SegmentLayout:
             raise ValueError("this layout was not built by SegmentLayout.conduction: it has no token grid")
         return self.grid_shape
 
-    def grid_to_seq(self, grid: torch.Tensor, summary: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def grid_to_seq(self, grid: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
         """Move a ``[B, leads, beats, ...]`` grid into the ``[B, L, ...]`` sequence.
 
         ``summary`` (``[B, leads, ...]`` or ``[leads, ...]``) fills the summary slots; they are zero without it.
@@ -415,7 +416,7 @@ class SegmentLayout:
 
 
 def _validate_ids(
-    segment: torch.Tensor, group: torch.Tensor, num_groups: Optional[int], max_summary: Optional[int]
+    segment: torch.Tensor, group: torch.Tensor, num_groups: int | None, max_summary: int | None
 ) -> tuple[int, int]:
     """Check raw ids (one device synchronisation) and return (num_groups, max_summary)."""
     seg = segment.to(torch.int64)
@@ -458,7 +459,7 @@ def _validate_ids(
     return num_groups, max_summary
 
 
-def _check_cu_seqlens(cu: torch.Tensor, total_len: int, max_seqlen: Optional[int], exact_end: bool = False,
+def _check_cu_seqlens(cu: torch.Tensor, total_len: int, max_seqlen: int | None, exact_end: bool = False,
                       ) -> None:
     """The checks of ``from_cu_seqlens`` (one host read); ``exact_end``: the documents must fill all tokens."""
     values = cu.tolist()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Optional
 
 import torch
 
 from . import dispatch, ops
 
-EXTENSION_ERROR: Optional[str] = None
+EXTENSION_ERROR: str | None = None
 try:
     importlib.import_module(f"{__package__}._C")  # loading the library registers the ops
 except ModuleNotFoundError:
@@ -48,7 +47,7 @@ def has_kernel(device_key: str) -> bool:
 
 
 def _refuser(device_type: str):
-    def refuse(q: torch.Tensor) -> Optional[str]:
+    def refuse(q: torch.Tensor) -> str | None:
         if not has_kernel(device_type.upper()):
             return f"the native extension was built without a {device_type.upper()} kernel"
         if q.dtype not in _DTYPES[device_type]:
@@ -81,7 +80,8 @@ def cpu_output_cache(release: bool = False) -> dict[str, int]:
     The CPU kernel keeps the memory of its large outputs (``out``, ``dq``, ``dk``, ``dv``; 1 MiB and up) when the
     tensors are freed and reuses it for the next output of the same size: fresh pages from the OS would cost as
     much time to fault in as the attention itself. At most ``CLEAR_KERNELS_CPU_CACHE_MB`` MiB (default 1024, 0
-    turns the cache off; a value whose bytes overflow size_t, 2^44 MiB and up, is an error) are kept free. Returns ``{"free_bytes", "free_blocks", "live_bytes"}``.
+    turns the cache off; a value whose bytes overflow size_t, 2^44 MiB and up, is an error) are kept free.
+    Returns ``{"free_bytes", "free_blocks", "live_bytes"}``.
     """
     if EXTENSION_ERROR is not None:
         raise RuntimeError(f"clear_kernels: {EXTENSION_ERROR}")

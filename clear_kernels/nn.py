@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from einops import rearrange
 from torch import nn
@@ -41,9 +39,9 @@ class SegmentAttention(nn.Module):
 
     def __init__(
         self, embed_dim: int, num_heads: int, *, bias: bool = True, dropout: float = 0.0,
-        backend: str = "auto", scale: Optional[float] = None, is_causal: bool = False,
-        num_kv_heads: Optional[int] = None,
-        device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+        backend: str = "auto", scale: float | None = None, is_causal: bool = False,
+        num_kv_heads: int | None = None,
+        device: torch.device | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0:
@@ -66,8 +64,8 @@ class SegmentAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     @classmethod
-    def from_multihead(cls, mha: nn.MultiheadAttention, *, dropout: Optional[float] = None,
-                       **kwargs) -> "SegmentAttention":
+    def from_multihead(cls, mha: nn.MultiheadAttention, *, dropout: float | None = None,
+                       **kwargs) -> SegmentAttention:
         """A module with the weights of ``mha`` (copied); ``kwargs`` go to the constructor (``backend``,
         ``is_causal``, ...). ``mha``'s attention dropout has no equivalent here: with ``mha.dropout > 0`` pass
         ``dropout`` (applied to the output, see the class docstring) to say what you want instead."""
@@ -95,8 +93,8 @@ class SegmentAttention(nn.Module):
                 module.out_proj.bias.copy_(mha.out_proj.bias)
         return module
 
-    def forward(self, x: torch.Tensor, layout: Optional[SegmentLayout] = None, *,
-                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: SegmentLayout | None = None, *,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = False) -> torch.Tensor:
         if need_weights is not False:
             raise ValueError("need_weights=True is not supported: the kernels never form the attention weights "
                              "(pass need_weights=False)")

@@ -24,7 +24,7 @@ as the fused kernels of ``scaled_dot_product_attention`` do, instead of returnin
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch._library.autograd
@@ -127,7 +127,7 @@ def _register_autograd(qualname: str, backward, setup_context) -> None:
 
 
 def register_pair(prefix: str, contiguous_grad: bool = True,
-                  out_like: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+                  out_like: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Fake implementations and autograd for an op pair whose schemas exist (Python- or C++-defined).
 
     The backward op gets an autograd formula that raises: with ``create_graph=True`` the first derivatives are
@@ -155,7 +155,7 @@ def register_pair(prefix: str, contiguous_grad: bool = True,
         ctx.scale, ctx.is_causal, ctx.num_inputs = scale, is_causal, len(inputs)
 
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor,
-                 grad_lse: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+                 grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         # The op's lse is its auxiliary output for this backward; a caller who differentiates the logsumexp gets it
         # through api._LseGradient, which adds that gradient only when the loss uses it.
         q, k, v, out, lse, *layout = ctx.saved_tensors

@@ -7,8 +7,6 @@ autograd and fake-tensor paths as the kernels, and it is exposed as a plain diff
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import dispatch, ops
@@ -30,7 +28,9 @@ def allowed_matmul(weights: torch.Tensor, allowed: torch.Tensor, x: torch.Tensor
     if not torch.compiler.is_compiling() and x.device.type != "meta" and bool(finite.all()):
         return torch.matmul(w, x)
     out = torch.matmul(w, torch.where(finite, x, torch.zeros_like(x)))
-    count = lambda pairs, entries: torch.matmul(pairs.to(x.dtype), entries.to(x.dtype)) > 0
+    def count(pairs: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(pairs.to(x.dtype), entries.to(x.dtype)) > 0
+
     w_pos, w_neg, w_zero = allowed & (weights > 0), allowed & (weights < 0), allowed & (weights == 0)
     x_pos, x_neg = x == float("inf"), x == float("-inf")
     pos = count(w_pos, x_pos) | count(w_neg, x_neg)  # some allowed product is +inf
@@ -79,7 +79,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 def segment_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout,
-                                scale: Optional[float] = None, is_causal: bool = False) -> torch.Tensor:
+                                scale: float | None = None, is_causal: bool = False) -> torch.Tensor:
     """Plain-PyTorch segment attention on a :class:`SegmentLayout` (differentiable by autograd)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return masked_attention(q, k, v, layout.materialize(is_causal), scale)[0]

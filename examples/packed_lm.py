@@ -20,8 +20,8 @@ import statistics
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,7 @@ class Block(nn.Module):
         self.attn = SegmentAttention(dim, heads, num_kv_heads=kv_heads, is_causal=True, bias=False)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, layout: SegmentLayout, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: SegmentLayout, mask: torch.Tensor | None) -> torch.Tensor:
         h = self.norm1(x)
         if self.attention == "segment":
             h = self.attn(h, layout)
@@ -147,7 +147,7 @@ def train(models: dict[str, PackedLM], batches: list, lr: float) -> dict[str, tu
     return record
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=2)

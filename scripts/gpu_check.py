@@ -16,8 +16,8 @@ import json
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -28,9 +28,9 @@ def smoke(dry_run: bool) -> int:
     """Forward and backward of the Triton backend against the float64 reference at the CLEAR encoder layout
     (12 leads x 15 beats + 12 summary tokens, 8 heads of 96), in bfloat16 and float32."""
     import torch
+    from attention_cases import check_parity, conduction_layout
 
     import clear_kernels
-    from attention_cases import check_parity, conduction_layout
     from clear_kernels.triton_kernels import common
 
     device = "cpu" if dry_run else "cuda"
@@ -208,7 +208,7 @@ def summarize(steps_file: Path, out_dir: Path) -> int:
     return 0 if passed else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("smoke", "train-step", "native"):

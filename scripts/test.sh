@@ -4,4 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
+# Lint first (pyflakes, pycodestyle, isort, bugbear, pyupgrade; configured in pyproject.toml): a finding fails
+# the command like a failing test.
+"$PY" -m ruff check "$ROOT"
 exec "$PY" -m pytest tests -p no:cacheprovider "$@"

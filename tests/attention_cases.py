@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +80,7 @@ class Errors:
 
 
 def _inputs(layout: SegmentLayout, heads: int, head_dim: int, dtype: torch.dtype, device: str, seed: int,
-            kv_heads: Optional[int] = None):
+            kv_heads: int | None = None):
     gen = torch.Generator().manual_seed(seed)
     shape = (layout.batch_size, heads, layout.seq_len, head_dim)
     kv_shape = (layout.batch_size, kv_heads or heads, layout.seq_len, head_dim)
@@ -106,7 +105,9 @@ def torch_errors(q, k, v, dout, mask, scale, truth) -> Errors:
                                          enable_gqa=k.shape[1] != q.shape[1])
     out = torch.where(rows[:, None, :, None], out, torch.zeros_like(out))
     grads = torch.autograd.grad(out, leaves, dout)
-    err = lambda a, b: float((a.detach().to(torch.float64) - b).abs().max()) if a.numel() else 0.0
+    def err(a, b):
+        return float((a.detach().to(torch.float64) - b).abs().max()) if a.numel() else 0.0
+
     return Errors(err(out, truth[0]), tuple(err(g, t) for g, t in zip(grads, truth[2])))
 
 
@@ -131,8 +132,8 @@ def strided_views(q, k, v, dout):
 
 def check_parity(backend: str, layout: SegmentLayout, *, heads: int = 2, head_dim: int = 32,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
-                 scale: Optional[float] = None, backward: bool = True, strided: bool = False,
-                 is_causal: bool = False, kv_heads: Optional[int] = None) -> None:
+                 scale: float | None = None, backward: bool = True, strided: bool = False,
+                 is_causal: bool = False, kv_heads: int | None = None) -> None:
     """Forward (and backward) of ``backend`` against the float64 dense reference; raises AssertionError.
     ``strided``: the kernel gets the inputs as strided views (``strided_views``). ``is_causal`` applies the causal
     rule; ``kv_heads`` (dividing ``heads``) makes it grouped-query attention."""

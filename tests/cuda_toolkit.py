@@ -5,17 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 
-def find_nvcc() -> Optional[str]:
+def find_nvcc() -> str | None:
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var) and (Path(os.environ[var]) / "bin" / "nvcc").exists():
             return str(Path(os.environ[var]) / "bin" / "nvcc")
     return shutil.which("nvcc")
 
 
-def cuda_include_dir() -> Optional[Path]:
+def cuda_include_dir() -> Path | None:
     """The toolkit's include folder (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h), or None.
 
     ``nvcc`` on PATH may be a wrapper script outside the toolkit, so its folder is only one of the guesses.

@@ -27,17 +27,17 @@ def test_backend_auto_gives_the_reference_answer():
 
 
 @pytest.mark.parametrize("mutate, exc, match", [
-    (lambda q, k, v, l: (q[0], k, v, l), ValueError, r"q must be \[B, H, L, D\]"),
-    (lambda q, k, v, l: (q, k[:, :1], v, l), ValueError, "k must have the shape of q"),
-    (lambda q, k, v, l: (q, k, v[..., :8], l), ValueError, "v must have the shape of q"),
-    (lambda q, k, v, l: (q, k.double(), v, l), TypeError, "k has dtype torch.float64 but q has torch.float32"),
-    (lambda q, k, v, l: (q.int(), k.int(), v.int(), l), TypeError, "q has dtype torch.int32"),
-    (lambda q, k, v, l: (q, k.to("meta"), v, l), ValueError, "k is on meta but q is on cpu"),
-    (lambda q, k, v, l: (q.numpy(), k, v, l), TypeError, "q must be a torch.Tensor"),
-    (lambda q, k, v, l: (q, k, v, l.materialize()), TypeError, "layout must be a SegmentLayout"),
-    (lambda q, k, v, l: (q[:1], k[:1], v[:1], l), ValueError, "layout was built for batch 2 and length 15"),
-    (lambda q, k, v, l: (q[:, :, :9], k[:, :, :9], v[:, :, :9], l), ValueError, "layout was built for batch 2"),
-    (lambda q, k, v, l: (q, k, v, l.to("meta")), ValueError, "layout is on meta but q is on cpu"),
+    (lambda q, k, v, lay: (q[0], k, v, lay), ValueError, r"q must be \[B, H, L, D\]"),
+    (lambda q, k, v, lay: (q, k[:, :1], v, lay), ValueError, "k must have the shape of q"),
+    (lambda q, k, v, lay: (q, k, v[..., :8], lay), ValueError, "v must have the shape of q"),
+    (lambda q, k, v, lay: (q, k.double(), v, lay), TypeError, "k has dtype torch.float64 but q has torch.float32"),
+    (lambda q, k, v, lay: (q.int(), k.int(), v.int(), lay), TypeError, "q has dtype torch.int32"),
+    (lambda q, k, v, lay: (q, k.to("meta"), v, lay), ValueError, "k is on meta but q is on cpu"),
+    (lambda q, k, v, lay: (q.numpy(), k, v, lay), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v, lay: (q, k, v, lay.materialize()), TypeError, "layout must be a SegmentLayout"),
+    (lambda q, k, v, lay: (q[:1], k[:1], v[:1], lay), ValueError, "layout was built for batch 2 and length 15"),
+    (lambda q, k, v, lay: (q[:, :, :9], k[:, :, :9], v[:, :, :9], lay), ValueError, "layout was built for batch 2"),
+    (lambda q, k, v, lay: (q, k, v, lay.to("meta")), ValueError, "layout is on meta but q is on cpu"),
 ])
 def test_bad_inputs_name_the_argument(mutate, exc, match):
     with pytest.raises(exc, match=match):
@@ -115,7 +115,9 @@ def test_module_matches_manual_projection():
     module = SegmentAttention(32, 4, backend="reference")
     x = torch.randn(2, 15, 32)
     q, k, v = module.in_proj(x).chunk(3, dim=-1)
-    split = lambda t: t.view(2, 15, 4, 8).transpose(1, 2)
+    def split(t):
+        return t.view(2, 15, 4, 8).transpose(1, 2)
+
     attn = segment_attention_reference(split(q), split(k), split(v), LAYOUT)
     want = module.out_proj(attn.transpose(1, 2).reshape(2, 15, 32))
     torch.testing.assert_close(module(x, LAYOUT), want)

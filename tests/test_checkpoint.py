@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from model_fixtures import ListDataset, tiny_config, token_batch
 
 from clear_hug import checkpoint
 from clear_hug.checkpoint import CheckpointError, load_classifier, load_encoder, save_head
@@ -15,7 +16,6 @@ from clear_hug.cli import main
 from clear_hug.heads import build_head
 from clear_hug.model import CLEAR
 from clear_hug.train.pretrain import PretrainArgs, pretrain
-from model_fixtures import ListDataset, tiny_config, token_batch
 
 
 class _WritesMarker:

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from attention_cases import check_parity, conduction_layout, layout_cases, random_layout
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import clear_kernels
 from clear_kernels import SegmentLayout, native, ops, segment_attention
-from attention_cases import check_parity, conduction_layout, layout_cases, random_layout
 
 pytestmark = pytest.mark.skipif(not native.has_kernel("CPU"), reason=f"no CPU kernel: {native.EXTENSION_ERROR}")
 

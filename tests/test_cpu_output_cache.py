@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from attention_cases import check_parity, conduction_layout
 
 from clear_kernels import native, segment_attention
-from attention_cases import check_parity, conduction_layout
 
 pytestmark = pytest.mark.skipif(not native.has_kernel("CPU"), reason=f"no CPU kernel: {native.EXTENSION_ERROR}")
 

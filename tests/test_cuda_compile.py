@@ -17,7 +17,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from cuda_toolkit import cuda_include_dir, find_nvcc
 
 ROOT = Path(__file__).resolve().parent.parent

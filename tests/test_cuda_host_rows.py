@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from attention_cases import check_parity, conduction_layout, layout_cases, random_layout
+from cuda_toolkit import cuda_include_dir
 
 import clear_kernels
 from clear_kernels import dispatch, ops
-from attention_cases import check_parity, conduction_layout, layout_cases, random_layout
-from cuda_toolkit import cuda_include_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "tests" / "csrc" / "segment_attention_host_rows.cpp"
@@ -40,7 +40,8 @@ def host_rows_library(tmp_path_factory):
     if include is None or compiler is None:
         pytest.skip("needs a C++ compiler and the CUDA toolkit headers (cuda_fp16.h) to build the host harness")
     target = tmp_path_factory.mktemp("host_rows") / "libhost_rows.so"
-    cmd = [compiler, "-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", "-Wall", "-Werror", f"-I{include}", f"-I{KERNEL_DIR}",
+    cmd = [compiler, "-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", "-Wall", "-Werror",
+           f"-I{include}", f"-I{KERNEL_DIR}",
            str(HARNESS), "-o", str(target)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"building the host harness failed:\n{' '.join(cmd)}\n{done.stderr}"

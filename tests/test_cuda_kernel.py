@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
+from attention_cases import check_parity, conduction_layout, layout_cases, random_layout
 
 from clear_kernels import SegmentLayout, dispatch, ops, segment_attention
-from attention_cases import check_parity, conduction_layout, layout_cases, random_layout
 
 pytestmark = pytest.mark.gpu
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import wfdb
-
 from _ecgdata import need_ecg
-from clear_hug.data.annotations import (BEAT_SYMBOLS, Episode, episode_labels, match_symbols, read_annotations,
-                                        rhythm_episodes)
+
+from clear_hug.data.annotations import (
+    BEAT_SYMBOLS,
+    Episode,
+    episode_labels,
+    match_symbols,
+    read_annotations,
+    rhythm_episodes,
+)
 from clear_hug.data.readers import read_record
 from clear_hug.data.tokenize import TARGET_FS, tokenize_beats
 
@@ -26,7 +32,7 @@ def _expected_rhythm(ann, fs):
     """Independently of the module: the rhythm of each reference beat is the aux note of the last rhythm change
     at or before it (None before the first)."""
     current, out = None, []
-    for sample, sym, note in zip(ann.sample, ann.symbol, ann.aux_note):
+    for sym, note in zip(ann.symbol, ann.aux_note):
         note = (note or "").replace("\x00", "").strip()
         if sym == "+" and note.startswith("("):
             current = note[1:]

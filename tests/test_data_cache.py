@@ -1,16 +1,15 @@
-import json
+import glob
 import os
 import shutil
-import glob
 
 import numpy as np
 import pytest
 import torch
+from _ecgdata import need_ecg, toy_ecg, write_ptbxl_fixture
 
+from clear_hug.data import prepare
 from clear_hug.data.cache import ArraySource, TokenDataset, build_cache, load_meta
 from clear_hug.data.tokenize import tokenize_beats
-from clear_hug.data import prepare
-from _ecgdata import need_ecg, toy_ecg, write_ptbxl_fixture
 
 N = 10
 FLAT = 4  # the record with no beats

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _ecgdata import toy_ecg
+
 from clear_hug.data.annotations import Episode
 from clear_hug.data.cache import ArraySource, TokenDataset, build_cache, load_meta, pad_collate
 from clear_hug.data.tokenize import tokenize_beats
@@ -171,6 +171,7 @@ def test_prepare_two_lead_holter_excerpts_with_annotation_labels(tmp_path, capsy
     """The 18 CPSC 2021 excerpts (leads I and II only; the other ten flagged missing) through `clear-hug prepare`
     with every beat kept and per-beat AF labels from their .atr rhythm episodes."""
     from _ecgdata import need_ecg
+
     from clear_hug.data import prepare
     from clear_hug.data.annotations import episode_labels, read_annotations
 

@@ -69,6 +69,7 @@ def test_flat_and_disconnected_leads():
 @pytest.mark.parametrize("shape", [(7,), (3, 400), (2, 3, 50)])
 def test_cached_filtfilt_matches_scipy(shape):
     from scipy import signal as sps
+
     from clear_hug.data.preprocess import butter_bandpass, filtfilt_sos
 
     x = np.random.default_rng(1).standard_normal(shape).cumsum(-1)

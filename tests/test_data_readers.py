@@ -4,12 +4,19 @@ import shutil
 
 import numpy as np
 import pytest
+from _ecgdata import PTBXL_NAMES, need_ecg, toy_ecg, write_ptbxl_fixture
+from _ecgdata import write_record as _write
 
 from clear_hug.data.leads import LEADS, lead_index, map_leads
-from clear_hug.data.readers import (CinCFolderDataset, PTBXLDataset, RecordReadError, parse_header_comments,
-                                    read_record, stable_split)
+from clear_hug.data.readers import (
+    CinCFolderDataset,
+    PTBXLDataset,
+    RecordReadError,
+    parse_header_comments,
+    read_record,
+    stable_split,
+)
 from clear_hug.data.snomed import SNOMED_NAMES, snomed_name
-from _ecgdata import PTBXL_NAMES, need_ecg, toy_ecg, write_ptbxl_fixture, write_record as _write
 
 wfdb = pytest.importorskip("wfdb")
 
@@ -194,7 +201,7 @@ def test_cinc_folder_dataset():
     d = need_ecg("cinc2021")
     ds = CinCFolderDataset(d)
     assert len(ds) == 30 and ds.class_names == sorted(ds.class_names)
-    for i, rid in enumerate(ds.record_ids):
+    for i in range(len(ds.record_ids)):
         _, _, meta = read_record(ds.paths[i])
         expected = sorted({snomed_name(c) for c in meta["dx"]})
         assert sorted(c for c, v in zip(ds.class_names, ds.labels[i]) if v) == expected

@@ -3,9 +3,9 @@ import time
 
 import numpy as np
 import pytest
+from _ecgdata import need_ecg, toy_ecg
 
 from clear_hug.data.rpeaks import BEAT_SYMBOLS, detect_rpeaks, detection_scores, match_beats
-from _ecgdata import need_ecg, toy_ecg
 
 wfdb = pytest.importorskip("wfdb")
 

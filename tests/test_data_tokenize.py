@@ -2,13 +2,13 @@ import glob
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from _ecgdata import need_ecg, toy_ecg
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clear_hug.data.readers import read_record
 from clear_hug.data.rpeaks import BEAT_SYMBOLS, match_beats
-from clear_hug.data.tokenize import (NoBeatsError, R_INDEX, TOKEN_LEN, beat_windows, tokenize_beats,
-                                     tokenize_records)
-from _ecgdata import need_ecg, toy_ecg
+from clear_hug.data.tokenize import R_INDEX, TOKEN_LEN, NoBeatsError, beat_windows, tokenize_beats, tokenize_records
 
 
 def test_beat_windows_follow_rr_midpoints():

@@ -6,6 +6,7 @@ import socket
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+from model_fixtures import ListDataset, tiny_config
 from torch.utils.data import DistributedSampler
 
 from clear_hug import checkpoint
@@ -13,7 +14,6 @@ from clear_hug.masking import random_mask
 from clear_hug.model import CLEAR
 from clear_hug.train import common
 from clear_hug.train.pretrain import PretrainArgs, pretrain
-from model_fixtures import ListDataset, tiny_config
 
 WORLD = 2
 

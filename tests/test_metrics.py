@@ -1,14 +1,22 @@
 """Evaluation metrics against scikit-learn, brute force and the published CinC 2021 weights table."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, fbeta_score, roc_auc_score
 
 from clear_hug.data.snomed import CINC2021_SCORED, cinc2021_weights
-from clear_hug.metrics import (THRESHOLD_METRICS, apply_thresholds, bootstrap, challenge_score,
-                               classification_report, counts, per_class_auprc, per_class_auroc, tune_thresholds)
+from clear_hug.metrics import (
+    THRESHOLD_METRICS,
+    apply_thresholds,
+    bootstrap,
+    challenge_score,
+    classification_report,
+    counts,
+    per_class_auprc,
+    per_class_auroc,
+    tune_thresholds,
+)
 
 
 def _fixed(n=60, c=4, seed=0):

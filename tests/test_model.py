@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from model_fixtures import tiny_config, token_batch
 
 from clear_hug.config import PRESETS, get_config
 from clear_hug.masking import random_mask
 from clear_hug.model import CLEAR, count_parameters, znorm
-from model_fixtures import tiny_config, token_batch
 
 
 def test_base_preset_is_the_paper_size():

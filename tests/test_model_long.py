@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_fixtures import tiny_config, token_batch
 
 from clear_hug.config import get_config
 from clear_hug.masking import random_mask
 from clear_hug.model import CLEAR, CLEAROutput
-from model_fixtures import tiny_config, token_batch
 
 
 def _long_batch(beats, batch=1, leads_present=12, seed=0):

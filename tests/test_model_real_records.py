@@ -2,13 +2,13 @@
 
 import numpy as np
 import torch
-
 from _ecgdata import need_ecg
+from model_fixtures import tiny_config
+
 from clear_hug.data.readers import CinCFolderDataset, read_record
 from clear_hug.data.tokenize import tokenize_beats
 from clear_hug.heads import HUG
 from clear_hug.model import CLEAR
-from model_fixtures import tiny_config
 
 
 def test_cinc_records_through_encoder_and_hug():

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from model_fixtures import ListDataset, tiny_config
 
 from clear_hug import checkpoint
 from clear_hug.checkpoint import load_encoder
 from clear_hug.train import common
 from clear_hug.train.pretrain import PretrainArgs, pretrain
-from model_fixtures import ListDataset, tiny_config
 
 
 def _args(out_dir, **kw):

@@ -7,18 +7,19 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from _ecgdata import need_ecg
+from model_fixtures import tiny_config, token_batch
+
 from clear_hug.cli import main
 from clear_hug.data.readers import RecordReadError
 from clear_hug.heads import EXPERTS, HUG, Classifier, LinearProbe, build_head
 from clear_hug.model import CLEAR
-from model_fixtures import tiny_config, token_batch
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny HUG classifier trained on the real CinC records (CinC 2021 scored classes), its portable folder, and evaluate's report."""
+    """A tiny HUG classifier trained on the real CinC records (CinC 2021 scored classes), its portable folder, and
+    evaluate's report."""
     root = need_ecg("cinc2021")
     work = tmp_path_factory.mktemp("predict")
     cache, ft, rep = work / "cache", work / "ft", work / "rep"
@@ -110,6 +111,7 @@ def test_hug_contributions_add_up_to_the_logits(fusion):
 
 def test_find_records_in_folders_ptbxl_roots_and_paths(tmp_path):
     from _ecgdata import write_ptbxl_fixture
+
     from clear_hug.predict import find_records
 
     root = write_ptbxl_fixture(tmp_path / "ptbxl")

@@ -5,11 +5,11 @@ import pickle
 
 import pytest
 import torch
+from model_fixtures import tiny_config, token_batch
 
 from clear_hug.checkpoint import CheckpointError, from_pretrained, load_pretrained_config
 from clear_hug.heads import Classifier, build_head
 from clear_hug.model import CLEAR
-from model_fixtures import tiny_config, token_batch
 
 
 def _no_pickle(monkeypatch):

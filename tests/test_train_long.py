@@ -12,8 +12,14 @@ from clear_hug.data.sampler import LengthBucketSampler
 from clear_hug.heads import BeatClassifier, BeatHead
 from clear_hug.metrics import episode_scores, episodes_from_beats
 from clear_hug.model import CLEAR
-from clear_hug.train.beats import (BeatHeadArgs, BeatRecords, beat_auroc, extract_beat_features, predict_beats,
-                                   train_beat_head)
+from clear_hug.train.beats import (
+    BeatHeadArgs,
+    BeatRecords,
+    beat_auroc,
+    extract_beat_features,
+    predict_beats,
+    train_beat_head,
+)
 from clear_hug.train.pretrain import PretrainArgs, pretrain
 
 

@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed: the Triton backend is unavailable")
 
-import clear_kernels  # noqa: E402
-
 from attention_cases import check_parity, conduction_layout  # noqa: E402
+
+import clear_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -14,11 +14,11 @@ import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the Triton backend is unavailable")
 
+from attention_cases import check_parity, conduction_layout, layout_cases, random_layout  # noqa: E402
+
 import clear_kernels  # noqa: E402
 from clear_kernels import SegmentLayout, ops, segment_attention  # noqa: E402
 from clear_kernels.reference import segment_attention_reference  # noqa: E402
-
-from attention_cases import check_parity, conduction_layout, layout_cases, random_layout  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CASES = layout_cases()
@@ -144,7 +144,7 @@ def test_summary_only_and_custom_scale():
 
 
 @CPU_DEVICE
-@pytest.mark.parametrize("tile", [(32, 32), (64, 16), (16, 64)], ids=lambda t: "m%d_n%d" % t)
+@pytest.mark.parametrize("tile", [(32, 32), (64, 16), (16, 64)], ids=lambda t: f"m{t[0]}_n{t[1]}")
 def test_parity_other_tile_shapes(tile, monkeypatch):
     """The tile shapes the GPU autotuner may pick (the interpreter otherwise runs one fixed shape); BLOCK_N is
     also the chunk of the summary programs' walk over a lead."""
@@ -178,6 +178,7 @@ def test_parity_strided_views(name, dtype):
 
 def test_strided_views_are_not_copied():
     from attention_cases import strided_views
+
     from clear_kernels.triton_kernels.common import shared_strides, unit_stride
     base = torch.randn(4, 2, 6, 8)
     (q, k, v), dout = strided_views(base, base + 1, base + 2, base)
@@ -239,6 +240,7 @@ def test_size_bucket_and_pinned_switch():
     process that compiles (no interpreter)."""
     import subprocess
     import sys
+
     from clear_kernels.triton_kernels.common import size_bucket
     assert [size_bucket(n) for n in (1, 2**15 - 1, 2**15, 256 * 8 * 192, 2**24)] == [0, 0, 1, 2, 3]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,8 +13,8 @@ without AF.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,20 +38,20 @@ class Annotations:
     duration_s: float
     beat_times_s: np.ndarray  # float64 [n] reference beats (R peaks), seconds
     beat_symbols: np.ndarray  # str [n]
-    episodes: List[Episode]
+    episodes: list[Episode]
 
 
-def _clean_aux(note: Optional[str]) -> str:
+def _clean_aux(note: str | None) -> str:
     # WFDB pads aux strings with NUL bytes (MIT-BIH writes "(N\x00"); wfdb-python reads absent notes as "None".
     text = "" if note is None else str(note).replace("\x00", "").strip()
     return "" if text == "None" else text
 
 
-def rhythm_episodes(times_s: Sequence[float], symbols: Sequence[str], aux_notes: Sequence[Optional[str]],
-                    duration_s: float) -> List[Episode]:
+def rhythm_episodes(times_s: Sequence[float], symbols: Sequence[str], aux_notes: Sequence[str | None],
+                    duration_s: float) -> list[Episode]:
     """Episodes from annotations in time order: each ``+`` with a ``(NAME`` aux note starts rhythm ``NAME``,
     which lasts until the next such change or ``duration_s``."""
-    changes: List[Tuple[float, str]] = []
+    changes: list[tuple[float, str]] = []
     for t, sym, note in zip(times_s, symbols, aux_notes):
         text = _clean_aux(note)
         if sym == RHYTHM_CHANGE and text.startswith("("):
@@ -64,7 +64,7 @@ def rhythm_episodes(times_s: Sequence[float], symbols: Sequence[str], aux_notes:
     return episodes
 
 
-def read_annotations(record: Union[str, os.PathLike], extension: str = "atr") -> Annotations:
+def read_annotations(record: str | os.PathLike, extension: str = "atr") -> Annotations:
     """Read ``record.<extension>`` with its header (for the sampling rate and duration)."""
     import wfdb
 

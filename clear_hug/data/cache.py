@@ -28,10 +28,10 @@ import os
 import tempfile
 import time as _time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -71,8 +71,8 @@ class Source:
 
     name = "source"
 
-    def __init__(self, record_ids: Sequence[str], labels: Optional[np.ndarray], class_names: Sequence[str],
-                 splits: Optional[np.ndarray], info: Optional[Dict] = None,
+    def __init__(self, record_ids: Sequence[str], labels: np.ndarray | None, class_names: Sequence[str],
+                 splits: np.ndarray | None, info: dict | None = None,
                  beat_class_names: Sequence[str] = ()) -> None:
         self.record_ids = [str(r) for r in record_ids]
         self.beat_class_names = [str(c) for c in beat_class_names]
@@ -87,15 +87,15 @@ class Source:
     def __len__(self) -> int:
         return len(self.record_ids)
 
-    def payload(self, indices: Sequence[int]) -> List[tuple]:
+    def payload(self, indices: Sequence[int]) -> list[tuple]:
         raise NotImplementedError
 
 
 class PathSource(Source):
     """Records on disk, from a ``RecordIndex`` (``PTBXLDataset``, ``CinCFolderDataset``)."""
 
-    def __init__(self, index: RecordIndex, name: str, info: Optional[Dict] = None, limit: Optional[int] = None,
-                 annotations: Optional[str] = None, beat_class_names: Sequence[str] = ()) -> None:
+    def __init__(self, index: RecordIndex, name: str, info: dict | None = None, limit: int | None = None,
+                 annotations: str | None = None, beat_class_names: Sequence[str] = ()) -> None:
         n = len(index) if limit is None else min(limit, len(index))
         if beat_class_names and not annotations:
             raise ValueError("beat_class_names needs annotations (the WFDB annotation extension, e.g. 'atr')")
@@ -105,7 +105,7 @@ class PathSource(Source):
         self.paths = index.paths[:n]
         self.name, self.annotations = name, annotations
 
-    def payload(self, indices: Sequence[int]) -> List[tuple]:
+    def payload(self, indices: Sequence[int]) -> list[tuple]:
         return [("path", self.paths[i], self.annotations) for i in indices]
 
 
@@ -114,10 +114,10 @@ class ArraySource(Source):
 
     ``episodes`` (per record, a list of ``annotations.Episode``) label beats with ``beat_class_names``."""
 
-    def __init__(self, signals: Union[np.ndarray, Sequence[np.ndarray]], fs: float, labels: Optional[np.ndarray],
-                 class_names: Sequence[str], splits: Optional[np.ndarray], record_ids: Optional[Sequence[str]] = None,
-                 rpeaks: Optional[Sequence[np.ndarray]] = None, name: str = "arrays", info: Optional[Dict] = None,
-                 episodes: Optional[Sequence[Sequence[Episode]]] = None,
+    def __init__(self, signals: np.ndarray | Sequence[np.ndarray], fs: float, labels: np.ndarray | None,
+                 class_names: Sequence[str], splits: np.ndarray | None, record_ids: Sequence[str] | None = None,
+                 rpeaks: Sequence[np.ndarray] | None = None, name: str = "arrays", info: dict | None = None,
+                 episodes: Sequence[Sequence[Episode]] | None = None,
                  beat_class_names: Sequence[str] = ()) -> None:
         n = len(signals)
         ids = record_ids if record_ids is not None else [f"{name}{i:06d}" for i in range(n)]
@@ -127,7 +127,7 @@ class ArraySource(Source):
         self.signals, self.fs, self.rpeaks, self.name, self.episodes = (
             signals, check_sampling_rate(fs), rpeaks, name, episodes)
 
-    def payload(self, indices: Sequence[int]) -> List[tuple]:
+    def payload(self, indices: Sequence[int]) -> list[tuple]:
         return [("array", np.asarray(self.signals[i]), self.fs, None if self.rpeaks is None else self.rpeaks[i],
                  None if self.episodes is None else self.episodes[i]) for i in indices]
 
@@ -144,7 +144,7 @@ class SyntheticSource(Source):
     name = "synthetic"
 
     def __init__(self, n_records: int, seed: int, class_names: Sequence[str], use_true_rpeaks: bool = False,
-                 kind: str = "strips", options: Optional[Dict] = None, beat_class_names: Sequence[str] = ()) -> None:
+                 kind: str = "strips", options: dict | None = None, beat_class_names: Sequence[str] = ()) -> None:
         if kind not in ("strips", "long"):
             raise ValueError(f"kind must be 'strips' or 'long', got {kind!r}")
         ids = [f"syn{seed}_{i:06d}" if kind == "strips" else f"long{seed}_{i:06d}" for i in range(n_records)]
@@ -189,11 +189,11 @@ def long_synthetic_source(n_records: int, seed: int = 0, use_true_rpeaks: bool =
 class _Options:
     """How items are cut from records (travels to the workers)."""
 
-    max_beats: Optional[int]
+    max_beats: int | None
     bandpass: bool
-    window_s: Optional[float]
-    stride_s: Optional[float]
-    beat_classes: Tuple[str, ...]
+    window_s: float | None
+    stride_s: float | None
+    beat_classes: tuple[str, ...]
 
 
 def _generated_items(payload):
@@ -250,7 +250,7 @@ def _tokenize_item(item, opt: _Options):
     return out, empty
 
 
-def item_rows(start: float, bt: BeatTokens) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def item_rows(start: float, bt: BeatTokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The beat-major rows an item of ``bt`` (starting ``start`` seconds into its record) is stored as:
     ``tokens [n, 12, 96]``, ``valid [n, 12]``, ``time [n]`` (see ``item_tensors`` for the way back)."""
     # Beat-major: an item is a contiguous block of rows. The R peak's second is shared by the leads; stored once.
@@ -258,7 +258,7 @@ def item_rows(start: float, bt: BeatTokens) -> Tuple[np.ndarray, np.ndarray, np.
     return bt.tokens.transpose(1, 0, 2), bt.valid.T, time
 
 
-def _tokenize_payload(payload, positions: List[int], opt: _Options) -> Dict:
+def _tokenize_payload(payload, positions: list[int], opt: _Options) -> dict:
     """Worker body: tokenise one shard into the arrays of its items (see ``_write_shard``).
 
     Any failure of one record is a skip of that record: kind "unreadable" or "no_beats" for the expected ones,
@@ -366,9 +366,9 @@ def _load_shard(path: Path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_cache(source: Source, out_dir: Union[str, os.PathLike], *, max_beats: Optional[int] = 15, bandpass: bool = False,
+def build_cache(source: Source, out_dir: str | os.PathLike, *, max_beats: int | None = 15, bandpass: bool = False,
                 workers: int = 1, shard_size: int = 256, overwrite: bool = False, progress: bool = True,
-                window_s: Optional[float] = None, stride_s: Optional[float] = None) -> Dict:
+                window_s: float | None = None, stride_s: float | None = None) -> dict:
     """Tokenise ``source`` into ``out_dir`` (see the module docstring) and return the ``meta.json`` content.
 
     ``max_beats=None`` keeps every beat; with a cap the beats after it are counted (``beats_dropped``), logged
@@ -425,10 +425,10 @@ def build_cache(source: Source, out_dir: Union[str, os.PathLike], *, max_beats: 
     todo = [s for s in range(n_shards) if _load_shard(shard_path(s)) is None]
     log.info("%d records in %d shards, %d to do", n, n_shards, len(todo))
 
-    def positions(s: int) -> List[int]:
+    def positions(s: int) -> list[int]:
         return list(range(s * shard_size, min((s + 1) * shard_size, n)))
 
-    def save(s: int, result: Dict) -> None:
+    def save(s: int, result: dict) -> None:
         pos = positions(s)
         labels = source.labels[pos] if source.labels is not None else result["gen_labels"]
         splits = source.splits[pos] if source.splits is not None else result["gen_splits"]
@@ -471,7 +471,7 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="rec", desc="tokenising", disable=not enabled)
 
 
-def _write_rows(path: Path, shards: List[Dict], key: str, shape_tail: Tuple[int, ...], dtype) -> None:
+def _write_rows(path: Path, shards: list[dict], key: str, shape_tail: tuple[int, ...], dtype) -> None:
     """Stream one beat array, shard by shard, into a memory-mapped temp file, then rename it into place: the
     merge never holds a dataset of hours in memory."""
     total = int(sum(len(sh[key]) for sh in shards))
@@ -489,7 +489,7 @@ def _write_rows(path: Path, shards: List[Dict], key: str, shape_tail: Tuple[int,
     _atomic_write(path, w)
 
 
-def _merge(source: Source, out: Path, n_shards: int, shard_path, config: Dict) -> Dict:
+def _merge(source: Source, out: Path, n_shards: int, shard_path, config: dict) -> dict:
     """Concatenate the shards into the final memory-mappable arrays, then write meta.json last."""
     shards = [_load_shard(shard_path(s)) for s in range(n_shards)]
     if any(sh is None for sh in shards):
@@ -568,7 +568,7 @@ def _merge(source: Source, out: Path, n_shards: int, shard_path, config: Dict) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_meta(cache_dir: Union[str, os.PathLike]) -> Dict:
+def load_meta(cache_dir: str | os.PathLike) -> dict:
     path = Path(cache_dir) / "meta.json"
     if not path.exists():
         raise FileNotFoundError(f"{cache_dir} is not a complete token cache (no meta.json); run prepare")
@@ -589,13 +589,13 @@ class TokenDataset(Dataset):
     with ``pad_collate``; ``lengths`` feeds a length-bucketing sampler.
     """
 
-    def __init__(self, cache_dir: Union[str, os.PathLike], split: Optional[str] = "train") -> None:
+    def __init__(self, cache_dir: str | os.PathLike, split: str | None = "train") -> None:
         self.cache_dir = Path(cache_dir)
         self.meta = load_meta(cache_dir)
-        self.class_names: List[str] = list(self.meta["class_names"])
-        self.beat_class_names: List[str] = list(self.meta.get("beat_class_names", []))
-        self.pad_to: Optional[int] = self.meta["max_beats"]
-        self._arr: Optional[Dict[str, np.ndarray]] = None
+        self.class_names: list[str] = list(self.meta["class_names"])
+        self.beat_class_names: list[str] = list(self.meta.get("beat_class_names", []))
+        self.pad_to: int | None = self.meta["max_beats"]
+        self._arr: dict[str, np.ndarray] | None = None
         self._pid = None
         splits = np.load(self.cache_dir / "splits.npy")
         if split is None:
@@ -608,7 +608,7 @@ class TokenDataset(Dataset):
         self.lengths = np.diff(offsets)[self.indices]  # beats per item, for bucketing and token budgets
 
     @property
-    def arrays(self) -> Dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray]:
         """The memory-mapped arrays, opened lazily once per process (DataLoader workers map their own)."""
         if self._arr is None or self._pid != os.getpid():
             self._arr = {name: np.load(self.cache_dir / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
@@ -627,7 +627,7 @@ class TokenDataset(Dataset):
     def record_id(self, i: int) -> str:
         return str(self.arrays["record_ids"][self.indices[i]])
 
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j = int(self.indices[i])
         a = self.arrays
         lo, hi = int(a["offsets"][j]), int(a["offsets"][j + 1])
@@ -640,7 +640,7 @@ class TokenDataset(Dataset):
 
 
 def item_tensors(tokens: np.ndarray, valid: np.ndarray, time: np.ndarray,
-                 pad_to: Optional[int]) -> Dict[str, torch.Tensor]:
+                 pad_to: int | None) -> dict[str, torch.Tensor]:
     """Beat-major rows of one item (``tokens [n, 12, 96]``, ``valid [n, 12]``, ``time [n]``) as the model's
     lead-major inputs ``tokens [12, w, 96]``, ``valid [12, w]``, ``time [12, w]``, padded to ``w = max(n,
     pad_to)``. The one place a cached item and a record read by ``predict`` become model inputs, so both give
@@ -656,7 +656,7 @@ def item_tensors(tokens: np.ndarray, valid: np.ndarray, time: np.ndarray,
     return {"tokens": torch.from_numpy(tok), "valid": torch.from_numpy(val), "time": torch.from_numpy(tim)}
 
 
-def pad_collate(items: Sequence[Dict]) -> Dict:
+def pad_collate(items: Sequence[dict]) -> dict:
     """Stack dataset items of different beat counts, padding each to the longest of the batch (padding tokens
     are invalid, so the model and the losses ignore them)."""
     import torch

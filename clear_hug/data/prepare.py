@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from .cache import PathSource, Source, build_cache, synthetic_source
 from .readers import PTBXL_TASKS, CinCFolderDataset, PTBXLDataset
@@ -35,7 +35,7 @@ def make_source(args: argparse.Namespace) -> Source:
                       beat_class_names=args.beat_classes or ())
 
 
-def max_beats_arg(text: str) -> Optional[int]:
+def max_beats_arg(text: str) -> int | None:
     """``--max-beats``: a positive int, or ``all`` for every beat of the record."""
     if text.lower() in ("all", "none"):
         return None
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

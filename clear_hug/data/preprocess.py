@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from functools import lru_cache
-from typing import Tuple
 
 import numpy as np
 from scipy import signal as sps
@@ -42,7 +41,7 @@ def check_size(n_samples: int, n_channels: int, fs: float) -> None:
                          f"is more than the {MAX_VALUES} values one record may hold")
 
 
-def resample_ratio(fs_in: float, fs_out: float = TARGET_FS, max_den: int = 1000) -> Tuple[int, int]:
+def resample_ratio(fs_in: float, fs_out: float = TARGET_FS, max_den: int = 1000) -> tuple[int, int]:
     """(up, down) integers with ``up / down`` close to ``fs_out / fs_in`` (500 Hz -> (1, 5), 360 Hz -> (5, 18)).
 
     A small denominator keeps the polyphase filter short; 1000 keeps the rate error below 0.1% for any
@@ -67,7 +66,7 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float = TARGET_FS) -> np.ndarr
 
 
 @lru_cache(maxsize=64)
-def butter_bandpass(fs: float, lo: float, hi: float, order: int) -> Tuple[np.ndarray, np.ndarray]:
+def butter_bandpass(fs: float, lo: float, hi: float, order: int) -> tuple[np.ndarray, np.ndarray]:
     """Butterworth band-pass as second-order sections and their step-response initial state, cached per rate.
 
     Designing the filter and solving for its initial state cost more than filtering a 10 s strip, and every
@@ -158,7 +157,7 @@ def flat_leads(x: np.ndarray, fs: float, min_range_mv: float = 0.02, max_flat_fr
 
 
 def preprocess(x: np.ndarray, fs: float, bandpass_filter: bool = False,
-               fs_out: float = TARGET_FS) -> Tuple[np.ndarray, np.ndarray]:
+               fs_out: float = TARGET_FS) -> tuple[np.ndarray, np.ndarray]:
     """NaN repair, resampling to ``fs_out`` and the optional band-pass: ``(signal [C, T'] float32, flat [C])``.
 
     Flat leads are judged on the repaired signal at the original rate, before filtering can smear a step.

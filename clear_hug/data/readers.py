@@ -8,11 +8,12 @@ in worker processes, so building a dataset over 20,000 records takes seconds, no
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
 import re
-import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -56,13 +57,13 @@ def _record_base(path) -> str:
     return p
 
 
-def parse_header_comments(comments: Sequence[str]) -> Dict[str, object]:
+def parse_header_comments(comments: Sequence[str]) -> dict[str, object]:
     """Age, sex and ``Dx`` SNOMED codes from WFDB header comment lines (CinC style ``Age: 59``, PTB ``age: 81``).
 
     Missing or unparsable values become None (age, sex) or an empty list (dx); codes that are not integers are
     skipped rather than failing the record, since the label table keeps unknown codes anyway.
     """
-    out: Dict[str, object] = {"age": None, "sex": None, "dx": []}
+    out: dict[str, object] = {"age": None, "sex": None, "dx": []}
     for line in comments:
         m = re.match(r"\s*#?\s*([A-Za-z]+)\s*:\s*(.*)$", str(line))
         if not m:
@@ -91,7 +92,7 @@ _FORMAT = re.compile(r"(\d+)(?:x(\d+))?(?::\d+)?(?:\+(\d+))?")
 _BYTES_PER_SAMPLE = {8: 1, 80: 1, 16: 2, 61: 2, 160: 2, 212: 1.5, 310: 4 / 3, 311: 4 / 3, 24: 3, 32: 4}
 
 
-def _header_rate(base: str) -> Tuple[float, Optional[int]]:
+def _header_rate(base: str) -> tuple[float, int | None]:
     """The sampling rate and samples per channel that the record line of ``base.hea`` declares, checked.
 
     Read here, not by wfdb, which falls back to 250 Hz when the rate field is missing or unreadable and reads
@@ -125,7 +126,7 @@ def _header_rate(base: str) -> Tuple[float, Optional[int]]:
 
 def _check_signal_files(base: str, signal_lines: Sequence[str], n_samples: int) -> None:
     """RecordReadError when a signal file is missing or shorter than the header's samples need (known formats)."""
-    need: Dict[str, float] = {}
+    need: dict[str, float] = {}
     for line in signal_lines:
         parts = line.split()
         m = _FORMAT.fullmatch(parts[1]) if len(parts) > 1 else None
@@ -143,7 +144,7 @@ def _check_signal_files(base: str, signal_lines: Sequence[str], n_samples: int) 
                                   f"{n_samples} samples need {int(size)}")
 
 
-def read_record(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, float, Dict[str, object]]:
+def read_record(path: str | os.PathLike) -> tuple[np.ndarray, float, dict[str, object]]:
     """Read one WFDB record (``.dat`` or the CinC ``.mat`` variant) as ``(signal [12, T] float32 mV, fs, meta)``.
 
     Leads are put in the canonical order by name (case-insensitive); leads the file lacks are zeros and listed
@@ -181,7 +182,7 @@ def read_record(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, float, Dict[
     present = {i for i in idx if i is not None}
     if not present:
         raise RecordReadError(f"{base}: none of the leads {names} is one of the 12 standard leads")
-    meta: Dict[str, object] = {
+    meta: dict[str, object] = {
         "record": os.path.basename(base),
         "lead_names": names,
         "missing_leads": [LEADS[i] for i in range(NUM_LEADS) if i not in present],
@@ -190,10 +191,10 @@ def read_record(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, float, Dict[
     return out, fs, meta
 
 
-def _header_comments(base: str) -> List[str]:
+def _header_comments(base: str) -> list[str]:
     """Comment lines of a ``.hea`` file, read as text (much faster than parsing the whole header)."""
     try:
-        with open(base + ".hea", "r", encoding="utf-8", errors="replace") as fh:
+        with open(base + ".hea", encoding="utf-8", errors="replace") as fh:
             return [line[1:].strip() for line in fh if line.startswith("#")]
     except OSError:
         return []
@@ -211,10 +212,10 @@ class RecordIndex:
 
     def __init__(self, record_ids: Sequence[str], paths: Sequence[str], labels: np.ndarray,
                  class_names: Sequence[str], splits: np.ndarray) -> None:
-        self.record_ids: List[str] = list(record_ids)
-        self.paths: List[str] = list(paths)
+        self.record_ids: list[str] = list(record_ids)
+        self.paths: list[str] = list(paths)
         self.labels = np.asarray(labels, dtype=np.float32).reshape(len(self.paths), len(class_names))
-        self.class_names: List[str] = list(class_names)
+        self.class_names: list[str] = list(class_names)
         self.splits = np.asarray(splits, dtype=np.int8)
 
     def __len__(self) -> int:
@@ -229,7 +230,7 @@ class RecordIndex:
         """Positions of the records of one split (``"train"``, ``"val"`` or ``"test"``)."""
         return np.nonzero(self.splits == SPLIT_IDS[split])[0]
 
-    def use_split_file(self, path: Union[str, os.PathLike]) -> None:
+    def use_split_file(self, path: str | os.PathLike) -> None:
         """Replace the splits by a published one: a CSV with columns ``record`` and ``split`` (train, val or
         test). Every record of the index must be listed (records of the file that are not here are ignored)."""
         import csv
@@ -255,7 +256,7 @@ class RecordIndex:
 PTBXL_TASKS = ("superdiagnostic", "subdiagnostic", "diagnostic", "form", "rhythm", "all")
 
 
-def ptbxl_labels(scp_codes: Dict[str, float], statements: pd.DataFrame, task: str) -> List[str]:
+def ptbxl_labels(scp_codes: dict[str, float], statements: pd.DataFrame, task: str) -> list[str]:
     """Labels of one PTB-XL record for a benchmark task, aggregated the standard way (Strodthoff et al. 2021).
 
     Every code in ``scp_codes`` counts, whatever its likelihood. superdiagnostic / subdiagnostic: diagnostic
@@ -298,7 +299,7 @@ class PTBXLDataset(RecordIndex):
 
     source = "ptbxl"
 
-    def __init__(self, root: Union[str, os.PathLike], sampling_rate: int = 100, task: str = "superdiagnostic",
+    def __init__(self, root: str | os.PathLike, sampling_rate: int = 100, task: str = "superdiagnostic",
                  drop_empty: bool = True) -> None:
         import pandas as pd
 
@@ -364,13 +365,13 @@ class CinCFolderDataset(RecordIndex):
 
     ``label_set="all"``: a class per code, named by ``snomed.SNOMED_NAMES`` (unknown codes keep their number);
     ``"cinc2021"``: the CinC 2021 challenge's scored classes with equivalent codes merged (other codes ignored).
-    ``class_names`` are the classes that occur, sorted. The challenge data has no official split, so each record gets a stable hash split
-    (80/10/10).
+    ``class_names`` are the classes that occur, sorted. The challenge data has no official split, so each record
+    gets a stable hash split (80/10/10).
     """
 
     source = "cinc"
 
-    def __init__(self, root: Union[str, os.PathLike], val: float = 0.1, test: float = 0.1,
+    def __init__(self, root: str | os.PathLike, val: float = 0.1, test: float = 0.1,
                  label_set: str = "all") -> None:
         class_of("0", label_set)  # checks label_set before any file is read
         root = Path(root)

@@ -16,10 +16,11 @@ so a 10 s, 12-lead strip takes a few milliseconds.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage, signal as sps
+from scipy import ndimage
+from scipy import signal as sps
 
 from .preprocess import butter_bandpass, filtfilt_sos
 
@@ -82,7 +83,7 @@ def _alive(x: np.ndarray, fs: float) -> np.ndarray:
     return ndimage.maximum_filter1d(moving, max(int(round(0.1 * fs)), 1), axis=-1, mode="nearest")
 
 
-def _combined_envelope(x: np.ndarray, fs: float) -> Tuple[np.ndarray, np.ndarray]:
+def _combined_envelope(x: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray]:
     """Pooled QRS envelope [T] and per-lead weights [C] (zero for flat leads)."""
     alive = _alive(x, fs)
     bp = _bandpass(x, fs, *_QRS_BAND)
@@ -311,7 +312,7 @@ def detect_rpeaks(sig: np.ndarray, fs: float) -> np.ndarray:
     return peaks.astype(np.int64)
 
 
-def match_beats(reference: Sequence[int], detected: Sequence[int], tolerance: int) -> Tuple[int, int, int]:
+def match_beats(reference: Sequence[int], detected: Sequence[int], tolerance: int) -> tuple[int, int, int]:
     """One-to-one matching of detected to reference beats within ``tolerance`` samples: (TP, FN, FP).
 
     Greedy in time order. It is optimal when neighbouring beats are further apart than twice the tolerance;
@@ -334,7 +335,7 @@ def match_beats(reference: Sequence[int], detected: Sequence[int], tolerance: in
 
 
 def detection_scores(reference: Sequence[int], detected: Sequence[int], fs: float,
-                     tolerance_s: float = 0.15) -> Tuple[float, float]:
+                     tolerance_s: float = 0.15) -> tuple[float, float]:
     """Sensitivity and positive predictivity of ``detected`` against ``reference`` beats."""
     tp, fn, fp = match_beats(reference, detected, int(round(tolerance_s * fs)))
     se = tp / (tp + fn) if tp + fn else 1.0

@@ -9,13 +9,13 @@ batches. A record longer than the budget on its own forms a batch by itself (it 
 
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
 
 
-class LengthBucketSampler(Sampler[List[int]]):
+class LengthBucketSampler(Sampler[list[int]]):
     """A batch sampler (pass as ``DataLoader(batch_sampler=...)``) over items of ``lengths`` beats.
 
     ``tokens_per_beat`` is the number of tokens a beat costs (12 leads). ``pool`` records are drawn at random,
@@ -50,15 +50,15 @@ class LengthBucketSampler(Sampler[List[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _batches(self) -> List[List[int]]:
+    def _batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
-        batches: List[List[int]] = []
+        batches: list[list[int]] = []
         for p in range(0, len(order), self.pool):
             chunk = order[p:p + self.pool]
             # Stable sort: equal lengths keep the (random) pool order.
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            current: List[int] = []
+            current: list[int] = []
             longest = 0
             for i in chunk.tolist():
                 width = max(longest, int(self.lengths[i]), 1)
@@ -78,7 +78,7 @@ class LengthBucketSampler(Sampler[List[int]]):
             batches = batches[self.rank::self.num_replicas]
         return batches
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
         return iter(self._batches())
 
     def __len__(self) -> int:

@@ -7,12 +7,13 @@ number as its name (``"123456"``): labels are never dropped, only left unnamed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
 
-SNOMED_NAMES: Dict[int, str] = {
+SNOMED_NAMES: dict[int, str] = {
     # rhythms
     426783006: "SNR",  # sinus rhythm (normal)
     427084000: "STach",  # sinus tachycardia
@@ -104,7 +105,7 @@ def snomed_name(code: int) -> str:
     return SNOMED_NAMES.get(int(code), str(int(code)))
 
 
-def class_of(code: int, label_set: str = "all") -> Optional[str]:
+def class_of(code: int, label_set: str = "all") -> str | None:
     """The class a code counts as: its short name (``"all"``), or its CinC 2021 scored class with equivalent
     codes merged (``"cinc2021"``; None for a code the challenge does not score)."""
     if label_set == "all":
@@ -114,7 +115,7 @@ def class_of(code: int, label_set: str = "all") -> Optional[str]:
     raise ValueError(f"label_set must be one of {LABEL_SETS}, got {label_set!r}")
 
 
-def cinc2021_weights(class_names: Sequence[str]) -> Optional[Tuple[np.ndarray, int]]:
+def cinc2021_weights(class_names: Sequence[str]) -> tuple[np.ndarray, int] | None:
     """The CinC 2021 reward matrix ``[C, C]`` over ``class_names`` and the index of the normal class, or None
     when a class is not a scored class or the normal class is missing (then the challenge score is undefined)."""
     import numpy as np

@@ -7,8 +7,8 @@ what the conduction attention of the model relies on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -43,13 +43,13 @@ class BeatTokens:
     tokens: np.ndarray
     valid: np.ndarray
     time: np.ndarray
-    rpeaks: Union[np.ndarray, List[np.ndarray]]
+    rpeaks: np.ndarray | list[np.ndarray]
     flat: np.ndarray
-    failed: List[Tuple[int, str]] = field(default_factory=list)
-    n_dropped: Union[int, np.ndarray] = 0
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    n_dropped: int | np.ndarray = 0
 
 
-def beat_windows(rpeaks: np.ndarray, n_samples: int) -> Tuple[np.ndarray, np.ndarray]:
+def beat_windows(rpeaks: np.ndarray, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """``(start, end)`` sample bounds (end exclusive) of each beat's window.
 
     From the midpoint of the previous RR interval to the midpoint of the next; the first and last beats use
@@ -72,7 +72,7 @@ def beat_windows(rpeaks: np.ndarray, n_samples: int) -> Tuple[np.ndarray, np.nda
     return start, end
 
 
-def _missing_mask(missing_leads: Optional[Union[Sequence[Union[str, int]], np.ndarray]]) -> np.ndarray:
+def _missing_mask(missing_leads: Sequence[str | int] | np.ndarray | None) -> np.ndarray:
     mask = np.zeros(NUM_LEADS, dtype=bool)
     if missing_leads is None:
         return mask
@@ -89,10 +89,10 @@ def _missing_mask(missing_leads: Optional[Union[Sequence[Union[str, int]], np.nd
 def tokenize_beats(
     signal: np.ndarray,
     fs: float,
-    max_beats: Optional[int] = 15,
-    rpeaks: Optional[np.ndarray] = None,
+    max_beats: int | None = 15,
+    rpeaks: np.ndarray | None = None,
     bandpass: bool = False,
-    missing_leads: Optional[Union[Sequence[Union[str, int]], np.ndarray]] = None,
+    missing_leads: Sequence[str | int] | np.ndarray | None = None,
 ) -> BeatTokens:
     """Tokenise a 12-lead record ``[12, T]`` sampled at ``fs`` (see ``BeatTokens``).
 
@@ -147,7 +147,7 @@ def tokenize_beats(
     return BeatTokens(tokens=tokens, valid=valid, time=time, rpeaks=r, flat=flat, n_dropped=len(r) - nb)
 
 
-def _check_max_beats(max_beats: Optional[int]) -> None:
+def _check_max_beats(max_beats: int | None) -> None:
     if max_beats is None:
         return
     if isinstance(max_beats, bool) or not isinstance(max_beats, (int, np.integer)):
@@ -157,7 +157,7 @@ def _check_max_beats(max_beats: Optional[int]) -> None:
 
 
 def split_windows(bt: BeatTokens, window_s: float, stride_s: float,
-                  duration_s: float) -> List[Tuple[float, BeatTokens]]:
+                  duration_s: float) -> list[tuple[float, BeatTokens]]:
     """Cut the tokens of a whole record (``tokenize_beats(..., max_beats=None)``) into windows of ``window_s``
     seconds every ``stride_s`` seconds, for records of hours.
 
@@ -187,7 +187,7 @@ def split_windows(bt: BeatTokens, window_s: float, stride_s: float,
 
 
 def tokenize_records(
-    records: Sequence[Tuple[np.ndarray, float]],
+    records: Sequence[tuple[np.ndarray, float]],
     max_beats: int = 15,
     bandpass: bool = False,
     errors: str = "raise",
@@ -209,8 +209,8 @@ def tokenize_records(
     valid = np.zeros((n, NUM_LEADS, max_beats), dtype=bool)
     time = np.zeros((n, NUM_LEADS, max_beats), dtype=np.int64)
     flat = np.ones((n, NUM_LEADS), dtype=bool)
-    rpeaks: List[np.ndarray] = []
-    failed: List[Tuple[int, str]] = []
+    rpeaks: list[np.ndarray] = []
+    failed: list[tuple[int, str]] = []
     dropped = np.zeros(n, dtype=np.int64)
     for i, (sig, fs) in enumerate(records):
         try:

@@ -9,8 +9,8 @@ a beat budget (``LengthBucketSampler``), so nothing is L x L and memory is linea
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -31,9 +31,9 @@ from .pretrain import batch_inputs
 class BeatRecords:
     """Per-record features and labels (lists, one entry per record, records of any length)."""
 
-    feats: List[torch.Tensor]  # [n_i, E] float32
-    beat_valid: List[torch.Tensor]  # [n_i] bool: the beat has a valid token in some lead
-    beat_labels: List[torch.Tensor]  # [n_i, K] float32
+    feats: list[torch.Tensor]  # [n_i, E] float32
+    beat_valid: list[torch.Tensor]  # [n_i] bool: the beat has a valid token in some lead
+    beat_labels: list[torch.Tensor]  # [n_i, K] float32
     summary: torch.Tensor  # [N, leads, E]: the lead summaries, for HUG beside the per-beat head
     labels: torch.Tensor  # [N, C]
 
@@ -58,7 +58,7 @@ def _lengths(dataset: Dataset) -> np.ndarray:
 
 @torch.no_grad()
 def extract_beat_features(encoder: CLEAR, dataset: Dataset, max_tokens: int = 24_000,
-                          device: Optional[Union[str, torch.device]] = None,
+                          device: str | torch.device | None = None,
                           progress: bool = False) -> BeatRecords:
     """Run the frozen encoder on every record (batched by length under ``max_tokens``) in dataset order."""
     if len(dataset) == 0:
@@ -89,12 +89,12 @@ def extract_beat_features(encoder: CLEAR, dataset: Dataset, max_tokens: int = 24
     return BeatRecords(feats, valid_l, beat_l, torch.stack(summary), torch.stack(labels))
 
 
-def _pad(rows: List[torch.Tensor], value: float = 0.0) -> torch.Tensor:
+def _pad(rows: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
 
 def _batches(data: BeatRecords, budget: int, shuffle: bool, seed: int,
-             epoch: int) -> Iterator[tuple[List[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+             epoch: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
     lengths = np.array([len(f) for f in data.feats])
     sampler = LengthBucketSampler(lengths, budget, tokens_per_beat=1, shuffle=shuffle, seed=seed)
     sampler.set_epoch(epoch)
@@ -104,7 +104,7 @@ def _batches(data: BeatRecords, budget: int, shuffle: bool, seed: int,
 
 
 @torch.no_grad()
-def predict_beats(head: BeatHead, data: BeatRecords, budget: int = 20_000) -> List[np.ndarray]:
+def predict_beats(head: BeatHead, data: BeatRecords, budget: int = 20_000) -> list[np.ndarray]:
     """Per-beat probabilities ``[n_i, K]`` for every record, in order."""
     head.eval()
     out: list = [None] * len(data.feats)
@@ -116,7 +116,7 @@ def predict_beats(head: BeatHead, data: BeatRecords, budget: int = 20_000) -> Li
     return out
 
 
-def beat_auroc(data: BeatRecords, scores: List[np.ndarray]) -> dict:
+def beat_auroc(data: BeatRecords, scores: list[np.ndarray]) -> dict:
     """Macro AUROC over all valid beats of all records (each class scored where it has both label values)."""
     y = np.concatenate([lab[v].numpy() for lab, v in zip(data.beat_labels, data.beat_valid)])
     s = np.concatenate([sc[v.numpy()] for sc, v in zip(scores, data.beat_valid)])
@@ -124,7 +124,7 @@ def beat_auroc(data: BeatRecords, scores: List[np.ndarray]) -> dict:
 
 
 def train_beat_head(train: BeatRecords, val: BeatRecords, args: BeatHeadArgs,
-                    logger: Optional[common.JsonlLogger] = None) -> tuple[BeatHead, dict]:
+                    logger: common.JsonlLogger | None = None) -> tuple[BeatHead, dict]:
     """Train a ``BeatHead`` with BCE over the valid beats; keep the epoch with the best validation AUROC."""
     if not train.feats or not val.feats:
         raise ValueError("train_beat_head needs records in both the training and the validation set")

@@ -10,9 +10,10 @@ import json
 import math
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_distributed(device: Optional[str] = None) -> DistInfo:
+def setup_distributed(device: str | None = None) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -79,7 +80,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s, b=b: factor(s, b) for b in base])
 
 
-def autocast(device: torch.device, enabled: Optional[bool]) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, enabled: bool | None) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA by default; off on CPU unless asked (CPU bf16 is slow on most machines)."""
     if enabled is None:
         enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -141,7 +142,7 @@ def json_line(record: dict) -> str:
 class JsonlLogger:
     """Appends one JSON object per line; a no-op on non-main ranks or without a path."""
 
-    def __init__(self, path: Optional[os.PathLike], enabled: bool = True) -> None:
+    def __init__(self, path: os.PathLike | None, enabled: bool = True) -> None:
         self.path = Path(path) if path is not None and enabled else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

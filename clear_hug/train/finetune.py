@@ -6,8 +6,8 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -39,10 +39,10 @@ class FinetuneArgs:
     clip: float = 3.0
     seed: int = 0
     label_fraction: float = 1.0
-    encoder_lr: Optional[float] = None  # fine-tuning only; defaults to lr / 10
-    amp: Optional[bool] = None
+    encoder_lr: float | None = None  # fine-tuning only; defaults to lr / 10
+    amp: bool | None = None
     progress: bool = False
-    device: Optional[str] = None
+    device: str | None = None
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -75,7 +75,7 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def extract_features(encoder: CLEAR, dataset: Dataset, batch_size: int = 128,
-                     device: Optional[Union[str, torch.device]] = None, amp: Optional[bool] = None,
+                     device: str | torch.device | None = None, amp: bool | None = None,
                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's 12 summary outputs for every record (``[N, 12, E]`` float32) and the labels ``[N, C]``.
 
@@ -122,7 +122,7 @@ def extract_features_distributed(encoder: CLEAR, dataset: Dataset, info: common.
 
 @torch.no_grad()
 def predict(module: torch.nn.Module, batches: Iterable,
-            device: Union[str, torch.device]) -> tuple[np.ndarray, np.ndarray]:
+            device: str | torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid scores and labels over ``(inputs, labels)`` batches."""
     module.eval()
     scores, labels = [], []
@@ -149,8 +149,8 @@ def _record_batches(dataset, batch_size, shuffle=False, generator=None):
 
 
 def fit(module: torch.nn.Module, train: Callable[[torch.Generator], Iterable], val: Callable[[], Iterable],
-        args: FinetuneArgs, n_train: int, device: Union[str, torch.device], param_groups: Optional[list] = None,
-        logger: Optional[common.JsonlLogger] = None) -> dict:
+        args: FinetuneArgs, n_train: int, device: str | torch.device, param_groups: list | None = None,
+        logger: common.JsonlLogger | None = None) -> dict:
     """Train ``module`` with BCE; keep the weights with the best validation macro AUROC (checked every epoch).
 
     ``train(generator)`` and ``val()`` return iterables of ``(inputs, labels)`` batches. When the validation
@@ -208,7 +208,7 @@ def _require_records(**sizes: int) -> None:
 
 def train_head_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                            val_labels: torch.Tensor, args: FinetuneArgs,
-                           logger: Optional[common.JsonlLogger] = None) -> tuple[torch.nn.Module, dict]:
+                           logger: common.JsonlLogger | None = None) -> tuple[torch.nn.Module, dict]:
     """Frozen-encoder path: a head trained on precomputed summary features of a label subset."""
     _require_records(train=len(train_feats), val=len(val_feats))
     common.seed_everything(args.seed)
@@ -222,7 +222,7 @@ def train_head_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor
 
 
 def finetune_end_to_end(encoder: CLEAR, train_set: Dataset, val_set: Dataset, num_classes: int,
-                        args: FinetuneArgs, logger: Optional[common.JsonlLogger] = None) -> tuple[Classifier, dict]:
+                        args: FinetuneArgs, logger: common.JsonlLogger | None = None) -> tuple[Classifier, dict]:
     """Fine-tuning path: encoder and head train together, the encoder at a lower lr."""
     _require_records(train_set=len(train_set), val_set=len(val_set))
     common.seed_everything(args.seed)
@@ -239,8 +239,8 @@ def finetune_end_to_end(encoder: CLEAR, train_set: Dataset, val_set: Dataset, nu
     return model, result
 
 
-def evaluate(module: torch.nn.Module, feats_or_set: Union[torch.Tensor, Dataset],
-             labels: Optional[torch.Tensor] = None, device: Union[str, torch.device] = "cpu") -> dict:
+def evaluate(module: torch.nn.Module, feats_or_set: torch.Tensor | Dataset,
+             labels: torch.Tensor | None = None, device: str | torch.device = "cpu") -> dict:
     """Test macro AUROC of a head on features (``labels`` given) or of a Classifier on a dataset."""
     batches = (_feature_batches(feats_or_set, labels, 1024) if labels is not None
                else _record_batches(feats_or_set, 256))

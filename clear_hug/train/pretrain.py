@@ -6,7 +6,6 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -36,18 +35,18 @@ class PretrainArgs:
     min_lr: float = 1e-5
     clip: float = 3.0
     seed: int = 0
-    amp: Optional[bool] = None  # None: bf16 on CUDA, off on CPU
-    out_dir: Optional[str] = None
+    amp: bool | None = None  # None: bf16 on CUDA, off on CPU
+    out_dir: str | None = None
     resume: bool = True  # continue from out_dir/last.pt when it exists
-    stop_after_epochs: Optional[int] = None  # end this run early (tests, preemptible jobs); schedule unchanged
+    stop_after_epochs: int | None = None  # end this run early (tests, preemptible jobs); schedule unchanged
     # Resuming with another ``epochs`` changes the learning-rate schedule of the steps still to come, so it is
     # refused unless asked for: then the cosine decay is stretched to the new end from the current step on.
     extend_schedule: bool = False
     # Variable-length batches: records of similar length grouped under this many (padded) tokens per batch,
     # instead of batch_size records (needs a dataset with ``lengths``, like TokenDataset).
-    max_tokens: Optional[int] = None
+    max_tokens: int | None = None
     progress: bool = True
-    device: Optional[str] = None
+    device: str | None = None
 
 
 def batch_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,7 +57,7 @@ def batch_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch
 
 
 def loader(dataset: Dataset, batch_size: int, info: common.DistInfo, shuffle: bool, seed: int,
-           max_tokens: Optional[int] = None) -> tuple[DataLoader, Union[DistributedSampler, LengthBucketSampler]]:
+           max_tokens: int | None = None) -> tuple[DataLoader, DistributedSampler | LengthBucketSampler]:
     # One DistributedSampler (or length-bucketing sampler) for every world size (1 included): the data order is a
     # pure function of (seed, epoch, rank), which makes resuming exact and multi-process sharding free.
     if max_tokens is not None:
@@ -76,7 +75,7 @@ def loader(dataset: Dataset, batch_size: int, info: common.DistInfo, shuffle: bo
 
 @torch.no_grad()
 def validation_loss(model: CLEAR, dataset: Dataset, batch_size: int, info: common.DistInfo, seed: int,
-                    amp: Optional[bool], max_tokens: Optional[int] = None) -> float:
+                    amp: bool | None, max_tokens: int | None = None) -> float:
     """Masked-reconstruction loss on a fixed set of masks (the same every epoch, so epochs compare)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed + 7919 + info.rank)
@@ -107,8 +106,8 @@ def _check_schedule(saved: dict, now: dict, extend: bool, path: Path) -> None:
     raise ValueError(f"{path} was trained on another learning-rate schedule ({what}){hint}")
 
 
-def pretrain(cfg: CLEARConfig, train_set: Dataset, args: PretrainArgs, val_set: Optional[Dataset] = None,
-             info: Optional[common.DistInfo] = None) -> dict:
+def pretrain(cfg: CLEARConfig, train_set: Dataset, args: PretrainArgs, val_set: Dataset | None = None,
+             info: common.DistInfo | None = None) -> dict:
     """Train CLEAR; returns the history ``{"epochs": [...], "steps": [...]}`` and leaves ``last.pt`` in out_dir.
 
     The checkpoint holds model, optimizer, scheduler, the RNG states and the masking generator, and the data

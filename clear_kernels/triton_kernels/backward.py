@@ -24,8 +24,19 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from .common import (LOG2E, PADDING, SUMMARY, TILE_CONFIGS, block_d, dot, kernel, launch, load_ids, load_rows,
-                     tile_window)
+from .common import (
+    LOG2E,
+    PADDING,
+    SUMMARY,
+    TILE_CONFIGS,
+    block_d,
+    dot,
+    kernel,
+    launch,
+    load_ids,
+    load_rows,
+    tile_window,
+)
 from .forward import summary_index_arg
 
 

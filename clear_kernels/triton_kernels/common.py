@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import triton

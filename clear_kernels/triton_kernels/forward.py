@@ -18,8 +18,20 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from .common import (LN2, LOG2E, PADDING, SUMMARY, TILE_CONFIGS, block_d, dot, kernel, launch, load_ids,
-                     load_rows, tile_window)
+from .common import (
+    LN2,
+    LOG2E,
+    PADDING,
+    SUMMARY,
+    TILE_CONFIGS,
+    block_d,
+    dot,
+    kernel,
+    launch,
+    load_ids,
+    load_rows,
+    tile_window,
+)
 
 
 @triton.jit

@@ -8,7 +8,6 @@ tensors under the interpreter.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
@@ -54,13 +53,13 @@ def _triton_bwd(grad_out, q, k, v, out, lse, segment, group, seg_start, seg_end,
 ops.register_pair("triton", contiguous_grad=False, out_like=out_like)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(device_index: int) -> tuple[int, int]:
     # Looked up once per device: the driver query costs microseconds on every call otherwise.
     return torch.cuda.get_device_capability(device_index)
 
 
-def refuse(q: torch.Tensor) -> Optional[str]:
+def refuse(q: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot run inputs like ``q``, or None."""
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .physics import W, WAVES, Template, frontal_dir, rotation, unit
+from .physics import WAVES, Template, W, frontal_dir, rotation, unit
 
 
 def build_templates(rng: np.random.Generator, state: dict) -> tuple[Template, Template, dict]:
