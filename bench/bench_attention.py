@@ -596,6 +596,47 @@ def markdown_report(payload: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def summary_table(payload: dict) -> str:
+    """The README's table of a run: one line per case, the op against each baseline (best FlexAttention block)."""
+    rows = payload["results"]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+
+    def pick(case: str, prefix: str, key: str) -> float | None:
+        times = [r[key] for r in rows if r["case"] == case and r["impl"].startswith(prefix) and r.get(key)]
+        return min(times) if times else None
+
+    ops = sorted({r["impl"] for r in rows if r["impl"].startswith("segment[")})
+    head = ["case", "L", "op fwd ms", "dense fwd ms", "FlexAttention fwd ms", "op fwd+bwd ms", "dense fwd+bwd ms",
+            "reshape fwd+bwd ms", "fwd+bwd vs dense"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for case in cases:
+        seq_len = next(r["seq_len"] for r in rows if r["case"] == case)
+        for op in ops:
+            op_fb, dense_fb = pick(case, op, "fwd_bwd_ms"), pick(case, "dense_sdpa", "fwd_bwd_ms")
+            ratio = f"{dense_fb / op_fb:.1f}x" if op_fb and dense_fb else "--"
+            label = case if len(ops) == 1 else f"{case}, {op}"
+            lines.append("| " + " | ".join([
+                label, str(seq_len), _num(pick(case, op, "fwd_ms"), ".1f"),
+                _num(pick(case, "dense_sdpa", "fwd_ms"), ".1f"),
+                _num(pick(case, "flex", "fwd_ms"), ".1f"), _num(op_fb, ".1f"), _num(dense_fb, ".1f"),
+                _num(pick(case, "reshape", "fwd_bwd_ms"), ".1f"), ratio]) + " |")
+    info = payload["machine"]
+    timing = "do_bench median" if info.get("device") == "cuda" else f"median of {payload['repeats']} repeats"
+    load = info.get("load_average")
+    return (f"{machine_name(info)}, {info['threads']} threads, torch {info['torch']}, {payload['dtype']}, {timing}, "
+            f"{info.get('date', '')[:10]}, commit {info['git_commit'][:10]}"
+            + (f", load average {load[0]:.1f} at the start" if load else "") + "\n\n" + "\n".join(lines))
+
+
+def write_readme_block(json_path: Path, readme: Path) -> None:
+    """Fill the README block named after the results file (``attention:<stem>``) with its summary table."""
+    from clear_hug.report import replace_block
+
+    json_path = Path(json_path)
+    replace_block(readme, f"attention:{json_path.stem}", summary_table(json.loads(json_path.read_text())),
+                  f"python bench/bench_attention.py --render {json_path.as_posix()} --readme {Path(readme).name}")
+
+
 def render(json_path: Path) -> Path:
     """Rewrite the Markdown of a results file from its JSON (tables are never typed in)."""
     payload = json.loads(Path(json_path).read_text())
@@ -621,9 +662,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON/MD/PNG name stem")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where the results go (default bench/results)")
     parser.add_argument("--render", default=None, help="only rewrite the .md of this results JSON")
+    parser.add_argument("--readme", default=None, metavar="README",
+                        help="with --render: also fill that file's block for this results file from the JSON")
     args = parser.parse_args(argv)
     if args.render:
         print(f"wrote {render(Path(args.render))}")
+        if args.readme:
+            write_readme_block(Path(args.render), Path(args.readme))
+            print(f"filled the attention:{Path(args.render).stem} block of {args.readme}")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_attention: --device cuda but torch sees no CUDA device", file=sys.stderr)

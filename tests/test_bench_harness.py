@@ -43,3 +43,22 @@ def test_the_fastest_smaller_flex_block_is_kept():
     ba._keep_best_smaller_flex(rows)
     assert [r["impl"] for r in rows] == ["flex[128]", "flex[<128]"]
     assert rows[1]["block_size"] == 32
+
+
+def test_readme_attention_tables_are_generated_from_the_committed_results(tmp_path, monkeypatch):
+    # Every README table of an attention benchmark is the summary of a committed results file, never typed in:
+    # regenerating each block into a copy of the README must leave it unchanged.
+    readme = (ROOT / "README.md").read_text()
+    stems = [line.split("attention:", 1)[1].split(":begin")[0] for line in readme.splitlines()
+             if line.startswith("<!-- attention:") and line.endswith(":begin -->")]
+    assert stems, "the README has no generated attention table"
+    copy = tmp_path / "README.md"
+    copy.write_text(readme)
+    monkeypatch.chdir(ROOT)  # the block's note names the results file relative to the repository
+    for stem in stems:
+        ba.write_readme_block(Path("bench") / "results" / f"{stem}.json", copy)
+    assert copy.read_text() == readme
+    for stem in stems:
+        payload = json.loads((ROOT / "bench" / "results" / f"{stem}.json").read_text())
+        segment_rows = [r for r in payload["results"] if r["impl"].startswith("segment[") and r["fwd_bwd_ms"]]
+        assert any(f"{r['fwd_bwd_ms']:.1f}" in readme for r in segment_rows)
