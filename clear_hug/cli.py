@@ -228,9 +228,6 @@ def cmd_finetune(argv: Sequence[str]) -> int:
     from .train.finetune import FinetuneArgs, extract_features_distributed, finetune_end_to_end, train_head_on_features
 
     info = setup_distributed(args.device)
-    if info.distributed and args.finetune_encoder:
-        raise ValueError("--finetune-encoder is not supported under torchrun yet; run it in one process (with a "
-                         "frozen encoder, torchrun shares the feature extraction among the processes)")
     device = info.device
     train_set, val_set = TokenDataset(args.cache, "train"), TokenDataset(args.cache, "val")
     for name, split in (("train", train_set), ("val", val_set)):
@@ -259,11 +256,14 @@ def cmd_finetune(argv: Sequence[str]) -> int:
                                    label_fraction=fraction, amp=args.amp, progress=not args.no_progress,
                                    device=str(device))
                 name = f"{head}_f{fraction:g}_s{seed}"
-                logger = common.JsonlLogger(out / f"{name}.jsonl")
+                logger = common.JsonlLogger(out / f"{name}.jsonl") if info.is_main else None
                 if args.finetune_encoder:
+                    # Under torchrun every process trains (DDP) and rank 0 alone writes.
                     enc = _encoder(args.checkpoint, args.preset, args.seed).to(device)
                     model, result = finetune_end_to_end(enc, train_set, val_set, len(train_set.class_names), run,
-                                                        logger)
+                                                        logger, info)
+                    if not info.is_main:
+                        continue
                     head_module, enc_module, enc_file = model.head, model.encoder, None
                 else:
                     head_module, result = train_head_on_features(*feats[0], *feats[1], run, logger)
@@ -281,6 +281,13 @@ def cmd_finetune(argv: Sequence[str]) -> int:
                 score = result["val_auroc"]
                 if best is None or (not math.isnan(score) and (math.isnan(best[0]) or score > best[0])):
                     best = (score, out / f"{name}.pt")
+    if info.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # --finetune-encoder: every process trained; rank 0 wrote
+            dist.destroy_process_group()
+        if not info.is_main:
+            return 0
     load_classifier(best[1]).save_pretrained(out / "pretrained", train_set.class_names,
                                              _preprocessing(train_set.meta))
     return 0

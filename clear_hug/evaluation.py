@@ -67,9 +67,11 @@ def markdown(result: dict, title: str, images: Sequence[str] = ()) -> str:
     lines += ["", "| class | positives (test / val) | AUROC | AUPRC | F1 | F-beta | G-beta | threshold (F-beta) | "
               "TP / FP / FN |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["per_class"]:
-        lines.append(f"| {r['class']} | {r['positives']} / {r['val_positives']} | {_fmt(r['auroc'])} | "
+        name = r["class"].replace("|", "\\|")  # merged CinC classes ("CRBBB|RBBB") inside a Markdown table
+        threshold = "never" if r["threshold_fbeta"] is None else f"{r['threshold_fbeta']:.3g}"
+        lines.append(f"| {name} | {r['positives']} / {r['val_positives']} | {_fmt(r['auroc'])} | "
                      f"{_fmt(r['auprc'])} | {_fmt(r['f1'])} | {_fmt(r['fbeta'])} | {_fmt(r['gbeta'])} | "
-                     f"{'never' if r['threshold_fbeta'] is None else _fmt(r['threshold_fbeta'])} | "
+                     f"{threshold} | "
                      f"{r['tp']} / {r['fp']} / {r['fn']} |")
     lines += ["", "AUROC and AUPRC are n/a for a class without both a positive and a negative test record "
               "(left out of the macro averages)."]

@@ -222,19 +222,42 @@ def train_head_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor
 
 
 def finetune_end_to_end(encoder: CLEAR, train_set: Dataset, val_set: Dataset, num_classes: int,
-                        args: FinetuneArgs, logger: common.JsonlLogger | None = None) -> tuple[Classifier, dict]:
-    """Fine-tuning path: encoder and head train together, the encoder at a lower lr."""
+                        args: FinetuneArgs, logger: common.JsonlLogger | None = None,
+                        info: common.DistInfo | None = None) -> tuple[Classifier, dict]:
+    """Fine-tuning path: encoder and head train together, the encoder at a lower lr.
+
+    Under torchrun (``info.distributed``) the model is wrapped in DistributedDataParallel and each process trains
+    on its shard of the label subset (``DistributedSampler``, reshuffled per epoch); every process scores the
+    whole validation split with the same weights, so all of them keep the same epoch.
+    """
     _require_records(train_set=len(train_set), val_set=len(val_set))
     common.seed_everything(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = info.device if info is not None else torch.device(
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     labels = np.stack([train_set[i]["labels"] for i in range(len(train_set))])
     idx = label_subset(labels, args.label_fraction, args.seed)
     subset = Subset(train_set, idx.tolist())
     model = Classifier(encoder, build_head(args.head, encoder.cfg.enc_dim, num_classes, args.fusion)).to(device)
     groups = [{"params": model.head.parameters()},
               {"params": model.encoder.parameters(), "lr": args.encoder_lr or args.lr / 10}]
-    result = fit(model, lambda g: _record_batches(subset, args.batch_size, True, g),
-                 lambda: _record_batches(val_set, 256), args, len(idx), device, groups, logger)
+    module, train, n_per_process = model, (lambda g: _record_batches(subset, args.batch_size, True, g)), len(idx)
+    if info is not None and info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        from torch.utils.data import DistributedSampler
+
+        # The CLEAR module's decoder is unused downstream: DDP must not wait for its gradients.
+        module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                     find_unused_parameters=True)
+        sampler = DistributedSampler(subset, info.world_size, info.rank, shuffle=True, seed=args.seed)
+        epochs = iter(range(args.epochs))
+
+        def train(_generator):
+            sampler.set_epoch(next(epochs))
+            for batch in DataLoader(subset, batch_size=args.batch_size, sampler=sampler, collate_fn=pad_collate):
+                yield (batch["tokens"].float(), batch["valid"].bool(), batch["time"].long()), batch["labels"].float()
+
+        n_per_process = len(sampler)
+    result = fit(module, train, lambda: _record_batches(val_set, 256), args, n_per_process, device, groups, logger)
     result["n_train"] = int(len(idx))
     return model, result
 
