@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import add_readme_arguments, rewrite_from_results
+
 ENCODERS = ("sparse", "full", "random")  # pretrained with the conduction mask, pretrained without it, untrained
 ENCODER_NAMES = {"sparse": "CLEAR, sparse attention", "full": "CLEAR, full attention", "random": "no pretraining"}
 HEADS = ("hug", "linear")
@@ -41,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="0: up to 2, fewer when other processes keep cores busy")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--readme-from", default=None, metavar="RESULTS_JSON",
-                   help="only rewrite the README's ablation block from a results.json of an earlier run")
-    p.add_argument("--readme", default="README.md", help="the file --readme-from rewrites")
+    add_readme_arguments(p, "ablation")
     return p
 
 
@@ -111,11 +111,7 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.readme_from:
-        from .report import replace_block
-
-        replace_block(args.readme, README_BLOCK, readme_text(json.loads(Path(args.readme_from).read_text())),
-                      f"clear-hug ablate --readme-from {args.readme_from}")
-        print(f"{args.readme}: ablation block rewritten from {args.readme_from}")
+        rewrite_from_results(args, README_BLOCK, readme_text, "clear-hug ablate")
         return 0
     if len(args.seeds) < 1:
         raise ValueError("--seeds needs at least one seed")

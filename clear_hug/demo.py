@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .report import add_readme_arguments, rewrite_from_results
+
 if TYPE_CHECKING:  # for annotations only: these modules are imported inside the functions that use them
     from .data.cache import TokenDataset
     from .model import CLEAR
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads; 0 (default): up to 2, fewer when other processes keep cores busy")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    add_readme_arguments(p, "demo")
     p.add_argument("--long", action="store_true",
                    help="the long-record demo instead: per-beat AF detection on minutes-long records "
                         "(clear-hug demo --long --help for its options)")
@@ -64,6 +67,24 @@ def format_table(summary: dict, fractions: Sequence[float]) -> str:
             r = summary[f"{key[0]}/{key[1]}"][f"{f:g}"]
             cells.append(f"{r['mean']:.3f} ± {r['std']:.3f}".rjust(20))
         lines.append(f"{f * 100:>6g}% | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+README_BLOCK = "demo_table"
+
+
+def readme_text(result: dict) -> str:
+    """The README's demo table (test macro AUROC, mean ± std over seeds) and its conditions, from results.json."""
+    args, sizes = result["args"], result["split_sizes"]
+    head = "| labels | " + " | ".join(COLUMNS.values()) + " |"
+    lines = [f"{args['n_records']} synthetic records (train/val/test {sizes['train']}/{sizes['val']}/{sizes['test']}), "
+             f"`{args['preset']}` preset, {args['epochs']} pretraining epochs, seeds {args['seeds']}; "
+             f"{result['timings']['total_s'] / 60:.1f} min in all.", "", head,
+             "|" + "|".join("---" for _ in range(len(COLUMNS) + 1)) + "|"]
+    for f in args["fractions"]:
+        cells = [f"{result['summary'][f'{e}/{h}'][f'{f:g}']['mean']:.3f} ± "
+                 f"{result['summary'][f'{e}/{h}'][f'{f:g}']['std']:.3f}" for e, h in COLUMNS]
+        lines.append(f"| {f * 100:g}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -139,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return long_main([a for a in argv if a != "--long"])
     args = build_parser().parse_args(argv)
+    if args.readme_from:
+        rewrite_from_results(args, README_BLOCK, readme_text, "clear-hug demo")
+        return 0
     from .checkpoint import load_encoder
     from .config import get_config
     from .data.cache import TokenDataset

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .data.synthetic.long import BEAT_CLASSES
+from .report import add_readme_arguments, rewrite_from_results
 
 if TYPE_CHECKING:  # for annotations only: these modules are imported inside the functions that use them
     from .heads import BeatHead
@@ -49,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ecg-dir", default=None, help="folder holding cpsc2021/ (default: the shared ECG folder)")
     p.add_argument("--threads", type=int, default=0, help="0: up to 2, fewer when other processes keep cores busy")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--readme-from", default=None, metavar="RESULTS_JSON",
-                   help="only rewrite the README's long-demo block from a results.json of an earlier run")
-    p.add_argument("--readme", default="README.md", help="the file --readme-from rewrites")
+    add_readme_arguments(p, "long-demo")
     return p
 
 
@@ -180,11 +179,7 @@ def format_table(results: dict, n_test: int, test_beats: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.readme_from:
-        from .report import replace_block
-
-        replace_block(args.readme, README_BLOCK, readme_text(json.loads(Path(args.readme_from).read_text())),
-                      f"clear-hug demo --long --readme-from {args.readme_from}")
-        print(f"{args.readme}: long-demo block rewritten from {args.readme_from}")
+        rewrite_from_results(args, README_BLOCK, readme_text, "clear-hug demo --long")
         return 0
     from .checkpoint import load_encoder
     from .config import get_config
