@@ -78,7 +78,7 @@ def load_checkpoint(path: os.PathLike, kind: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses any global it does not know: a file made with another tool, or a crafted one.
-        # Only torch's one-line reason is kept: its advice to retry with weights_only=False is not ours to give.
+        # Only torch's one-line reason is kept, not its advice to retry with the unsafe (pickle) loader.
         reason = re.search(r"Unsupported global: [^.]*", str(exc))
         raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain values (a file "
                               f"of another program, or a crafted one); "
