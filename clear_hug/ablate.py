@@ -15,10 +15,13 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .cli_args import dataclass_flags
+from .demo import LOCAL_RUN_FLAGS, LocalRun
 from .report import add_readme_arguments, rewrite_from_results
 
 ENCODERS = ("sparse", "full", "random")  # pretrained with the conduction mask, pretrained without it, untrained
@@ -27,22 +30,36 @@ HEADS = ("hug", "linear")
 README_BLOCK = "ablation_table"
 
 
+@dataclass
+class AblateArgs(LocalRun):
+    """``clear-hug ablate``'s settings (its flags are generated from these fields)."""
+
+    out: str = "out/ablate"
+    n_records: int = 800
+    preset: str = "small"
+    epochs: int = 4  # pretraining
+    batch_size: int = 32
+    lr: float = 1.5e-3  # pretraining peak lr
+    head_epochs: int = 40
+    head_lr: float = 5e-3
+    fraction: float = 0.1  # of the training labels, for the heads
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    device: str = "cpu"
+
+
+ABLATE_FLAGS = {
+    "out": "output folder (cache, runs, results.json, ablation.png)",
+    "n_records": "synthetic records (about 80%% train)", "preset": "model size", "epochs": "pretraining epochs",
+    "batch_size": "pretraining records per batch", "lr": "pretraining peak lr", "head_epochs": "head epochs",
+    "head_lr": "head peak lr", "fraction": "fraction of the training labels the heads see",
+    "seeds": "one run of every encoder and head per seed", "device": "cpu or cuda", **LOCAL_RUN_FLAGS,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clear-hug ablate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/ablate", help="output folder (cache, runs, results.json, ablation.png)")
-    p.add_argument("--n-records", type=int, default=800, help="synthetic records (about 80%% train)")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--epochs", type=int, default=4, help="pretraining epochs")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1.5e-3, help="pretraining peak lr")
-    p.add_argument("--head-epochs", type=int, default=40)
-    p.add_argument("--head-lr", type=float, default=5e-3)
-    p.add_argument("--fraction", type=float, default=0.1, help="fraction of the training labels the heads see")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--threads", type=int, default=0, help="0: up to 2, fewer when other processes keep cores busy")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    dataclass_flags(p, AblateArgs, ABLATE_FLAGS)
     add_readme_arguments(p, "ablation")
     return p
 
@@ -131,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
+    progress = args.progress
     t_all = time.perf_counter()
     timings = {"pretrain_s": 0.0, "features_s": 0.0, "heads_s": 0.0}
     cache = out / "cache"
@@ -160,8 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             timings["features_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             for head in HEADS:
+                # Dozens of heads of a few seconds each: no progress bar per head.
                 hargs = FinetuneArgs(head=head, epochs=args.head_epochs, lr=args.head_lr, seed=seed,
-                                     label_fraction=args.fraction, warmup_epochs=max(1, args.head_epochs // 10))
+                                     label_fraction=args.fraction, warmup_epochs=max(1, args.head_epochs // 10),
+                                     progress=False)
                 module, result = train_head_on_features(*feats["train"], *feats["val"], hargs)
                 scores, labels = predict(module, _feature_batches(*feats["test"], 1024), "cpu")
                 runs.append({"encoder": enc, "head": head, "seed": seed, "n_train": result["n_train"],

@@ -5,43 +5,24 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import typing
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
-from .config import ATTN_IMPLS, PRESETS
+from .cli_args import dataclass_flags, dataclass_values
 
 COMMANDS = ("prepare", "pretrain", "finetune", "evaluate", "predict", "plot", "ablate", "demo")
 
 
-def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
-    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None,
-                   help=help)
-
-
-def _dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict, choices: dict | None = None) -> None:
-    """One flag per field named in ``helps`` (``lr`` -> ``--lr``), its type and default taken from the run
-    dataclass ``cls``, so that each default lives in one place (the dataclass) and the command line follows it."""
-    hints = typing.get_type_hints(cls)
-    defaults = {f.name: f.default for f in fields(cls)}
-    for name, help in helps.items():
-        typ, default = hints[name], defaults[name]
-        inner = [a for a in typing.get_args(typ) if a is not type(None)]
-        typ = inner[0] if inner else typ  # Optional[X] -> X
-        flag = "--" + name.replace("_", "-")
-        if typ is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help)
-        else:
-            p.add_argument(flag, dest=name, type=typ, default=default, choices=(choices or {}).get(name),
-                           help=f"{help} (default: {default})")
-
-
-def _dataclass_values(args: argparse.Namespace, helps: dict) -> dict:
-    return {name: getattr(args, name) for name in helps}
-
-
-# The run dataclasses' fields that are flags, with their help (types and defaults come from the dataclasses).
+# Which fields of the dataclasses are flags, with their help; types, defaults and choices come from the fields.
+RUN_FLAGS = {  # train.common.RunSettings
+    "device": "cpu or cuda (default: cuda when available)", "threads": "torch CPU threads (default: torch's)",
+    "amp": "bf16 autocast (default: on for CUDA, off on CPU)", "progress": "progress bars", "seed": "random seed",
+}
+MODEL_FLAGS = {  # config.ModelChoice
+    "preset": "model size", "attn_impl": "attention (default: the preset's)",
+    "dropout": "dropout (default: the preset's)", "mask_ratio": "fraction of heartbeats masked (default: the preset's)",
+}
 PRETRAIN_FLAGS = {
     "epochs": "epochs of the schedule", "batch_size": "records per batch, per process", "lr": "peak learning rate",
     "weight_decay": "AdamW weight decay", "warmup_epochs": "linear warm-up epochs", "min_lr": "lr at the end of "
@@ -51,61 +32,64 @@ PRETRAIN_FLAGS = {
     "stop_after_epochs": "end this invocation after N epochs (the schedule still spans --epochs); resume later",
     "extend_schedule": "resume with another --epochs than OUT/last.pt was started with: the cosine decay is "
                        "stretched to the new end from the current step on (refused without this flag)",
+    "resume": "continue from OUT/last.pt when it exists (--no-resume: start over)",
+}
+SWEEP_FLAGS = {  # train.finetune.FinetuneSweep
+    "checkpoint": "pretraining checkpoint (last.pt); omit for a random encoder of --preset",
+    "head": "the head to train (both: one of each)", "fractions": "fractions of the training labels",
+    "seeds": "one run per seed (default: --seed)", "finetune_encoder": "train the encoder too (default: frozen)",
 }
 FINETUNE_FLAGS = {
     "fusion": "HUG's fusion of its 7 expert outputs", "epochs": "head epochs", "batch_size": "records per batch",
     "lr": "peak learning rate", "weight_decay": "AdamW weight decay", "warmup_epochs": "linear warm-up epochs",
     "min_lr": "lr at the end of the cosine decay", "clip": "gradient-norm clipping",
-    "encoder_lr": "with --finetune-encoder: the encoder's lr (None: lr / 10)",
+    "encoder_lr": "with --finetune-encoder: the encoder's lr (default: lr / 10)",
+}
+EVALUATE_FLAGS = {  # evaluation.EvaluateArgs
+    "split": "the split to evaluate on", "n_boot": "bootstrap resamples for the 95%% intervals (0: none)",
 }
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from .train.common import RunSettings
+
     p.add_argument("--cache", required=True, help="token cache folder written by `clear-hug prepare`")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    _bool_flag(p, "amp", "bf16 autocast (default: on for CUDA, off on CPU)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    dataclass_flags(p, RunSettings, RUN_FLAGS)
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
+    from .config import ModelChoice
+    from .train.pretrain import PretrainArgs
+
     p = argparse.ArgumentParser(prog="clear-hug pretrain", description="Masked-reconstruction pretraining of "
                                 "CLEAR; run under `torchrun --nproc-per-node N` for several processes.")
     _common(p)
+    # PretrainArgs.out_dir, required here: no default to keep in step.
     p.add_argument("--out", required=True, help="run folder: last.pt, metrics.jsonl (resumed when present), and "
                    "at the end pretrained/ (model.safetensors + config.json)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="base")
-    p.add_argument("--attn-impl", choices=ATTN_IMPLS, default=None)
-    p.add_argument("--dropout", type=float, default=None)
-    p.add_argument("--mask-ratio", type=float, default=None)
-    from .train.pretrain import PretrainArgs
-
-    _dataclass_flags(p, PretrainArgs, PRETRAIN_FLAGS)
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
+    dataclass_flags(p, ModelChoice, MODEL_FLAGS)
+    dataclass_flags(p, PretrainArgs, PRETRAIN_FLAGS)
     return p
 
 
 def finetune_parser() -> argparse.ArgumentParser:
+    from .config import ModelChoice
+    from .train.finetune import FinetuneArgs, FinetuneSweep
+
     p = argparse.ArgumentParser(prog="clear-hug finetune", description="Train HUG or the linear probe on the "
                                 "summary outputs of a pretrained (or, without --checkpoint, random) encoder.")
     _common(p)
-    p.add_argument("--checkpoint", default=None, help="pretraining checkpoint (last.pt); omit for a random encoder")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="base", help="random encoder's preset")
     p.add_argument("--out", required=True, help="folder for head checkpoints and results.jsonl, and pretrained/ "
                    "(model.safetensors + config.json): the classifier with the best validation AUROC")
-    p.add_argument("--head", choices=("hug", "linear", "both"), default="hug")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: --seed")
-    from .heads import FUSIONS
-    from .train.finetune import FinetuneArgs
-
-    _dataclass_flags(p, FinetuneArgs, FINETUNE_FLAGS, choices={"fusion": FUSIONS})
-    p.add_argument("--finetune-encoder", action="store_true", help="train the encoder too (default: frozen)")
+    dataclass_flags(p, ModelChoice, {"preset": "random encoder's preset"})
+    dataclass_flags(p, FinetuneSweep, SWEEP_FLAGS)
+    dataclass_flags(p, FinetuneArgs, FINETUNE_FLAGS)
     return p
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
+    from .evaluation import EvaluateArgs
+
     p = argparse.ArgumentParser(prog="clear-hug evaluate", description="Classifiers on a split: macro and per-class "
                                 "AUROC and AUPRC, F1, F-beta and G-beta (beta 2) with per-class thresholds tuned on "
                                 "the validation split, the CinC 2021 score for its classes, bootstrap intervals; a "
@@ -113,15 +97,16 @@ def evaluate_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("heads", nargs="+", help="head checkpoints written by `clear-hug finetune`, or folders written by "
                    "save_pretrained (finetune's OUT/pretrained)")
-    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    dataclass_flags(p, EvaluateArgs, EVALUATE_FLAGS)
     p.add_argument("--out", default=None, help="append results to this JSONL file")
     p.add_argument("--report", default=None, help="folder for the reports (one subfolder per model; default: beside "
                    "each model, MODEL_SPLIT_report/)")
-    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the 95%% intervals (0: none)")
     return p
 
 
 def predict_parser() -> argparse.ArgumentParser:
+    from .train.common import RunSettings
+
     p = argparse.ArgumentParser(prog="clear-hug predict", description="Class probabilities for records read "
                                 "straight from disk (no token cache), by a classifier saved with save_pretrained "
                                 "(finetune's OUT/pretrained).")
@@ -132,8 +117,8 @@ def predict_parser() -> argparse.ArgumentParser:
                    "same as JSON (with the skipped records) beside it")
     p.add_argument("--plot", default=None, help="folder for one PNG per record: leads, beats, token windows, top "
                    "classes and what each lead group / HUG level contributed")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: the model's, cpu)")
-    p.add_argument("--no-progress", action="store_true")
+    dataclass_flags(p, RunSettings, {"device": "cpu or cuda (default: the model's, cpu)",
+                                     "progress": RUN_FLAGS["progress"]})
     return p
 
 
@@ -179,15 +164,14 @@ def cmd_pretrain(argv: Sequence[str]) -> int:
     args = pretrain_parser().parse_args(argv)
     _setup_threads(args)
     from .checkpoint import load_encoder
-    from .config import get_config
+    from .config import ModelChoice
     from .data.cache import TokenDataset
     from .train.common import json_line, setup_distributed
     from .train.pretrain import PretrainArgs, pretrain
 
-    cfg = get_config(args.preset, attn_impl=args.attn_impl, dropout=args.dropout, mask_ratio=args.mask_ratio)
+    cfg = ModelChoice(**dataclass_values(args, MODEL_FLAGS)).config()
     info = setup_distributed(args.device)
-    run = PretrainArgs(**_dataclass_values(args, PRETRAIN_FLAGS), seed=args.seed, amp=args.amp, out_dir=args.out,
-                       resume=not args.no_resume, progress=not args.no_progress, device=args.device)
+    run = PretrainArgs(**dataclass_values(args, RUN_FLAGS), **dataclass_values(args, PRETRAIN_FLAGS), out_dir=args.out)
     train_set = TokenDataset(args.cache, "train")
     history = pretrain(cfg, train_set, run, _val_split(args.cache), info)
     if info.is_main and history["epochs"] and history["epochs"][-1]["epoch"] == args.epochs - 1:
@@ -240,7 +224,7 @@ def cmd_finetune(argv: Sequence[str]) -> int:
     encoder = _encoder(args.checkpoint, args.preset, args.seed).to(device)
     if not args.finetune_encoder:
         feats = [extract_features_distributed(encoder, s, info, device=device, amp=args.amp,
-                                              progress=not args.no_progress and info.is_main)
+                                              progress=args.progress and info.is_main)
                  for s in (train_set, val_set)]
         if info.distributed:
             import torch.distributed as dist
@@ -252,9 +236,8 @@ def cmd_finetune(argv: Sequence[str]) -> int:
     for head in heads:
         for fraction in args.fractions:
             for seed in seeds:
-                run = FinetuneArgs(**_dataclass_values(args, FINETUNE_FLAGS), head=head, seed=seed,
-                                   label_fraction=fraction, amp=args.amp, progress=not args.no_progress,
-                                   device=str(device))
+                run = FinetuneArgs(**{**dataclass_values(args, RUN_FLAGS), **dataclass_values(args, FINETUNE_FLAGS),
+                                      "head": head, "seed": seed, "label_fraction": fraction, "device": str(device)})
                 name = f"{head}_f{fraction:g}_s{seed}"
                 logger = common.JsonlLogger(out / f"{name}.jsonl") if info.is_main else None
                 if args.finetune_encoder:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 ATTN_IMPLS = ("sparse", "dense", "full")
 
@@ -64,3 +64,17 @@ def get_config(preset: str = "base", **overrides: int | float | str | None) -> C
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model as the commands name it (``--preset``, ``--attn-impl``, ...): a preset and the config fields that
+    replace the preset's (None: the preset's own)."""
+
+    preset: str = field(default="base", metadata={"choices": tuple(sorted(PRESETS))})
+    attn_impl: str | None = field(default=None, metadata={"choices": ATTN_IMPLS})
+    dropout: float | None = None
+    mask_ratio: float | None = None
+
+    def config(self) -> CLEARConfig:
+        return get_config(self.preset, attn_impl=self.attn_impl, dropout=self.dropout, mask_ratio=self.mask_ratio)

@@ -12,12 +12,15 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from .cli_args import dataclass_flags
+from .config import ATTN_IMPLS
 from .report import add_readme_arguments, rewrite_from_results
 
 if TYPE_CHECKING:  # for annotations only: these modules are imported inside the functions that use them
@@ -30,25 +33,51 @@ COLUMNS = {("clear", "hug"): "CLEAR + HUG", ("clear", "linear"): "CLEAR + linear
            ("random", "hug"): "no pretrain + HUG", ("random", "linear"): "no pretrain + linear"}
 
 
+@dataclass
+class LocalRun:
+    """The run settings of the jobs sized for a laptop CPU (demo, demo --long, ablate)."""
+
+    threads: int = 0  # torch CPU threads; 0: up to 2, fewer when other processes keep cores busy (idle_threads)
+    progress: bool = True
+
+
+LOCAL_RUN_FLAGS = {"threads": "torch CPU threads; 0: up to 2, fewer when other processes keep cores busy",
+                   "progress": "progress bars"}
+
+
+@dataclass
+class DemoArgs(LocalRun):
+    """``clear-hug demo``'s settings: a small model, a short schedule (its flags are generated from these fields)."""
+
+    out: str = "out/demo"
+    n_records: int = 3000
+    preset: str = "small"
+    attn_impl: str = field(default="sparse", metadata={"choices": ATTN_IMPLS})
+    epochs: int = 10  # pretraining
+    batch_size: int = 32
+    lr: float = 1.5e-3  # pretraining peak lr (small model, short schedule)
+    warmup_epochs: float = 1
+    head_epochs: int = 60
+    head_lr: float = 5e-3
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    device: str = "cpu"
+
+
+DEMO_FLAGS = {
+    "out": "output folder (cache, runs, PNGs, results.json)", "n_records": "synthetic records (about 80%% train)",
+    "preset": "model size", "attn_impl": "attention in pretraining", "epochs": "pretraining epochs",
+    "batch_size": "pretraining records per batch", "lr": "pretraining peak lr (small model, short schedule)",
+    "warmup_epochs": "pretraining warm-up epochs", "head_epochs": "head epochs", "head_lr": "head peak lr",
+    "fractions": "fractions of the training labels the heads see", "seeds": "one head per seed",
+    "device": "cpu or cuda", **LOCAL_RUN_FLAGS,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clear-hug demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/demo", help="output folder (cache, runs, PNGs, results.json)")
-    p.add_argument("--n-records", type=int, default=3000, help="synthetic records (about 80%% train)")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--attn-impl", default="sparse", choices=("sparse", "dense", "full"))
-    p.add_argument("--epochs", type=int, default=10, help="pretraining epochs")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1.5e-3, help="pretraining peak lr (small model, short schedule)")
-    p.add_argument("--warmup-epochs", type=float, default=1)
-    p.add_argument("--head-epochs", type=int, default=60)
-    p.add_argument("--head-lr", type=float, default=5e-3)
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 0 (default): up to 2, fewer when other processes keep cores busy")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    dataclass_flags(p, DemoArgs, DEMO_FLAGS)
     add_readme_arguments(p, "demo")
     p.add_argument("--long", action="store_true",
                    help="the long-record demo instead: per-beat AF detection on minutes-long records "
@@ -177,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings, t_all = {}, time.perf_counter()
-    progress = not args.no_progress
+    progress = args.progress
 
     # 1. data
     t0 = time.perf_counter()
@@ -217,8 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for head in HEADS:
             for fraction in args.fractions:
                 for seed in args.seeds:
+                    # Dozens of heads of a few seconds each: no progress bar per head.
                     hargs = FinetuneArgs(head=head, epochs=args.head_epochs, lr=args.head_lr, seed=seed,
-                                         label_fraction=fraction, warmup_epochs=max(1, args.head_epochs // 10))
+                                         label_fraction=fraction, warmup_epochs=max(1, args.head_epochs // 10),
+                                         progress=False)
                     module, result = train_head_on_features(*f["train"], *f["val"], hargs)
                     test = evaluate(module, *f["test"])
                     runs.append({"encoder": enc, "head": head, "fraction": fraction, "seed": seed,

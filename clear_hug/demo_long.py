@@ -14,13 +14,16 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from .cli_args import dataclass_flags
 from .data.synthetic.long import BEAT_CLASSES
+from .demo import LOCAL_RUN_FLAGS, LocalRun
 from .report import add_readme_arguments, rewrite_from_results
 
 if TYPE_CHECKING:  # for annotations only: these modules are imported inside the functions that use them
@@ -32,24 +35,39 @@ ENCODERS = {"clear": "CLEAR (pretrained)", "random": "no pretraining"}
 AF = BEAT_CLASSES.index("AFIB")
 
 
+@dataclass
+class DemoLongArgs(LocalRun):
+    """``clear-hug demo --long``'s settings (its flags are generated from these fields)."""
+
+    out: str = "out/demo_long"
+    n_records: int = 120
+    min_minutes: float = 1.0
+    max_minutes: float = 10.0
+    preset: str = "small"
+    epochs: int = 4  # pretraining
+    max_tokens: int = 12 * 800  # padded tokens per pretraining batch
+    lr: float = 1.5e-3
+    head_epochs: int = 40
+    seed: int = 0
+    min_episode_beats: int = 5
+    ecg_dir: str | None = None  # folder holding cpsc2021/; None: the shared ECG folder
+
+
+DEMO_LONG_FLAGS = {
+    "out": "output folder (cache, runs, PNGs, results.json)",
+    "n_records": "long synthetic records (about 80%% train)", "min_minutes": "shortest record",
+    "max_minutes": "longest record", "preset": "model size", "epochs": "pretraining epochs",
+    "max_tokens": "padded tokens per pretraining batch", "lr": "pretraining peak lr", "head_epochs": "head epochs",
+    "seed": "random seed (data, model, heads)",
+    "min_episode_beats": "predicted AF runs shorter than this many beats are not counted as episodes",
+    "ecg_dir": "folder holding cpsc2021/ (default: the shared ECG folder)", **LOCAL_RUN_FLAGS,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clear-hug demo --long", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/demo_long", help="output folder (cache, runs, PNGs, results.json)")
-    p.add_argument("--n-records", type=int, default=120, help="long synthetic records (about 80%% train)")
-    p.add_argument("--min-minutes", type=float, default=1.0)
-    p.add_argument("--max-minutes", type=float, default=10.0)
-    p.add_argument("--preset", default="small")
-    p.add_argument("--epochs", type=int, default=4, help="pretraining epochs")
-    p.add_argument("--max-tokens", type=int, default=12 * 800, help="padded tokens per pretraining batch")
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--head-epochs", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-episode-beats", type=int, default=5,
-                   help="predicted AF runs shorter than this many beats are not counted as episodes")
-    p.add_argument("--ecg-dir", default=None, help="folder holding cpsc2021/ (default: the shared ECG folder)")
-    p.add_argument("--threads", type=int, default=0, help="0: up to 2, fewer when other processes keep cores busy")
-    p.add_argument("--no-progress", action="store_true")
+    dataclass_flags(p, DemoLongArgs, DEMO_LONG_FLAGS)
     add_readme_arguments(p, "long-demo")
     return p
 
@@ -196,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings, t_all = {}, time.perf_counter()
-    progress = not args.no_progress
+    progress = args.progress
 
     # 1. data: every beat of every record (no cap), labelled per beat by the generator's episodes
     t0 = time.perf_counter()
@@ -243,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_class = [macro_auroc(y[:, [k]], s[:, [k]])["auroc"] for k in range(len(BEAT_CLASSES))]
         hug, _ = train_head_on_features(f["train"].summary, f["train"].labels, f["val"].summary, f["val"].labels,
                                         FinetuneArgs(head="hug", epochs=args.head_epochs, lr=5e-3, seed=args.seed,
-                                                     warmup_epochs=2))
+                                                     warmup_epochs=2, progress=False))
         with torch.no_grad():
             hug.eval()
             rec_scores = torch.sigmoid(hug(f["test"].summary)).numpy()

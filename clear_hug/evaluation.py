@@ -7,6 +7,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,14 @@ METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "f1": "F1", "fbeta": "F-beta
                 "challenge": "CinC 2021 score"}
 
 
+@dataclass
+class EvaluateArgs:
+    """``clear-hug evaluate``'s settings besides the run settings (seed, device: ``common.RunSettings``)."""
+
+    split: str = field(default="test", metadata={"choices": ("train", "val", "test")})
+    n_boot: int = 200  # bootstrap resamples for the 95% intervals (0: none)
+
+
 def dataset_scores(model: torch.nn.Module, dataset: TokenDataset,
                    device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Sigmoid scores ``[N, C]``, labels and record ids of every record of a ``TokenDataset`` split."""
@@ -34,7 +43,8 @@ def dataset_scores(model: torch.nn.Module, dataset: TokenDataset,
 
 
 def evaluate_split(model: torch.nn.Module, val_set: TokenDataset, test_set: TokenDataset, class_names: Sequence[str],
-                   device: str | torch.device = "cpu", n_boot: int = 200, seed: int = 0) -> tuple[dict, dict]:
+                   device: str | torch.device = "cpu", n_boot: int = EvaluateArgs.n_boot,
+                   seed: int = 0) -> tuple[dict, dict]:
     """The report of ``model`` on ``test_set`` with thresholds tuned on ``val_set``, and the test predictions
     ``{"record_ids", "scores", "labels"}``."""
     if len(val_set) == 0:

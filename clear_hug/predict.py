@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records, missing = find_records(args.inputs)
     if not records:
         raise ValueError(f"no records found in {list(args.inputs)}: " + "; ".join(m["reason"] for m in missing))
-    rows, skipped = predict_records(model, records, args.device, progress=not args.no_progress)
+    rows, skipped = predict_records(model, records, args.device, progress=args.progress)
     skipped = missing + skipped
     for s in skipped:
         print(f"skipped {s['record']}: {s['reason']}", file=sys.stderr)

@@ -1,13 +1,16 @@
 """The clear-hug command on tiny settings: prepare -> pretrain -> finetune -> evaluate (in process)."""
 
+import argparse
 import json
 import shutil
+from dataclasses import fields
 
 import pytest
 import torch
 
 from clear_hug.checkpoint import load_checkpoint, load_classifier, load_pretrained_config
 from clear_hug.cli import main
+from clear_hug.cli_args import flag_spec
 from clear_hug.heads import Classifier
 from clear_hug.model import CLEAR
 
@@ -105,3 +108,59 @@ def test_run_flags_come_from_the_run_dataclasses():
     assert (args.lr, args.max_tokens, args.extend_schedule) == (0.25, 960, True)
     with pytest.raises(SystemExit):
         finetune_parser().parse_args(["--cache", "c", "--out", "o", "--fusion", "max"])
+
+
+def _flag_problems(parser, classes, not_settings):
+    """What is wrong with ``parser``'s flags: one that no field of ``classes`` holds (hand-written), or whose
+    default, type or choices differ from its field's (the first class that has the field is its home)."""
+    home = {}
+    for cls in reversed(classes):
+        home.update({f.name: cls for f in fields(cls)})
+    dests = {a.dest for a in parser._actions}
+    problems = [f"{name}: listed as no setting, but {parser.prog} has no such flag" for name in not_settings - dests]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.dest in not_settings:
+            continue
+        flag = "/".join(action.option_strings)
+        if action.dest not in home:
+            problems.append(f"{flag}: hand-written, no field of {[c.__name__ for c in classes]}")
+            continue
+        spec = flag_spec(home[action.dest], action.dest)
+        got = (action.default, action.type, action.choices)
+        want = (spec["default"], spec.get("type"), spec.get("choices"))
+        if got != want:
+            problems.append(f"{flag}: default, type, choices {got}; {home[action.dest].__name__}'s {want}")
+    return problems
+
+
+def test_every_flag_default_is_its_dataclass_field_default():
+    from clear_hug import ablate, demo, demo_long
+    from clear_hug.cli import evaluate_parser, finetune_parser, predict_parser, pretrain_parser
+    from clear_hug.config import ModelChoice
+    from clear_hug.evaluation import EvaluateArgs
+    from clear_hug.train.common import RunSettings
+    from clear_hug.train.finetune import FinetuneArgs, FinetuneSweep
+    from clear_hug.train.pretrain import PretrainArgs
+
+    # Each parser, the dataclasses its flags come from, and its flags that are no setting of a run: required
+    # inputs, output paths (no default worth keeping in step), the README pair of report.py, demo's --long switch.
+    readme = {"readme_from", "readme"}
+    parsers = [
+        (pretrain_parser(), (RunSettings, ModelChoice, PretrainArgs), {"cache", "out"}),
+        (finetune_parser(), (RunSettings, ModelChoice, FinetuneSweep, FinetuneArgs), {"cache", "out"}),
+        (evaluate_parser(), (RunSettings, EvaluateArgs), {"cache", "heads", "out", "report"}),
+        (predict_parser(), (RunSettings,), {"model", "inputs", "out", "plot"}),
+        (demo.build_parser(), (demo.DemoArgs,), readme | {"long"}),
+        (demo_long.build_parser(), (demo_long.DemoLongArgs,), readme),
+        (ablate.build_parser(), (ablate.AblateArgs,), readme),
+    ]
+    for parser, classes, not_settings in parsers:
+        assert _flag_problems(parser, classes, not_settings) == [], parser.prog
+    # The check catches a hand-written flag, and a default that drifted from its field.
+    p = pretrain_parser()
+    p.add_argument("--warmup-steps", type=int, default=3)
+    assert _flag_problems(p, (RunSettings, ModelChoice, PretrainArgs), {"cache", "out"}) == [
+        "--warmup-steps: hand-written, no field of ['RunSettings', 'ModelChoice', 'PretrainArgs']"]
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=1)
+    assert len(_flag_problems(p, (RunSettings,), set())) == 1

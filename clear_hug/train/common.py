@@ -20,6 +20,20 @@ import torch
 import torch.distributed as dist
 
 
+# ------------------------------------------------------------------ run settings
+@dataclass
+class RunSettings:
+    """How a run executes, apart from its recipe: the fields the run dataclasses (``PretrainArgs``,
+    ``FinetuneArgs``) share, and the commands' ``--seed``, ``--device``, ``--amp``, ``--no-progress``, ``--threads``
+    (generated from these fields, so each default lives here)."""
+
+    seed: int = 0
+    device: str | None = None  # None: cuda when available, else cpu
+    amp: bool | None = None  # None: bf16 autocast on CUDA, off on CPU
+    progress: bool = True  # progress bars (on the main process)
+    threads: int | None = None  # torch CPU threads, set by the commands before a run (None: torch's default)
+
+
 # ------------------------------------------------------------------ distributed
 @dataclass(frozen=True)
 class DistInfo:

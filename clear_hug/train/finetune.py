@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..data.cache import pad_collate
-from ..heads import Classifier, build_head
+from ..heads import FUSIONS, Classifier, build_head
 from ..metrics import macro_auroc
 from ..model import CLEAR
 from . import common
@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class FinetuneArgs:
-    # The paper's downstream recipe (AdamW, warm-up then cosine decay, BCE on multi-hot labels).
+class FinetuneArgs(common.RunSettings):
+    # The paper's downstream recipe (AdamW, warm-up then cosine decay, BCE on multi-hot labels). Seed, device, amp,
+    # progress and threads: common.RunSettings.
     head: str = "hug"
-    fusion: str = "mean"
+    fusion: str = field(default="mean", metadata={"choices": FUSIONS})
     epochs: int = 100
     batch_size: int = 256
     lr: float = 5e-3
@@ -37,12 +38,20 @@ class FinetuneArgs:
     warmup_epochs: float = 10
     min_lr: float = 1e-5
     clip: float = 3.0
-    seed: int = 0
     label_fraction: float = 1.0
     encoder_lr: float | None = None  # fine-tuning only; defaults to lr / 10
-    amp: bool | None = None
-    progress: bool = False
-    device: str | None = None
+
+
+@dataclass
+class FinetuneSweep:
+    """What ``clear-hug finetune`` trains besides one run's recipe: a ``FinetuneArgs`` run for every head x label
+    fraction x seed, on a pretrained encoder (or a random one of ``config.ModelChoice.preset``)."""
+
+    checkpoint: str | None = None  # pretraining checkpoint (last.pt); None: a random encoder
+    head: str = field(default="hug", metadata={"choices": ("hug", "linear", "both")})
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    seeds: list[int] | None = None  # None: the run's seed (RunSettings.seed)
+    finetune_encoder: bool = False  # train the encoder too (end to end) instead of heads on frozen features
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PretrainArgs:
-    # The paper's pretraining recipe (AdamW, warm-up then cosine decay); batch size per process.
+class PretrainArgs(common.RunSettings):
+    # The paper's pretraining recipe (AdamW, warm-up then cosine decay); batch size per process. Seed, device, amp,
+    # progress and threads: common.RunSettings.
     epochs: int = 100
     batch_size: int = 64
     lr: float = 5e-4
@@ -34,8 +35,6 @@ class PretrainArgs:
     warmup_epochs: float = 5
     min_lr: float = 1e-5
     clip: float = 3.0
-    seed: int = 0
-    amp: bool | None = None  # None: bf16 on CUDA, off on CPU
     out_dir: str | None = None
     resume: bool = True  # continue from out_dir/last.pt when it exists
     stop_after_epochs: int | None = None  # end this run early (tests, preemptible jobs); schedule unchanged
@@ -45,8 +44,6 @@ class PretrainArgs:
     # Variable-length batches: records of similar length grouped under this many (padded) tokens per batch,
     # instead of batch_size records (needs a dataset with ``lengths``, like TokenDataset).
     max_tokens: int | None = None
-    progress: bool = True
-    device: str | None = None
 
 
 def batch_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
