@@ -55,7 +55,7 @@ class DemoArgs(LocalRun):
     attn_impl: str = field(default="sparse", metadata={"choices": ATTN_IMPLS})
     epochs: int = 10  # pretraining
     batch_size: int = 32
-    lr: float = 1.5e-3  # pretraining peak lr (small model, short schedule)
+    lr: float = 1.5e-3  # pretraining
     warmup_epochs: float = 1
     head_epochs: int = 60
     head_lr: float = 5e-3
