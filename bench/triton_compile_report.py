@@ -13,6 +13,7 @@ interpreter (``TRITON_INTERPRET=1``) skips compilation, so this is also the chec
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -36,8 +37,9 @@ from clear_kernels.triton_kernels import backward, common, forward  # noqa: E402
 
 DATA_PTRS = {"Q", "K", "V", "Out", "GradOut", "GradQ", "GradK", "GradV"}
 STAT_PTRS = {"Lse", "Delta"}
-INT_ARGS = {"L", "H", "NUM_GROUPS", "MAX_SUMMARY", "BUCKET", "sqb", "sqh", "sql", "sgb", "sgh", "sgl", "sob", "soh",
-            "sol"}
+INT_ARGS = {"L", "H", "KV_GROUP", "NUM_GROUPS", "MAX_SUMMARY", "BUCKET", "sqb", "sqh", "sql", "skb", "skh", "skl",
+            "svb", "svh", "svl", "sgb", "sgh", "sgl", "sob", "soh", "sol"}
+CONSTEXPRS = {"D", "BLOCK_D", "F32", "CAUSAL", "SPLIT", "BLOCK_M", "BLOCK_N"}
 FLOAT_ARGS = {"scale", "qk_scale"}
 TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -55,7 +57,7 @@ def _signature(fn, dtype: str) -> dict:
             sig[name] = "i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name[0].isupper() and name not in ("D", "BLOCK_D", "F32", "CAUSAL", "BLOCK_M", "BLOCK_N", "ROWS"):
+        elif name[0].isupper() and name not in CONSTEXPRS:
             sig[name] = "*i32"  # layout tensors
         else:
             sig[name] = "constexpr"
@@ -74,18 +76,22 @@ def _resource_usage(cubin: bytes) -> dict:
     return {key.lower(): int(value) for key, value in found.items()}
 
 
-def compile_one(name: str, dtype: str, head_dim: int, config: triton.Config, arch: int) -> dict:
+def compile_one(name: str, dtype: str, head_dim: int, config: triton.Config, arch: int, causal: bool = False) -> dict:
+    """One kernel, compiled as the launcher would launch it (the backward's walk chosen by ``split_backward``).
+    The key/value group size is a runtime argument: one compiled kernel serves every grouping."""
     jitted = KERNELS[name]
     fn = jitted.fn if isinstance(jitted, triton.runtime.Autotuner) else jitted  # the JITFunction
-    consts = {"D": head_dim, "BLOCK_D": common.block_d(head_dim), "F32": dtype == "float32", **config.kwargs}
-    if "CAUSAL" in fn.arg_names:
-        consts["CAUSAL"] = False  # the causal variant adds a bound and masks to the same kernel
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    consts = {"D": head_dim, "BLOCK_D": common.block_d(head_dim), "F32": dtype == "float32", "CAUSAL": causal,
+              **config.kwargs}
+    if "SPLIT" in fn.arg_names:
+        consts["SPLIT"] = common.split_backward(getattr(torch, dtype), head_dim)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "maxnreg": config.maxnreg}
     start = time.perf_counter()
     compiled = triton.compile(ASTSource(fn, _signature(fn, dtype), consts), target=GPUTarget("cuda", arch, 32),
                               options=options)
     usage = _resource_usage(compiled.asm["cubin"])
-    return {"kernel": name, "dtype": dtype, "head_dim": head_dim, "arch": arch,
+    return {"kernel": name, "dtype": dtype, "head_dim": head_dim, "arch": arch, "causal": causal,
+            "split": consts.get("SPLIT"),
             "config": {k: v for k, v in consts.items() if k.startswith("BLOCK_") and k != "BLOCK_D"},
             "kept_by_pruning": config in common.tuned_configs("_" + name, head_dim, getattr(torch, dtype)),
             "num_warps": options["num_warps"], "num_stages": options["num_stages"],
@@ -99,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="float16,bfloat16,float32")
     parser.add_argument("--head-dims", default="32,96,256")
     parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--causal", action="store_true", help="also compile the causal variant of each kernel")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--all-configs", action="store_true", help="every autotune config the pruning keeps")
     which.add_argument("--every-config", action="store_true", help="every config of the list, kept or not")
@@ -114,11 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     elif args.all_configs:
                         chosen = common.tuned_configs("_" + name, head_dim, getattr(torch, dtype))
                     else:
-                        chosen = [common.PINNED]
-                    for config in chosen:
-                        row = compile_one(name, dtype, head_dim, config, arch)
+                        chosen = [common.pinned("_" + name, getattr(torch, dtype))]
+                    for config, causal in itertools.product(chosen, (False, True) if args.causal else (False,)):
+                        row = compile_one(name, dtype, head_dim, config, arch, causal)
                         rows.append(row)
-                        print(f"sm_{arch} {row['kernel']:4s} {dtype:9s} D={head_dim:<4d} {str(row['config']):32s} "
+                        print(f"sm_{arch} {row['kernel']:4s}{' causal' if causal else ''} {dtype:9s} "
+                              f"D={head_dim:<4d} {str(row['config']):32s} "
                               f"w={row['num_warps']} s={row['num_stages']} regs={row['registers']} "
                               f"stack={row['stack_bytes']}B smem={row['shared_bytes']}B "
                               f"{'kept' if row['kept_by_pruning'] else 'pruned'} ({row['compile_s']}s)", flush=True)

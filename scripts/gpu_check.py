@@ -39,7 +39,9 @@ def smoke(dry_run: bool) -> int:
     if reason is not None:
         print(f"smoke: the triton backend cannot run on {device}: {reason}")
         return 1
-    print(f"smoke: autotune={'on' if common.AUTOTUNE else 'off'}, pinned {common.launch_config()}", flush=True)
+    pinned = {f"{kernel} {dtype}": common.launch_config(kernel, dtype) for kernel in ("_fwd", "_bwd")
+              for dtype in (torch.bfloat16, torch.float32)}
+    print(f"smoke: autotune={'on' if common.AUTOTUNE else 'off'}, pinned {pinned}", flush=True)
     layout = (conduction_layout(0, batch=1, leads=3, beats=2, p_valid=1.0) if dry_run
               else conduction_layout(0, batch=8, leads=12, beats=15, p_valid=1.0))
     heads = 1 if dry_run else 8

@@ -54,24 +54,26 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Triton only distinguishes "divisible by 16" and "equal to 1", so a stride that scales with L gives at most two
 # variants, and the divisibility is what lets it vectorise the loads.)
 DYNAMIC_INTS = ["L", "H", "NUM_GROUPS", "MAX_SUMMARY", "BUCKET"]
+# ``KV_GROUP`` (query heads per key/value head) stays specialised: 1, the common case, compiles its own variant
+# with the head loop unrolled away.
 
 # The one config under the interpreter (autotuning there would only multiply the test time). Tests change it to
 # run the other tile shapes.
 INTERPRET_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}
 
-TILE_CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-]
-# With autotuning off, for every head dim and dtype: the smallest tiles over 8 warps, which the compile report
-# shows spill-free for both kernels and both dtypes up to padded head dim 128 on sm_80 and sm_90 (at 256 the
-# backward spills a few dozen bytes per thread; no config of the list avoids that).
-PINNED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1)
+# Every config caps registers at 255 (``.maxnreg``): without it ptxas may halve a kernel's registers to fit two
+# programs per SM and spill the rest (the compile report showed 128 registers and 16-24 B of stack per thread for
+# the 8-warp configs at head dim 128-256 on sm_80); local-memory traffic costs more than that occupancy wins.
+MAX_REGISTERS = 255
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                         maxnreg=MAX_REGISTERS)
+
+
+TILE_CONFIGS = [_config(16, 16, 4, 1), _config(16, 16, 8, 1), _config(32, 16, 4, 1), _config(32, 32, 4, 1),
+                _config(32, 32, 8, 1), _config(64, 32, 8, 1), _config(64, 64, 8, 2)]
 
 
 def _shape(config) -> tuple[int, int, int, int]:
@@ -80,30 +82,52 @@ def _shape(config) -> tuple[int, int, int, int]:
 
 # The configs (BLOCK_M, BLOCK_N, num_warps, num_stages) each kernel compiles without register spills, per
 # operand kind (float32 or half), measured by compiling every config of TILE_CONFIGS for sm_90 and sm_80 at
-# D = 96 (padded 128) with bench/triton_compile_report.py --every-config. float32 runs its dots as exact FMAs
-# (no tensor cores), which takes far more registers; the fused backward holds seven tiles of the program's own
-# rows (q, k, v, dO and the three gradient accumulators) next to the chunk's five. The float32 backward has no
-# spill-free config on sm_80 (48 B of stack per thread in the one listed; 16 warps still spill 32 B): the known
-# exception, bounded by KNOWN_SPILLS. tests/test_triton_kernel.py::test_kernels_compile_without_spills compiles
-# every kept config again.
+# D = 96 (padded 128), causal and not, with ``bench/triton_compile_report.py --every-config --causal``
+# (bench/results/triton_compile_every_d96.json). float32 runs its dots as exact FMAs (no tensor cores), which takes
+# far more registers; the backward holds the tile's q, dO and three gradient accumulators (and k, v) beside the
+# chunk's rows, so only its smallest tiles over 8 warps stay in registers.
+# tests/test_triton_kernel.py::test_kernels_compile_without_spills compiles every kept config again.
 SPILL_FREE = {
-    ("_fwd", False): {_shape(c) for c in TILE_CONFIGS} - {(64, 64, 8, 2)},  # 64x64 spills on sm_80
-    ("_fwd", True): {(16, 16, 8, 1)},
-    ("_bwd", False): {(16, 16, 4, 1), (16, 16, 8, 1)},
+    ("_fwd", False): {(16, 16, 4, 1), (16, 16, 8, 1), (32, 16, 4, 1), (32, 32, 8, 1)},
+    ("_fwd", True): {(16, 16, 4, 1), (16, 16, 8, 1)},
+    ("_bwd", False): {(16, 16, 8, 1)},
     ("_bwd", True): {(16, 16, 8, 1)},
 }
 SPILL_FREE_MAX_BLOCK_D = 128
-# (kernel, dtype name, arch): the most stack bytes per thread the compile report may show there.
-KNOWN_SPILLS = {("bwd", "float32", 80): 48}
+# With autotuning off: one config per kernel and operand kind, spill-free at every head dim the backend takes
+# (32 to 256 in half precision, to 128 in float32; bench/results/triton_compile_pinned.json).
+PINNED = {("_fwd", False): (16, 16, 8, 1), ("_fwd", True): (16, 16, 8, 1), ("_bwd", False): (16, 16, 8, 1),
+          ("_bwd", True): (16, 16, 8, 1)}
+
+
+# Tests set this to run one backward variant on every input (None: ``split_backward`` decides).
+FORCE_SPLIT: bool | None = None
+
+
+def split_backward(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the backward walks each tile's window twice (dq, then dk/dv) instead of once for both. The fused
+    walk holds eleven ``[BLOCK, BLOCK_D]`` tiles at once; float32 tiles (exact FMA dots, no tensor cores) and head
+    dims past 128 do not fit in registers that way (the compile report showed 48 B of spills per thread for
+    float32 at D=96 on sm_80 and 128 B for bfloat16 at D=256); the split walk holds fewer and reads the window
+    the second time from cache."""
+    if FORCE_SPLIT is not None:
+        return FORCE_SPLIT
+    return dtype == torch.float32 or block_d(head_dim) > 128
+
+
+def pinned(kernel_name: str, dtype: torch.dtype) -> triton.Config:
+    """The config a kernel runs with autotuning off (and past the head dims the autotuner's list was measured at)."""
+    shape = PINNED[(kernel_name, dtype == torch.float32)]
+    return next(c for c in TILE_CONFIGS if _shape(c) == shape)
 
 
 def tuned_configs(kernel_name: str, head_dim: int, dtype: torch.dtype) -> list:
     """The configs the autotuner may try for a kernel at this head dim and dtype: the spill-free ones (past the
     measured head dims, only the pinned config). Never empty."""
     if block_d(head_dim) > SPILL_FREE_MAX_BLOCK_D:
-        return [PINNED]
+        return [pinned(kernel_name, dtype)]
     allowed = SPILL_FREE[(kernel_name, dtype == torch.float32)]
-    return [c for c in TILE_CONFIGS if _shape(c) in allowed] or [PINNED]
+    return [c for c in TILE_CONFIGS if _shape(c) in allowed] or [pinned(kernel_name, dtype)]
 
 
 def _pruner(kernel_name: str):
@@ -142,13 +166,19 @@ def kernel(
     return wrap
 
 
-def launch_config() -> dict:
+def config_kwargs(config: triton.Config) -> dict:
+    """A config as launch keyword arguments (bypassing the autotuner)."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "maxnreg": config.maxnreg}
+
+
+def launch_config(kernel_name: str, dtype: torch.dtype) -> dict:
     """Launch keyword arguments that fix the config: the interpreter's tiles, the pinned config, or nothing
     (the autotuner chooses)."""
     if INTERPRET:
         return dict(INTERPRET_TILE)
     if not AUTOTUNE:
-        return {**PINNED.kwargs, "num_warps": PINNED.num_warps, "num_stages": PINNED.num_stages}
+        return config_kwargs(pinned(kernel_name, dtype))
     return {}
 
 
@@ -192,34 +222,28 @@ def forced_configs(configs: dict) -> Iterator[None]:
 
 
 def launch(fn: triton.runtime.JITFunction | triton.runtime.Autotuner, q: torch.Tensor, max_summary: int, args: tuple,
-           consts: dict) -> None:
-    """Launch a tile kernel on the grid ``(max_summary + cdiv(L, BLOCK_M), H, B)`` with ``q``'s device current
-    (Triton launches on the current device, whatever the tensors' device)."""
+           consts: dict, grid_heads: int | None = None) -> None:
+    """Launch a tile kernel on the grid ``(max_summary + cdiv(L, BLOCK_M), grid_heads or H, B)`` with ``q``'s
+    device current (Triton launches on the current device, whatever the tensors' device)."""
     batch, heads, length, _ = q.shape
+    heads = grid_heads or heads
     check_limits(q, max_summary, *(a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4))
     consts = dict(consts, F32=uses_f32_dot(q.dtype), BUCKET=size_bucket(batch * heads * length))
     grid = lambda meta: (max_summary + triton.cdiv(length, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-    config = launch_config()
+    jitted = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+    config = launch_config(jitted.__name__, q.dtype)
     if fn in _FORCED:
         forced = _FORCED[fn]
-        config = dict(forced.kwargs) if INTERPRET else {**forced.kwargs, "num_warps": forced.num_warps,
-                                                        "num_stages": forced.num_stages}
-        fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+        config = dict(forced.kwargs) if INTERPRET else config_kwargs(forced)
+        fn = jitted
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         fn[grid](*args, **consts, **config)
 
 
-def shared_strides(q: torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q``, ``k``, ``v`` as the kernels take them: one set of strides, unit stride along D. Views of one
-    projection (the module's case) pass as they are; anything else is made contiguous."""
-    if q.stride(-1) == 1 and k.stride() == q.stride() and v.stride() == q.stride():
-        return q, k, v
-    return q.contiguous(), k.contiguous(), v.contiguous()
-
-
 def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the kernels take a q, k, v, output or gradient: any batch, head and row strides (views of a
+    projection pass as they are, no copy), but unit stride along D."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 

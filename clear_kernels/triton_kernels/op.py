@@ -13,7 +13,7 @@ import torch
 
 from .. import dispatch, ops
 from .backward import segment_attention_backward
-from .common import INTERPRET, shared_strides, unit_stride
+from .common import INTERPRET, unit_stride
 from .forward import out_like, segment_attention_forward
 
 FWD, BWD = ops.define_pair("triton")
@@ -21,33 +21,27 @@ FWD, BWD = ops.define_pair("triton")
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-
-
-def _check_supported(q, k) -> None:
-    # Grouped-query attention is not implemented in these kernels yet (they take q, k, v with one set of strides):
-    # the backend does not list the feature, so dispatch never sends it here ("auto" takes another backend); a
-    # direct call of the op is refused rather than answered without it.
-    if k.shape != q.shape:
-        raise ValueError(f"clear_kernels::triton: k must have the shape of q {tuple(q.shape)} (grouped-query "
-                         f"attention is not implemented in the Triton kernels), got {tuple(k.shape)}")
+# float32 runs its dots as exact FMAs (no tensor cores); past head dim 128 its backward does not stay in registers
+# on sm_80 / sm_90 even walking the window twice (the compile report: 360-464 B of stack per thread at D=256), so
+# such inputs go to the cuda backend instead of running spilled.
+MAX_FLOAT32_HEAD_DIM = 128
 
 
 @torch.library.impl(FWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_fwd(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
                 summary_offsets, scale, is_causal=False):
-    _check_supported(q, k)
     # Strided views (the module's projection split into heads) go to the kernel as they are: no copies.
-    return segment_attention_forward(*shared_strides(q, k, v), segment, group, seg_start, seg_end, group_index,
-                                     group_offsets, summary_index, summary_offsets, scale, is_causal)
+    return segment_attention_forward(unit_stride(q), unit_stride(k), unit_stride(v), segment, group, seg_start,
+                                     seg_end, group_index, group_offsets, summary_index, summary_offsets, scale,
+                                     is_causal)
 
 
 @torch.library.impl(BWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_bwd(grad_out, q, k, v, out, lse, segment, group, seg_start, seg_end, group_index, group_offsets,
                 summary_index, summary_offsets, scale, is_causal=False):
-    _check_supported(q, k)
-    return segment_attention_backward(unit_stride(grad_out), *shared_strides(q, k, v), unit_stride(out), lse,
-                                      segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
-                                      summary_offsets, scale, is_causal)
+    return segment_attention_backward(unit_stride(grad_out), unit_stride(q), unit_stride(k), unit_stride(v),
+                                      unit_stride(out), lse, segment, group, seg_start, seg_end, group_index,
+                                      group_offsets, summary_index, summary_offsets, scale, is_causal)
 
 
 ops.register_pair("triton", contiguous_grad=False, out_like=out_like)
@@ -66,6 +60,9 @@ def refuse(q: torch.Tensor) -> str | None:
     head_dim = q.shape[-1]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         return f"head dim {head_dim} is outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    if q.dtype == torch.float32 and head_dim > MAX_FLOAT32_HEAD_DIM:
+        return (f"float32 at head dim {head_dim} > {MAX_FLOAT32_HEAD_DIM} would spill registers (exact float32 dots "
+                "take too many); use bfloat16/float16 or another backend")
     if q.device.type == "cuda" and q.dtype == torch.bfloat16 and not INTERPRET:
         index = q.device.index if q.device.index is not None else torch.cuda.current_device()
         major, _ = _capability(index)
@@ -77,4 +74,4 @@ def refuse(q: torch.Tensor) -> str | None:
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 dispatch.register(dispatch.Backend(name="triton", op_prefix="triton", device_types=DEVICE_TYPES, refuse=refuse,
-                                   strided=True, features=frozenset({"causal"})))
+                                   strided=True, features=frozenset({"causal", "gqa"})))
