@@ -35,7 +35,9 @@ if TYPE_CHECKING:  # the model modules import torch.nn and the kernels; loaded o
     from .heads import Classifier
     from .model import CLEAR
 
-FORMAT = 1
+# 2: the position map reads unit-norm sinusoidal codes (model._Positions); format-1 weights have the same names and
+# shapes but were trained on codes 5.7x larger, so loading them would silently shift every position code.
+FORMAT = 2
 KINDS = ("pretrain", "head")
 
 
@@ -196,7 +198,7 @@ def load_classifier(path: os.PathLike, class_names: Sequence[str] | None = None)
 
 
 # ------------------------------------------------------------------ portable weights (Hub-style folders)
-PRETRAINED_FORMAT = 1
+PRETRAINED_FORMAT = 2  # 2: as FORMAT 2 (unit-norm position codes)
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
 

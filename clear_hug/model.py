@@ -84,6 +84,10 @@ _NUM_FREQ = 16
 _PERIODS = torch.logspace(math.log10(2.0), math.log10(20000.0), _NUM_FREQ, dtype=torch.float64)
 
 
+# sinusoid() of time and of beat index, concatenated, has norm sqrt(2 * _NUM_FREQ); _Positions scales it to 1.
+_CODE_SCALE = 1.0 / math.sqrt(2 * _NUM_FREQ)
+
+
 def sinusoid(x: torch.Tensor) -> torch.Tensor:
     """``[...]`` positions (any real values) to ``[..., 2 * _NUM_FREQ]`` sin/cos features; defined for any length."""
     angle = x.to(torch.float64)[..., None] * (2 * math.pi / _PERIODS.to(x.device))
@@ -96,6 +100,13 @@ class _Positions(nn.Module):
 
     Sinusoids rather than learned tables, so no length is baked into the weights: a model trained on 15-beat strips
     runs on a 30-minute record, and the code of beat j does not depend on how many beats follow it.
+
+    The concatenated codes (``4 * _NUM_FREQ`` values, each sin/cos pair of norm 1) are scaled to unit norm before
+    the map, as a table lookup's one-hot input is. Unscaled (norm ``sqrt(2 * _NUM_FREQ)`` = 5.7), the map started
+    at 0.56 of the heartbeat embedding's RMS (the tables: ~0.14), and since Adam moves every weight by about lr per
+    step and every position uses every weight, one step moved it 2.5x as far as the embedding: position swamped
+    content in every token, and the pretrained summary features fell behind a random encoder's (docs/clear_hug.md,
+    "What it gives"). Scaled, it starts at ~0.1 of the embedding and moves about half as far per step.
     """
 
     def __init__(self, cfg: CLEARConfig, dim: int) -> None:
@@ -107,7 +118,7 @@ class _Positions(nn.Module):
         beats = time.shape[-1]
         t = torch.where(valid, time, torch.zeros_like(time))  # padding may carry any time id
         beat = torch.arange(beats, device=time.device).expand_as(t)
-        codes = torch.cat([sinusoid(t), sinusoid(beat)], -1)
+        codes = torch.cat([sinusoid(t), sinusoid(beat)], -1) * _CODE_SCALE
         return self.lead[:, None, :] + self.proj(codes.to(self.proj.weight.dtype))
 
 

@@ -8,7 +8,7 @@ from model_fixtures import tiny_config, token_batch
 
 from clear_hug.config import get_config
 from clear_hug.masking import random_mask
-from clear_hug.model import CLEAR, CLEAROutput
+from clear_hug.model import CLEAR, CLEAROutput, znorm
 
 
 def _long_batch(beats, batch=1, leads_present=12, seed=0):
@@ -121,3 +121,29 @@ def test_no_l_by_l_tensor_on_the_sparse_path(impl):
         assert found == []
     else:
         assert found and max(s[-1] for _, s in found) >= 12 + 12 * 600
+
+
+def test_position_code_starts_and_moves_below_the_heartbeat_content():
+    """Regression for the demo's pretrained encoder falling behind a random one after the position tables became a
+    learned map of sinusoidal codes: fed unscaled codes (norm 5.7, where a table lookup's one-hot has 1), the map
+    started at 0.56 of the heartbeat embedding's RMS and one Adam step moved it 2.5x as far as the embedding, so
+    position swamped content in every token. At the tables' scale it starts at ~0.1 and moves less."""
+    torch.manual_seed(0)
+    model = CLEAR(tiny_config())
+    tokens, valid, time = token_batch(4)
+
+    def position() -> torch.Tensor:  # the time and beat part (the lead embedding is a table already)
+        return (model.enc_pos(time, valid) - model.enc_pos.lead[:, None])[valid]
+
+    def rms(x: torch.Tensor) -> float:
+        return float(x.pow(2).mean().sqrt())
+
+    pos0, content0 = position().detach(), model.embed(znorm(tokens))[valid].detach()
+    assert rms(pos0) < 0.25 * rms(content0)
+    lr = 1e-3
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model(tokens, valid, time, random_mask(valid, 0.8, torch.Generator().manual_seed(0))).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        pos_step, content_step = rms(position() - pos0), rms(model.embed(znorm(tokens))[valid] - content0)
+    assert pos_step < content_step
