@@ -116,7 +116,9 @@ class _Positions(nn.Module):
     def at(self, time: torch.Tensor, beat: torch.Tensor, lead: torch.Tensor) -> torch.Tensor:
         """``[..., dim]`` codes of tokens given by their time, beat index and lead (``[...]`` each): the codes
         ``forward`` gives those tokens on the grid, for a sequence of some of them."""
-        return self.lead[lead] + self._map(time, beat)
+        # F.embedding rather than self.lead[lead]: the same rows, with a scatter-add gradient instead of index_put's
+        # accumulate, ~3x faster on CPU for one table row per token.
+        return F.embedding(lead, self.lead) + self._map(time, beat)
 
     def _map(self, time: torch.Tensor, beat: torch.Tensor) -> torch.Tensor:
         codes = torch.cat([sinusoid(time), sinusoid(beat)], -1)
