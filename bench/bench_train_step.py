@@ -9,6 +9,11 @@ process, so its peak memory (max RSS on CPU, max allocated on CUDA) is its own. 
 their L x L attention would not fit under ``--dense-max-gb``. Median of ``--repeats`` timed steps after
 ``--warmup``. Timings are measurements, never assertions.
 
+Each step is timed twice: wall clock, and the CPU time of the process (all its threads). On a shared machine the
+wall clock of a 1-thread run also counts the time other processes held the core, which moved from one
+configuration to the next by 2x (load 3 to 6 on 2 cores); CPU time does not, so compare configurations (dense /
+sparse, ms per beat across lengths) on the CPU columns there. On CUDA only the wall clock means anything.
+
     python bench/bench_train_step.py                        # the sweep, JSON + table + plot in bench/results/
     python bench/bench_train_step.py --readme               # also rewrite the README table from the JSON
     python bench/bench_train_step.py --readme-only          # only rewrite the README table from the JSON
@@ -48,6 +53,13 @@ def dense_gb(preset_cfg: CLEARConfig, batch: int, beats: int) -> float:
     return batch * length * length * (3 * 4 * preset_cfg.dec_heads + 1) / 2 ** 30
 
 
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return None
+
+
 def _run_one(preset: str, impl: str, beats: int, batch: int, device: str, warmup: int, repeats: int,
              threads: int, amp: bool, queue: Queue) -> None:
     """Child process: time one configuration and report its peak memory."""
@@ -72,11 +84,11 @@ def _run_one(preset: str, impl: str, beats: int, batch: int, device: str, warmup
     model = CLEAR(get_config(preset, attn_impl=impl)).to(dev)
     opt = make_optimizer(model.parameters(), 5e-4, 0.05, (0.9, 0.98))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # GiB (ru_maxrss is in KiB)
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + repeats):
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(*inputs).loss
         opt.zero_grad(set_to_none=True)
@@ -87,13 +99,16 @@ def _run_one(preset: str, impl: str, beats: int, batch: int, device: str, warmup
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    med = statistics.median(times)
+    med, cpu_med = statistics.median(times), statistics.median(cpu_times)
     queue.put({"median_s": med, "times_s": times, "tokens_per_s": batch * 12 * beats / med,
-               "ms_per_beat": 1e3 * med / (batch * beats), "peak_gb": peak, "rss_before_gb": base_rss,
+               "ms_per_beat": 1e3 * med / (batch * beats), "cpu_median_s": cpu_med, "cpu_times_s": cpu_times,
+               "cpu_ms_per_beat": 1e3 * cpu_med / (batch * beats), "load_1min": _load(),
+               "peak_gb": peak, "rss_before_gb": base_rss,
                "params": count_parameters(model), "loss": float(loss.detach())})
 
 
@@ -113,19 +128,28 @@ def run_config(*args: str | int | bool, timeout_s: float) -> dict:
 
 
 def format_table(data: dict) -> str:
+    # CPU-time columns only for results that have them (older JSON files have wall clock only).
+    cpu = any("cpu_median_s" in row.get(impl, {}) for row in data["results"] for impl in IMPLS)
     lines = ["| preset | beats | batch | sparse ms | dense ms | full ms | dense / sparse | sparse tokens/s | "
-             "sparse ms per beat | peak GB sparse / dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "sparse ms per beat | " + ("CPU ms sparse / dense / full | dense / sparse (CPU) | "
+                                        "sparse CPU ms per beat | " if cpu else "") + "peak GB sparse / dense |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if cpu else "") + "---|"]
 
-    def ms(r: dict) -> str:
-        return f"{r['median_s'] * 1e3:.0f}" if "median_s" in r else "skipped"
+    def ms(r: dict, key: str = "median_s") -> str:
+        return f"{r[key] * 1e3:.0f}" if key in r else ("skipped" if key == "median_s" else "n/a")
+
+    def ratio(d: dict, s: dict, key: str) -> str:
+        return f"{d[key] / s[key]:.2f}x" if key in d and key in s else "n/a"
 
     for row in data["results"]:
         s, d, f = row["sparse"], row.get("dense", {}), row.get("full", {})
-        ratio = f"{d['median_s'] / s['median_s']:.2f}x" if "median_s" in d and "median_s" in s else "n/a"
         peak_d = f"{d['peak_gb']:.1f}" if "peak_gb" in d else "n/a"
-        lines.append(f"| {row['preset']} | {row['beats']} | {row['batch']} | {ms(s)} | {ms(d)} | {ms(f)} | {ratio} | "
-                     f"{s.get('tokens_per_s', float('nan')):,.0f} | {s.get('ms_per_beat', float('nan')):.2f} | "
-                     f"{s.get('peak_gb', float('nan')):.1f} / {peak_d} |")
+        cpu_cells = (f"{ms(s, 'cpu_median_s')} / {ms(d, 'cpu_median_s')} / {ms(f, 'cpu_median_s')} | "
+                     f"{ratio(d, s, 'cpu_median_s')} | {s.get('cpu_ms_per_beat', float('nan')):.2f} | ") if cpu else ""
+        lines.append(f"| {row['preset']} | {row['beats']} | {row['batch']} | {ms(s)} | {ms(d)} | {ms(f)} | "
+                     f"{ratio(d, s, 'median_s')} | {s.get('tokens_per_s', float('nan')):,.0f} | "
+                     f"{s.get('ms_per_beat', float('nan')):.2f} | {cpu_cells}{s.get('peak_gb', float('nan')):.1f} / "
+                     f"{peak_d} |")
     return "\n".join(lines)
 
 

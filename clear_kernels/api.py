@@ -81,6 +81,12 @@ def _check_scale(scale) -> None:
                          f"kernels compute scale * log2(e) in float32), got {scale!r}")
 
 
+def select_backend(q: torch.Tensor, k: torch.Tensor, is_causal: bool, backend: str) -> dispatch.Backend:
+    """The backend that runs ``segment_attention(q, k, ..., is_causal=is_causal, backend=backend)``."""
+    features = frozenset(({"causal"} if is_causal else set()) | ({"gqa"} if k.shape[1] != q.shape[1] else set()))
+    return dispatch.select(backend, q, features)
+
+
 def segment_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,8 +117,7 @@ def segment_attention(
         scale = q.shape[-1] ** -0.5
     else:
         _check_scale(scale)
-    features = frozenset(({"causal"} if is_causal else set()) | ({"gqa"} if k.shape[1] != q.shape[1] else set()))
-    chosen = dispatch.select(backend, q, features)
+    chosen = select_backend(q, k, is_causal, backend)
     fwd = ops.op(chosen.op_prefix, "fwd")
     if not chosen.strided:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

@@ -383,6 +383,19 @@ class SegmentLayout:
             raise ValueError("this layout was not built by SegmentLayout.conduction: it has no token grid")
         return self.grid_shape
 
+    def _seq_source(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B * L]`` int64: for each sequence slot, the row of its token in the grid flattened to
+        ``[B * leads * beats, ...]`` (0 for summary and padding slots), and ``[B, L]`` bool: the slot holds a grid
+        token. The inverse of ``grid_index``, so that moving a grid into the sequence reads only the ``L`` tokens
+        the sequence holds rather than writing every grid token (5 times as many in the encoder, which sees 20%)."""
+        leads, beats = self._require_grid()
+        batch, length, cells = self.batch_size, self.seq_len, leads * beats
+        rows = torch.arange(batch * cells, device=self.device).view(batch, cells)
+        # One extra slot takes every absent token (grid_index == L); it is dropped.
+        src = torch.zeros(batch, length + 1, dtype=torch.int64, device=self.device)
+        src.scatter_(1, self.grid_index, rows)
+        return src[:, :length].reshape(-1), self.segment >= 0
+
     def grid_to_seq(self, grid: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
         """Move a ``[B, leads, beats, ...]`` grid into the ``[B, L, ...]`` sequence.
 
@@ -393,10 +406,10 @@ class SegmentLayout:
         if grid.dim() < 3 or grid.shape[:3] != (self.batch_size, leads, beats):
             raise ValueError(f"grid must be [B={self.batch_size}, {leads}, {beats}, ...], got {tuple(grid.shape)}")
         tail = grid.shape[3:]
-        flat = grid.reshape(self.batch_size, leads * beats, -1)
-        out = flat.new_zeros(self.batch_size, self.seq_len + 1, flat.shape[-1])
-        out.scatter_(1, self.grid_index[:, :, None].expand_as(flat), flat)
-        out = out[:, : self.seq_len]
+        src, holds_token = self._seq_source()
+        flat = grid.reshape(self.batch_size * leads * beats, -1)
+        out = flat.index_select(0, src).view(self.batch_size, self.seq_len, -1)
+        out = out.masked_fill(~holds_token[:, :, None], 0)
         if summary is not None:
             summary = summary.expand(self.batch_size, leads, *tail).reshape(self.batch_size, leads, -1)
             out = torch.cat([summary.to(out.dtype), out[:, leads:]], dim=1)
@@ -409,10 +422,14 @@ class SegmentLayout:
         if seq.dim() < 2 or seq.shape[:2] != (self.batch_size, self.seq_len):
             raise ValueError(f"seq must be [B={self.batch_size}, L={self.seq_len}, ...], got {tuple(seq.shape)}")
         tail = seq.shape[2:]
-        flat = seq.reshape(self.batch_size, self.seq_len, -1)
-        padded = torch.cat([flat, flat.new_zeros(self.batch_size, 1, flat.shape[-1])], dim=1)
-        grid = padded.gather(1, self.grid_index[:, :, None].expand(-1, -1, flat.shape[-1]))
-        return grid.reshape(self.batch_size, leads, beats, *tail), seq[:, :leads]
+        batch, length = self.batch_size, self.seq_len
+        flat = seq.reshape(batch * length, -1)
+        # Rows of the flattened sequence; absent tokens (grid_index == L) read row 0 and are zeroed.
+        absent = self.grid_index == length
+        rows = self.grid_index.masked_fill(absent, 0) + length * torch.arange(batch, device=self.device)[:, None]
+        grid = flat.index_select(0, rows.reshape(-1)).view(batch, leads * beats, -1)
+        grid = grid.masked_fill(absent[:, :, None], 0)
+        return grid.reshape(batch, leads, beats, *tail), seq[:, :leads]
 
 
 def _validate_ids(

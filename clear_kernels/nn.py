@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .api import segment_attention
+from .api import segment_attention, select_backend
 from .layout import PADDING, SegmentLayout
 
 
@@ -105,9 +105,15 @@ class SegmentAttention(nn.Module):
         if key_padding_mask is not None:
             layout = _with_padding(layout, key_padding_mask)
         kv = self.num_kv_heads * self.head_dim
-        q, k, v = self.in_proj(x).split([self.embed_dim, kv, kv], dim=-1)
+        proj = self.in_proj(x)
+        q, k, v = proj.split([self.embed_dim, kv, kv], dim=-1)
         q = rearrange(q, "b l (h d) -> b h l d", h=self.num_heads)
         k, v = (rearrange(t, "b l (h d) -> b h l d", h=self.num_kv_heads) for t in (k, v))
+        if not select_backend(q, k, self.is_causal, self.backend).strided:
+            # The backend copies q, k and v to contiguous tensors anyway: make those copies here, with a backward
+            # that saves a copy (see _HeadsFromProjection). Strided backends keep the views.
+            q, k, v = _HeadsFromProjection.apply(proj, (self.num_heads, self.num_kv_heads, self.num_kv_heads),
+                                                 self.head_dim)
         out = segment_attention(q, k, v, layout, scale=self.scale, is_causal=self.is_causal,
                                 enable_gqa=self.num_kv_heads != self.num_heads, backend=self.backend)
         return self.dropout(self.out_proj(rearrange(out, "b h l d -> b l (h d)")))
@@ -116,6 +122,36 @@ class SegmentAttention(nn.Module):
         kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
         causal = ", is_causal=True" if self.is_causal else ""
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{kv}{causal}, backend={self.backend!r}"
+
+
+class _HeadsFromProjection(torch.autograd.Function):
+    """``[B, L, sum(heads) * D]`` projection to one contiguous ``[B, h, L, D]`` tensor per entry of ``heads``.
+
+    What ``split`` + ``rearrange`` + ``contiguous`` compute, with a backward that writes each head gradient straight
+    into the projection's gradient: theirs permutes every gradient back into its own tensor and then concatenates
+    them, a second full copy per layer. (The kernels read contiguous ``[B, H, L, D]`` tensors, so the forward's one
+    copy stays.)
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, proj: torch.Tensor, heads: tuple[int, ...],
+                head_dim: int) -> tuple[torch.Tensor, ...]:
+        batch, length = proj.shape[:2]
+        per_head = proj.view(batch, length, sum(heads), head_dim)
+        ctx.heads = heads
+        starts = [sum(heads[:i]) for i in range(len(heads))]
+        return tuple(per_head[:, :, s:s + h].transpose(1, 2).contiguous() for s, h in zip(starts, heads))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # Gradients are materialised (zeros for an output the loss does not use), so none is None.
+        batch, _, length, head_dim = grads[0].shape
+        grad = grads[0].new_empty(batch, length, sum(ctx.heads), head_dim)
+        start = 0
+        for g, h in zip(grads, ctx.heads):
+            grad[:, :, start:start + h].copy_(g.transpose(1, 2))
+            start += h
+        return grad.view(batch, length, -1), None, None
 
 
 def _with_padding(layout: SegmentLayout, key_padding_mask: torch.Tensor) -> SegmentLayout:

@@ -26,6 +26,7 @@ def test_batch_from_token_budget_and_dense_memory():
 def test_one_configuration_runs_in_its_own_process(tmp_path, monkeypatch):
     r = bench.run_config("tiny", "sparse", 15, 2, "cpu", 0, 1, 1, False, timeout_s=300)
     assert r["median_s"] > 0 and r["peak_gb"] > 0 and r["tokens_per_s"] > 0
+    assert r["cpu_median_s"] > 0 and len(r["cpu_times_s"]) == len(r["times_s"]) == 1
     data = {"sparse_backend": "cpu", "device": "cpu", "device_type": "cpu", "max_tokens": 360, "amp": False,
             "threads": 1, "torch": "x", "machine": "x86_64", "warmup": 0, "repeats": 1, "cpu_load_1min": [1.0, 2.0],
             "results": [{"preset": "tiny", "beats": 15, "batch": 2, "sparse": r,
@@ -38,6 +39,7 @@ def test_one_configuration_runs_in_its_own_process(tmp_path, monkeypatch):
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     row = [line for line in text.splitlines() if line.startswith("| tiny |")]
     assert len(row) == 1 and "skipped" in row[0] and f"{r['median_s'] * 1e3:.0f}" in row[0]
+    assert f"| {r['cpu_median_s'] * 1e3:.0f} / n/a / n/a |" in row[0]  # the CPU-time columns
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="block"):
         bench.write_readme(data)

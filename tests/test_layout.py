@@ -123,6 +123,11 @@ def test_conduction_order_and_grid_round_trip(batch, leads, beats, seed, compact
     grid = torch.randn(batch, leads, beats, 3, generator=gen)
     summary = torch.randn(batch, leads, 3, generator=gen)
     seq = layout.grid_to_seq(grid, summary)
+    for b in range(batch):  # each heartbeat slot holds its grid token: lead = group, beat = segment
+        for t in range(leads, layout.seq_len):
+            if layout.segment[b, t] >= 0:
+                assert torch.equal(seq[b, t], grid[b, layout.group[b, t], layout.segment[b, t]])
+    assert torch.equal(seq[:, :leads], summary)
     back, summary_back = layout.seq_to_grid(seq)
     assert torch.equal(back, torch.where(valid[..., None], grid, torch.zeros_like(grid)))
     assert torch.equal(summary_back, summary)

@@ -102,3 +102,22 @@ def test_resuming_with_more_epochs_is_refused_or_extends_the_schedule(tmp_path):
         lrs.append(reference.get_last_lr()[0])
     assert [e["lr"] for e in hist["epochs"][1:]] == pytest.approx([lrs[3], lrs[5], lrs[7]], rel=1e-12)
     assert hist["epochs"][-1]["lr"] == pytest.approx(1e-5)
+
+
+def test_make_optimizer_is_fused_adamw_with_decay_on_matrices_only():
+    """The fused AdamW of make_optimizer takes the steps of the default one, to float rounding."""
+    torch.manual_seed(0)
+    weight, bias = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(8))
+    ref_w, ref_b = (torch.nn.Parameter(t.detach().clone()) for t in (weight, bias))
+    opt = common.make_optimizer([weight, bias], 1e-2, 0.1, (0.9, 0.98))
+    ref = torch.optim.AdamW([{"params": [ref_w], "weight_decay": 0.1}, {"params": [ref_b], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.98))
+    assert opt.param_groups[0]["fused"] and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    for _ in range(5):
+        for p, q in ((weight, ref_w), (bias, ref_b)):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(weight, ref_w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bias, ref_b, rtol=1e-6, atol=1e-6)

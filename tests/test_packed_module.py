@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from clear_kernels import SegmentLayout
-from clear_kernels.nn import SegmentAttention
+from clear_kernels import SegmentLayout, segment_attention
+from clear_kernels.nn import SegmentAttention, _HeadsFromProjection
 
 
 def _mha_and_module(num_heads=4, seed=0, **kwargs):
@@ -62,3 +62,29 @@ def test_module_errors():
         SegmentAttention.from_multihead(torch.nn.MultiheadAttention(32, 4, dropout=0.1))
     with pytest.raises(ValueError, match="self-attention only"):
         SegmentAttention.from_multihead(torch.nn.MultiheadAttention(32, 4, kdim=16))
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_module_gradients_match_the_plain_projection_split(num_kv_heads):
+    """The module's head split has its own backward (one copy into the projection's gradient); its gradients must
+    be those of split + transpose, for multi-head and grouped-query attention."""
+    torch.manual_seed(1)
+    module = SegmentAttention(32, 4, num_kv_heads=num_kv_heads, backend="reference").double()
+    layout = SegmentLayout.block_diagonal([[5, 9, 3], [12, 4, 0]], total_len=17)
+    x = torch.randn(2, 17, 32, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 17, 32, dtype=torch.float64)
+    params = [x, *module.parameters()]
+    got = torch.autograd.grad((module(x, layout) * weight).sum(), params)
+    kv = 8 * num_kv_heads
+    q, k, v = module.in_proj(x).split([32, kv, kv], dim=-1)
+    q, k, v = (t.unflatten(-1, (t.shape[-1] // 8, 8)).transpose(1, 2) for t in (q, k, v))
+    out = segment_attention(q, k, v, layout, enable_gqa=num_kv_heads != 4, backend="reference")
+    want = torch.autograd.grad((module.out_proj(out.transpose(1, 2).flatten(2)) * weight).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    # An unused output gets a zero gradient.
+    proj = torch.randn(2, 17, 64, dtype=torch.float64, requires_grad=True)
+    q, k, v = _HeadsFromProjection.apply(proj, (4, 2, 2), 8)
+    assert all(t.is_contiguous() for t in (q, k, v)) and k.shape == (2, 2, 17, 8)
+    (grad,) = torch.autograd.grad(q.sum(), proj)
+    assert torch.equal(grad, torch.cat([torch.ones(2, 17, 32), torch.zeros(2, 17, 32)], -1).double())

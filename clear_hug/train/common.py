@@ -105,12 +105,19 @@ def autocast(device: torch.device, enabled: bool | None) -> contextlib.AbstractC
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases, norms and embeddings-as-vectors (anything 1-D)."""
+    """AdamW with no weight decay on biases, norms and embeddings-as-vectors (anything 1-D).
+
+    The fused implementation (one kernel per parameter instead of about ten) where every parameter is on the CPU
+    or a GPU: on CPU the default per-parameter loop took 5% of a ``base`` training step, the fused step under a
+    third of that; the updates agree to float rounding. Resuming from a checkpoint keeps the choice it was saved
+    with (Optimizer.load_state_dict restores the groups' flags), so a resumed run repeats its losses.
+    """
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def idle_threads(max_threads: int = 2) -> int:
