@@ -342,11 +342,13 @@ def test_opcheck():
 
 
 @CPU_DEVICE
-def test_opcheck_causal():
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])
+def test_opcheck_causal(kv_heads):
     _triton_usable()
     layout = conduction_layout(3, batch=1, leads=3, beats=3)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, layout.seq_len, 16, generator=gen, requires_grad=True) for _ in range(3))
+    q = torch.randn(1, 2, layout.seq_len, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, layout.seq_len, 16, generator=gen, requires_grad=True) for _ in range(2))
     torch.library.opcheck(ops.op("triton", "fwd"), (q, k, v, *layout.kernel_args(), 0.25, True))
     out, lse = ops.op("triton", "fwd")(q.detach(), k.detach(), v.detach(), *layout.kernel_args(), 0.25, True)
     torch.library.opcheck(ops.op("triton", "bwd"),
@@ -461,6 +463,18 @@ def test_gpu_parity_causal(dtype):
     for layout in (CASES["many_summary"], CASES["long_runs"], packed):
         check_parity("triton", layout, heads=8, head_dim=128, dtype=dtype, device="cuda", is_causal=True)
     check_parity("triton", packed, heads=4, head_dim=96, dtype=dtype, device="cuda", is_causal=True, strided=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_parity_grouped_query(dtype):
+    _triton_usable()
+    packed = SegmentLayout.block_diagonal([[700, 20, 1300, 28], [2000, 48, 0, 0]])
+    for layout, is_causal in ((CASES["many_summary"], False), (packed, True), (CASES["long_runs"], True)):
+        check_parity("triton", layout, heads=8, head_dim=128, dtype=dtype, device="cuda", is_causal=is_causal,
+                     kv_heads=2)
+    check_parity("triton", packed, heads=4, head_dim=96, dtype=dtype, device="cuda", is_causal=True, kv_heads=1,
+                 strided=True)
 
 
 @pytest.mark.gpu
