@@ -222,11 +222,10 @@ def forced_configs(configs: dict) -> Iterator[None]:
 
 
 def launch(fn: triton.runtime.JITFunction | triton.runtime.Autotuner, q: torch.Tensor, max_summary: int, args: tuple,
-           consts: dict, grid_heads: int | None = None) -> None:
-    """Launch a tile kernel on the grid ``(max_summary + cdiv(L, BLOCK_M), grid_heads or H, B)`` with ``q``'s
-    device current (Triton launches on the current device, whatever the tensors' device)."""
+           consts: dict) -> None:
+    """Launch a tile kernel on the grid ``(max_summary + cdiv(L, BLOCK_M), H, B)`` with ``q``'s device current
+    (Triton launches on the current device, whatever the tensors' device)."""
     batch, heads, length, _ = q.shape
-    heads = grid_heads or heads
     check_limits(q, max_summary, *(a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4))
     consts = dict(consts, F32=uses_f32_dot(q.dtype), BUCKET=size_bucket(batch * heads * length))
     grid = lambda meta: (max_summary + triton.cdiv(length, meta["BLOCK_M"]), heads, batch)  # noqa: E731
