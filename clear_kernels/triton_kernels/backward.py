@@ -9,7 +9,8 @@ the shares of each group.
   symmetric, so the keys its queries see and the queries that see its keys are the same tokens: the window of
   its segments' runs plus the summary tokens of its groups (``tile_window``). Each chunk of that window is loaded
   once (q, k, v, dO, O, lse) and used both ways: the tile as queries against the chunk as keys (dq) and the tile
-  as keys against the chunk as queries (dk, dv).
+  as keys against the chunk as queries (dk, dv). Where that holds too many tiles for the registers (``SPLIT``:
+  float32, head dims past 128) the window is walked twice instead, once per direction.
 * ``delta = rowsum(dO * O)``, the softmax-gradient correction of a query row, is computed where it is needed
   from the dO and O rows already loaded: no separate pass, no buffer.
 * ``CAUSAL``: the two directions differ inside a run (tile query m sees chunk key n iff n <= m; chunk query n sees
