@@ -70,6 +70,11 @@ class Case:
     must_show: bool = False        # a shape the GPU aims of issue #12 are measured at
     packed_len: int | None = None  # packed documents instead of heartbeats: tokens per row (beats is then 0)
     causal: bool = False              # is_causal=True inside each segment (every implementation)
+    kv_heads: int | None = None       # grouped-query attention: k and v with this many heads (None: heads)
+
+    @property
+    def heads_kv(self) -> int:
+        return self.kv_heads or self.heads
 
     def layout(self, device: str) -> SegmentLayout:
         gen = torch.Generator().manual_seed(0)
@@ -103,10 +108,14 @@ def packed_documents(batch: int, length: int, gen: torch.Generator) -> SegmentLa
 
 
 def packed_cases(quick: bool) -> list[Case]:
-    """Packed causal documents: one row, 4 heads of 64 (dense SDPA's L x L scores still fit at L = 8k)."""
+    """Packed causal documents: one row, 4 heads of 64 (dense SDPA's L x L scores still fit at L = 8k); then the
+    same with grouped-query heads (4 query heads reading 2 key/value heads, as in a small LLM)."""
     lengths = (2048,) if quick else (2048, 8192, 16384)
-    return [Case(f"packed causal documents L={n // 1024}k", 1, 4, 64, 0, packed_len=n, causal=True)
-            for n in lengths]
+    gqa = 2048 if quick else 8192
+    return ([Case(f"packed causal documents L={n // 1024}k", 1, 4, 64, 0, packed_len=n, causal=True)
+             for n in lengths]
+            + [Case(f"packed causal documents L={gqa // 1024}k, GQA 4:2", 1, 4, 64, 0, packed_len=gqa, causal=True,
+                    kv_heads=2)])
 
 
 def cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
@@ -144,7 +153,9 @@ def make_segment(backend: str) -> Maker:
         reason = available_backends(q).get(backend)
         if reason is not None:
             return None, f"unavailable: {reason}", {}
-        return (lambda q, k, v: segment_attention(q, k, v, layout, is_causal=case.causal, backend=backend)), None, {}
+        gqa = case.heads_kv != case.heads
+        return (lambda q, k, v: segment_attention(q, k, v, layout, is_causal=case.causal, enable_gqa=gqa,
+                                                  backend=backend)), None, {}
     return make
 
 
@@ -154,7 +165,8 @@ def make_dense(case: Case, layout: SegmentLayout, q: torch.Tensor) -> Made:
         return None, f"skipped: L x L scores need {b * h * length * length * 4 / 2**30:.0f} GiB", {}
     mask = layout.materialize(case.causal)
     mask = (mask | torch.diag_embed(~mask.any(-1)))[:, None]  # padding rows see themselves: no NaN rows
-    return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), None, {}
+    gqa = case.heads_kv != case.heads
+    return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)), None, {}
 
 
 def make_reshape(case: Case, layout: SegmentLayout, q: torch.Tensor) -> Made:
@@ -162,13 +174,15 @@ def make_reshape(case: Case, layout: SegmentLayout, q: torch.Tensor) -> Made:
         return None, "n/a: documents of unequal length", {}
     if case.visible is not None:
         return None, "n/a: beats of unequal length (masked tokens)", {}
-    b, h, _, d = q.shape
+    b, _, _, d = q.shape
+    gqa = case.heads_kv != case.heads
 
     # [B, H, 12 + beats * 12, D] -> [B * beats, H, 12, D] (4-D: SDPA's fused kernels take it)
     def fold(x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[1]
         return x[:, :, LEADS:].reshape(b, h, case.beats, LEADS, d).permute(0, 2, 1, 3, 4).reshape(-1, h, LEADS, d)
 
-    return (lambda q, k, v: F.scaled_dot_product_attention(fold(q), fold(k), fold(v))), None, {}
+    return (lambda q, k, v: F.scaled_dot_product_attention(fold(q), fold(k), fold(v), enable_gqa=gqa)), None, {}
 
 
 def _varlen_fn():
@@ -205,7 +219,8 @@ def make_varlen(case: Case, layout: SegmentLayout, q: torch.Tensor) -> Made:
     causal = {} if not case.causal else ({"window_size": (-1, 0)} if source == "torch" else {"causal": True})
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        pack = lambda t: t.transpose(1, 2).reshape(b * length, h, d)  # noqa: E731
+        # Both take grouped-query k/v as they are: [T, H_kv, D] beside [T, H, D].
+        pack = lambda t: t.transpose(1, 2).reshape(b * length, t.shape[1], d)  # noqa: E731
         out = fn(pack(q), pack(k), pack(v), cu, cu, max_len, max_len, **causal)  # the same positional order in both
         return out.view(b, length, h, d).transpose(1, 2)
 
@@ -254,9 +269,11 @@ def make_flex(block_size: int) -> Maker:
             # Kernel tiles no larger than the mask's blocks (forward: BLOCK_M/N; backward: BLOCK_M1/N1/M2/N2).
             tiles = {k: block_size for k in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
             options = {} if block_size == 128 else {"kernel_options": tiles}
-            fn = lambda q, k, v: _FLEX_COMPILED(q, k, v, block_mask=block_mask, **options)  # noqa: E731
+            gqa = {"enable_gqa": True} if case.heads_kv != case.heads else {}
+            fn = lambda q, k, v: _FLEX_COMPILED(q, k, v, block_mask=block_mask, **options, **gqa)  # noqa: E731
+            kv = q[:, :case.heads_kv]
             with torch.no_grad():
-                fn(q, q, q)  # compile now, so a failure is reported here and not timed
+                fn(q, kv, kv)  # compile now, so a failure is reported here and not timed
         except Exception as exc:  # noqa: BLE001 - any failure is a result to report, not a crash
             return None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}", {}
         return fn, None, {"mask_ms": mask_ms, "block_size": block_size}
@@ -326,7 +343,9 @@ def step_functions(forward: Callable, case: Case, device: str, dtype: torch.dtyp
     """(forward-only step, forward+backward step) on fresh random inputs of the case's shape."""
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (case.batch, case.heads, seq_len, case.head_dim)
-    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    kv_shape = (case.batch, case.heads_kv, seq_len, case.head_dim)
+    q, k, v = (torch.randn(s, generator=gen, device=device, dtype=dtype, requires_grad=True)
+               for s in (shape, kv_shape, kv_shape))
     grad = torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
     def fwd() -> torch.Tensor:
@@ -353,9 +372,11 @@ def copy_bandwidth_gbs(device: str, mib: int = 256) -> float:
 
 def traffic_floor_ms(case: Case, seq_len: int, elem: int, bandwidth_gbs: float) -> tuple[float, float]:
     """Least time to move the op's tensors once: q, k, v in and out out (forward); plus dO in and dq, dk, dv out
-    with q, k, v, out read again (forward+backward: 12 tensor passes)."""
-    tensor = case.batch * case.heads * seq_len * case.head_dim * elem
-    return 4 * tensor / bandwidth_gbs / 1e6, 12 * tensor / bandwidth_gbs / 1e6
+    with q, k, v, out read again (forward+backward: 12 tensor passes). k, v, dk and dv have the key/value heads."""
+    per_head = case.batch * seq_len * case.head_dim * elem
+    q_like, kv_like = case.heads * per_head, case.heads_kv * per_head
+    forward = 2 * q_like + 2 * kv_like
+    return forward / bandwidth_gbs / 1e6, (forward + 4 * q_like + 4 * kv_like) / bandwidth_gbs / 1e6
 
 
 def run_case(case: Case, impls: dict[str, Maker], device: str, dtype: torch.dtype, repeats: int,
@@ -368,7 +389,7 @@ def run_case(case: Case, impls: dict[str, Maker], device: str, dtype: torch.dtyp
         if case.sweep and impl.startswith("flex"):
             continue  # one compile per length: the sweep is about the scaling of the kernels
         forward, reason, extra = maker(case, layout, probe)
-        entry = {"case": case.name, "impl": impl, "batch": case.batch, "heads": case.heads,
+        entry = {"case": case.name, "impl": impl, "batch": case.batch, "heads": case.heads, "kv_heads": case.heads_kv,
                  "head_dim": case.head_dim, "beats": case.beats, "seq_len": layout.seq_len,
                  "density": float(layout.materialize(case.causal).float().mean()), "fwd_ms": None, "fwd_bwd_ms": None,
                  "fwd_graph_ms": None, "fwd_bwd_graph_ms": None, "floor_fwd_ms": floors[0],

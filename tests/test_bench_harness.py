@@ -36,6 +36,36 @@ def test_traffic_floor_counts_twelve_tensor_passes():
     assert fwd == 4 * tensor_bytes / 1e6 and fwd_bwd == 12 * tensor_bytes / 1e6
 
 
+def test_traffic_floor_counts_key_value_heads_apart():
+    case = ba.Case("gqa", batch=2, heads=4, head_dim=4, beats=1, kv_heads=1)
+    fwd, fwd_bwd = ba.traffic_floor_ms(case, seq_len=5, elem=2, bandwidth_gbs=1.0)
+    per_head = 2 * 5 * 4 * 2
+    # forward: q, out (4 heads) and k, v (1 head); backward adds q, out, dO, dq and k, v, dk, dv.
+    assert fwd == (2 * 4 + 2 * 1) * per_head / 1e6 and fwd_bwd == (6 * 4 + 6 * 1) * per_head / 1e6
+
+
+def test_grouped_query_case_runs_the_same_op_in_every_implementation():
+    """The packed GQA case: the op and dense SDPA (enable_gqa) get k/v with the key/value heads and agree; the
+    rows record them."""
+    import torch
+
+    case = ba.Case("packed causal GQA", 1, 4, 16, 0, packed_len=96, causal=True, kv_heads=2)
+    layout = case.layout("cpu")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, layout.seq_len, 16, generator=gen)
+    k, v = (torch.randn(1, 2, layout.seq_len, 16, generator=gen) for _ in range(2))
+    outs = {}
+    for name, maker in (("segment", ba.make_segment("reference")), ("dense", ba.make_dense)):
+        forward, reason, _ = maker(case, layout, q)
+        assert reason is None, reason
+        outs[name] = forward(q, k, v)
+    rows = layout.materialize(True).any(-1)[:, None, :, None]
+    torch.testing.assert_close(outs["segment"] * rows, outs["dense"] * rows, atol=1e-5, rtol=1e-5)
+    timed = ba.run_case(case, {"segment[reference]": ba.make_segment("reference"), "dense_sdpa": ba.make_dense},
+                        "cpu", torch.float32, repeats=1)
+    assert all(r["kv_heads"] == 2 and r["fwd_bwd_ms"] for r in timed), timed
+
+
 def test_the_fastest_smaller_flex_block_is_kept():
     rows = [{"impl": "flex[128]", "fwd_ms": 3.0, "fwd_bwd_ms": 9.0},
             {"impl": "flex[64]", "fwd_ms": 2.0, "fwd_bwd_ms": 8.0},
