@@ -162,6 +162,15 @@ def test_both_backward_walks(split, monkeypatch):
     check_parity("triton", CASES["random_mixed"], heads=2, head_dim=32, dtype=torch.bfloat16, seed=4)
 
 
+@CPU_DEVICE
+def test_direct_op_call_with_heads_that_do_not_divide_is_refused():
+    _triton_usable()
+    layout = CASES["conduction"]
+    q = torch.randn(layout.batch_size, 3, layout.seq_len, 16)
+    with pytest.raises(ValueError, match="must be a multiple of k's 2"):
+        ops.op("triton", "fwd")(q, q[:, :2], q[:, :2], *layout.kernel_args(), 0.25)
+
+
 def test_split_backward_choice():
     from clear_kernels.triton_kernels.common import split_backward
     assert split_backward(torch.float32, 96) and split_backward(torch.bfloat16, 256)

@@ -27,9 +27,16 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_FLOAT32_HEAD_DIM = 128
 
 
+def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
+    # The public entry points validate this; a direct call of the op must not read the wrong key/value head.
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"clear_kernels::triton: q's {q.shape[1]} heads must be a multiple of k's {k.shape[1]}")
+
+
 @torch.library.impl(FWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_fwd(q, k, v, segment, group, seg_start, seg_end, group_index, group_offsets, summary_index,
                 summary_offsets, scale, is_causal=False):
+    _check_heads(q, k)
     # Strided views (the module's projection split into heads) go to the kernel as they are: no copies.
     return segment_attention_forward(unit_stride(q), unit_stride(k), unit_stride(v), segment, group, seg_start,
                                      seg_end, group_index, group_offsets, summary_index, summary_offsets, scale,
@@ -39,6 +46,7 @@ def _triton_fwd(q, k, v, segment, group, seg_start, seg_end, group_index, group_
 @torch.library.impl(BWD, "CompositeExplicitAutograd", lib=ops._library)
 def _triton_bwd(grad_out, q, k, v, out, lse, segment, group, seg_start, seg_end, group_index, group_offsets,
                 summary_index, summary_offsets, scale, is_causal=False):
+    _check_heads(q, k)
     return segment_attention_backward(unit_stride(grad_out), unit_stride(q), unit_stride(k), unit_stride(v),
                                       unit_stride(out), lse, segment, group, seg_start, seg_end, group_index,
                                       group_offsets, summary_index, summary_offsets, scale, is_causal)
