@@ -21,6 +21,7 @@ from clear_kernels import PADDING, SegmentLayout
 from clear_kernels.nn import SegmentAttention
 
 from .config import CLEARConfig
+from .dropout import Dropout
 
 
 def znorm(tokens: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -62,7 +63,7 @@ class _Attend:
         q, k, v = rearrange(attn.in_proj(x), "b l (three h d) -> three b h l d", three=3, h=attn.num_heads)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=attn.scale)
         out = out.masked_fill(self.pad_rows, 0.0)
-        return attn.dropout(attn.out_proj(rearrange(out, "b h l d -> b l (h d)")))
+        return attn.out_proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class Block(nn.Module):
@@ -71,12 +72,15 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, ffn: int, dropout: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SegmentAttention(dim, heads, dropout=dropout)
+        # The attention branch's dropout is the block's (self.drop, after attend), not the module's own, so both
+        # branches use the cheap CPU mask of clear_hug.dropout and every attn_impl drops the same way.
+        self.attn = SegmentAttention(dim, heads)
+        self.drop = Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim), nn.Dropout(dropout))
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim), Dropout(dropout))
 
     def forward(self, x: torch.Tensor, attend: _Attend) -> torch.Tensor:
-        x = x + attend(self.attn, self.norm1(x))
+        x = x + self.drop(attend(self.attn, self.norm1(x)))
         return x + self.ffn(self.norm2(x))
 
 
