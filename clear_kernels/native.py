@@ -59,11 +59,23 @@ def _refuser(device_type: str):
     return refuse
 
 
+def _on_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _result_like(t: torch.Tensor) -> torch.Tensor:
+    # The CPU kernel reads q, k, v and the output gradient with any strides (unit stride along D) and writes its
+    # output and gradients token-major (csrc/cpu/segment_attention_cpu.cpp); the CUDA kernel wants and writes
+    # contiguous [B, H, L, D].
+    return ops.token_major_like(t) if _on_cpu(t) else t.new_empty(t.shape)
+
+
 if EXTENSION_ERROR is None:
-    ops.register_pair("native")
+    ops.register_pair("native", contiguous_grad=lambda grad: not _on_cpu(grad), out_like=_result_like,
+                      grad_like=_result_like)
     for _device in ("cpu", "cuda"):
         dispatch.register(dispatch.Backend(_device, "native", (_device,), _refuser(_device),
-                                           features=frozenset({"causal", "gqa"})))
+                                           strided=_device == "cpu", features=frozenset({"causal", "gqa"})))
 else:
     dispatch.mark_unavailable("cpu", EXTENSION_ERROR)
     dispatch.mark_unavailable("cuda", EXTENSION_ERROR)

@@ -94,6 +94,13 @@ def _fake_bwd(grad_out, q, k, v, out, lse, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def token_major_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty ``[B, H, L, D]`` tensor like ``t`` laid out as ``[B, L, H, D]`` (the heads of a token side by side):
+    the output layout of kernels that write what an output projection reads without a copy."""
+    batch, heads, length, head_dim = t.shape
+    return t.new_empty((batch, length, heads, head_dim)).transpose(1, 2)
+
+
 def _refuse_forward_ad(name: str, args) -> None:
     # Without this, the autograd kernel of torch.library drops the tangents of inputs that do not require grad
     # and forward mode silently gets a zero (or no) tangent. torch.func.jvp and forward_ad both hand the op
@@ -126,24 +133,32 @@ def _register_autograd(qualname: str, backward, setup_context) -> None:
     _library.impl(qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
 
 
-def register_pair(prefix: str, contiguous_grad: bool = True,
-                  out_like: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+def register_pair(prefix: str, contiguous_grad: bool | Callable[[torch.Tensor], bool] = True,
+                  out_like: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  grad_like: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Fake implementations and autograd for an op pair whose schemas exist (Python- or C++-defined).
 
     The backward op gets an autograd formula that raises: with ``create_graph=True`` the first derivatives are
     computed (and keep a graph), and differentiating them again is a clear error instead of zeros.
-    ``contiguous_grad=False``: the backward op takes the output gradient with any strides. ``out_like(q)``: the
-    empty output of a forward whose output is not contiguous (its fake must have the same strides).
+    ``contiguous_grad``: whether the backward op needs the output gradient contiguous (``False``: any strides), or
+    a function of that gradient saying so (a pair whose devices differ). ``out_like(q)`` and ``grad_like(t)`` (for
+    each of ``q``, ``k``, ``v``): the empty output of a forward, and the empty gradients of a backward, whose
+    results are not contiguous (fakes must have the strides of the real results).
     """
     fwd_name, bwd_name = f"{NAMESPACE}::{prefix}_fwd", f"{NAMESPACE}::{prefix}_bwd"
     bwd_op = getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_bwd").default
-    fake_fwd = _fake_fwd
+    fake_fwd, fake_bwd = _fake_fwd, _fake_bwd
     if out_like is not None:
         def fake_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      *rest: object) -> tuple[torch.Tensor, torch.Tensor]:
             return out_like(q), _fake_fwd(q, k, v, *rest)[1]
+    if grad_like is not None:
+        def fake_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     *rest: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return grad_like(q), grad_like(k), grad_like(v)
+    needs_contiguous = contiguous_grad if callable(contiguous_grad) else (lambda grad: contiguous_grad)
     torch.library.register_fake(fwd_name, fake_fwd, lib=_library)
-    torch.library.register_fake(bwd_name, _fake_bwd, lib=_library)
+    torch.library.register_fake(bwd_name, fake_bwd, lib=_library)
     _register_autograd(bwd_name, _no_double_backward(bwd_name), lambda ctx, inputs, output: None)
 
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
@@ -159,7 +174,7 @@ def register_pair(prefix: str, contiguous_grad: bool = True,
         # The op's lse is its auxiliary output for this backward; a caller who differentiates the logsumexp gets it
         # through api._LseGradient, which adds that gradient only when the loss uses it.
         q, k, v, out, lse, *layout = ctx.saved_tensors
-        grad_out = grad_out.contiguous() if contiguous_grad else grad_out
+        grad_out = grad_out.contiguous() if needs_contiguous(grad_out) else grad_out
         grad_q, grad_k, grad_v = bwd_op(grad_out, q, k, v, out, lse, *layout, ctx.scale, ctx.is_causal)
         return (grad_q, grad_k, grad_v) + (None,) * (ctx.num_inputs - 3)
 

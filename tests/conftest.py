@@ -4,6 +4,10 @@ import os
 
 import pytest
 
+# torch.compile's on-disk caches key a graph by its code, not by the fake functions of the custom ops in it: a cache
+# written before a kernel changed its output strides replays the old strides and fails. Compile afresh every session
+# (set before torch is imported: its config reads the variable then).
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 # Triton reads TRITON_INTERPRET when it is imported: without a GPU, its kernels run on CPU tensors through the
 # interpreter. Set it before anything imports triton.
 try:

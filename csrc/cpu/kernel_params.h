@@ -10,8 +10,15 @@ namespace clear_cpu {
 
 enum class DType : int { Float32 = 0, BFloat16 = 1, Float64 = 2 };
 
-// Everything one op call needs; tensors are contiguous, q-like ones [B, H, L, D], lse [B, H, L],
-// layout tensors as documented in clear_kernels/layout.py. Pointers a phase does not use are null.
+// Element strides of one [B, H, L, D] tensor whose last dimension is contiguous. Inputs come with any such
+// strides (heads of a fused projection are views, no copy); the op allocates its outputs as [B, L, H, D] (the
+// layout the output projection reads, and the one a projection's gradient has).
+struct Strides {
+  int64_t batch = 0, head = 0, row = 0;
+};
+
+// Everything one op call needs: q-like tensors are [B, H, L, D] with the strides below, lse is a contiguous
+// [B, H, L], layout tensors are as documented in clear_kernels/layout.py. Pointers a phase does not use are null.
 struct Params {
   int64_t batch = 0, heads = 0, length = 0, head_dim = 0, num_groups = 0, max_summary = 0;
   int64_t max_run = 1;     // longest segment run in the layout: sizes the per-thread scratch
@@ -24,6 +31,10 @@ struct Params {
   // Backward with grouped-query attention: dk and dv are [B, H, L, D] in the compute type (float, or double for
   // float64), one row per query head; the caller sums each key/value head's query heads in a fixed order.
   bool kv_grad_per_query_head = false;
+
+  // Strides of q, k, v, out (out_w in the forward), grad_out, dq, dk and dv, in elements. dk and dv are indexed by
+  // query head (their heads are the query heads when kv_grad_per_query_head, else there are as many of each).
+  Strides q_st, k_st, v_st, out_st, grad_out_st, dq_st, dk_st, dv_st;
 
   const void* q = nullptr;
   const void* k = nullptr;
@@ -55,9 +66,10 @@ struct Params {
   const int32_t* summary_offsets = nullptr;
 
   int64_t chunks_per_row() const { return (length + chunk - 1) / chunk; }
-  // Element offset of the k/v head that query head bh (= b * heads + h) reads.
-  int64_t kv_offset(int64_t bh) const {
-    return ((bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads)) * length * head_dim;
+  // Element offset of the first row of query head bh (= b * heads + h), and of the k/v head that head reads.
+  int64_t query_head(const Strides& st, int64_t bh) const { return (bh / heads) * st.batch + (bh % heads) * st.head; }
+  int64_t kv_head(const Strides& st, int64_t bh) const {
+    return (bh / heads) * st.batch + ((bh % heads) / (heads / kv_heads)) * st.head;
   }
   // Whether the backward needs its separate summary phase: a row of one chunk has its summary rows finished by
   // its run task (partial sums in the task's scratch); longer rows share Params::summary_partials.

@@ -50,6 +50,40 @@ inline const T* as_compute(const Src* src, int64_t count, T* buf) {
   }
 }
 
+// The rows of one head of a [B, H, L, D] tensor: row t starts `stride` elements after row t - 1.
+template <typename P>
+struct HeadRows {
+  P* base;
+  int64_t stride;
+  P* operator()(int64_t t) const { return base + t * stride; }
+};
+
+// Query head bh's rows of a tensor with the query heads (q, out, grad_out, dq, and dk/dv, which are indexed by
+// query head), and the rows of the key/value head that query head reads (k, v).
+template <typename P, typename Ptr>
+inline HeadRows<P> query_rows(const Params& p, Ptr data, const Strides& st, int64_t bh) {
+  return {static_cast<P*>(data) + p.query_head(st, bh), st.row};
+}
+template <typename P>
+inline HeadRows<P> kv_rows(const Params& p, const void* data, const Strides& st, int64_t bh) {
+  return {static_cast<P*>(data) + p.kv_head(st, bh), st.row};
+}
+
+// Rows [r0, r0 + n) as one block of n x D elements of compute type T: the rows themselves when they already are
+// such a block, otherwise copied (strided rows) or converted (bfloat16) into buf. The copy of a strided block costs
+// one pass over rows that the kernel reads next anyway, instead of a copy of the whole tensor before the op.
+template <typename Src, typename T>
+inline const T* load_rows(const HeadRows<const Src>& rows, int64_t r0, int64_t n, int64_t D, T* buf) {
+  if constexpr (SameType<Src, T>::value) {
+    if (rows.stride == D) return rows(r0);
+    for (int64_t i = 0; i < n; ++i) __builtin_memcpy(buf + i * D, rows(r0 + i), D * sizeof(T));
+    return buf;
+  } else {
+    for (int64_t i = 0; i < n; ++i) as_compute(rows(r0 + i), D, buf + i * D);
+    return buf;
+  }
+}
+
 // dst = src * mult, in the storage type.
 template <typename Src, typename T>
 inline void store_scaled(Src* dst, const T* src, T mult, int64_t D) {
@@ -189,9 +223,9 @@ inline void prefetch_row(const Src* row, int64_t D) {
 // in order, yet the hardware prefetchers alone leave each run waiting for its rows: this overlap made the
 // passes about a quarter faster at CLEAR's sizes.
 template <typename Src>
-inline void prefetch_next_run(const Src* base, int64_t t, int64_t run, int64_t L, int64_t D) {
+inline void prefetch_next_run(const HeadRows<const Src>& rows, int64_t t, int64_t run, int64_t L, int64_t D) {
   const int64_t ahead = t + (run > 8 ? run : 8);
-  if (ahead < L) prefetch_row(base + ahead * D, D);
+  if (ahead < L) prefetch_row(rows(ahead), D);
 }
 
 // ------------------------------------------------------------------------------------------------ forward
@@ -199,17 +233,17 @@ template <typename Src, typename T>
 void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, int64_t r1, Scratch<T>& s) {
   const int64_t D = p.head_dim, L = p.length, n = r1 - r0;
   const T scale = static_cast<T>(p.scale);
-  const Src* q = static_cast<const Src*>(p.q) + bh * L * D;
-  const Src* k = static_cast<const Src*>(p.k) + p.kv_offset(bh);
-  const Src* v = static_cast<const Src*>(p.v) + p.kv_offset(bh);
-  Src* out = static_cast<Src*>(p.out_w) + bh * L * D;
-  const T* K = as_compute(k + r0 * D, n * D, s.k);
-  const T* V = as_compute(v + r0 * D, n * D, s.v);
+  const auto q = query_rows<const Src>(p, p.q, p.q_st, bh);
+  const auto k = kv_rows<const Src>(p, p.k, p.k_st, bh);
+  const auto v = kv_rows<const Src>(p, p.v, p.v_st, bh);
+  const auto out = query_rows<Src>(p, p.out_w, p.out_st, bh);
+  const T* K = load_rows(k, r0, n, D, s.k);
+  const T* V = load_rows(v, r0, n, D, s.v);
   const int64_t ld = Scratch<T>::row_stride(n + p.max_summary);
   T* acc = s.acc;
   for (int64_t i0 = r0; i0 < r1; i0 += kQueryTile) {
     const int64_t rows = (r1 - i0 < kQueryTile) ? r1 - i0 : kQueryTile;
-    const T* Q = as_compute(q + i0 * D, rows * D, s.q);
+    const T* Q = load_rows(q, i0, rows, D, s.q);
     // Causal: the tile needs the run's keys up to its last row only; the keys above the diagonal are not scored
     // (within the tile's own diagonal block, a row's later keys are scored and then left out of its sums).
     score_block(Q, rows, K, p.causal ? i0 + rows - r0 : n, D, scale, s.scores, ld);
@@ -236,11 +270,11 @@ void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, 
         for (int64_t u = 0; u < ns; ++u) {
           if constexpr (SameType<Src, T>::value) {
             qa[pending] = Q + i * D;
-            kb[pending] = k + int64_t(sums[u]) * D;
+            kb[pending] = k(sums[u]);
             dst[pending] = s.scores + i * ld + n + u;
             if (++pending == 4) flush();
           } else {  // bfloat16: each summary row is converted into its own buffer first
-            const T* ks = as_compute(k + int64_t(sums[u]) * D, D, s.row(0, p));
+            const T* ks = as_compute(k(sums[u]), D, s.row(0, p));
             s.scores[i * ld + n + u] = scale * dot(Q + i * D, ks, D);
           }
         }
@@ -264,13 +298,13 @@ void forward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, 
       const T sum = exp_shift_sum(srow, m, mx);
       if constexpr (SameType<Src, T>::value) {
         // The run's value rows and the summary tokens' in one register-resident sum.
-        combine_rows_at(acc, false, srow, 1, RunThenGathered<T>{V, v, sums, nk, D}, m, D);
+        combine_rows_at(acc, false, srow, 1, RunThenGathered<T>{V, v.base, sums, nk, D, v.stride}, m, D);
       } else {
         combine_rows(acc, false, srow, 1, V, D, nk, D);
         for (int64_t u = 0; u < ns; ++u)
-          axpy(acc, srow[nk + u], as_compute(v + int64_t(sums[u]) * D, D, s.row(1, p)), D);
+          axpy(acc, srow[nk + u], as_compute(v(sums[u]), D, s.row(1, p)), D);
       }
-      store_scaled(out + t * D, acc, T(1) / sum, D);
+      store_scaled(out(t), acc, T(1) / sum, D);
       write_lse<T>(p, bh * L + t, mx + log_scalar(sum));
     }
   }
@@ -281,56 +315,56 @@ template <typename Src, typename T>
 void forward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int64_t t, Scratch<T>& s) {
   const int64_t D = p.head_dim, L = p.length;
   const T scale = static_cast<T>(p.scale);
-  const Src* q = static_cast<const Src*>(p.q) + bh * L * D;
-  const Src* k = static_cast<const Src*>(p.k) + p.kv_offset(bh);
-  const Src* v = static_cast<const Src*>(p.v) + p.kv_offset(bh);
-  Src* out = static_cast<Src*>(p.out_w) + bh * L * D;
+  const auto q = query_rows<const Src>(p, p.q, p.q_st, bh);
+  const auto k = kv_rows<const Src>(p, p.k, p.k_st, bh);
+  const auto v = kv_rows<const Src>(p, p.v, p.v_st, bh);
+  const auto out = query_rows<Src>(p, p.out_w, p.out_st, bh);
   int64_t m;
   const int32_t* keys = lay.group_list(lay.group()[t], &m);
   if (m == 0) {  // cannot happen for a well-formed layout (a summary token is in its own group's list)
-    store_zero(out + t * D, D);
+    store_zero(out(t), D);
     write_lse<T>(p, bh * L + t, T(0));
     return;
   }
-  const T* Q = as_compute(q + t * D, D, s.row(0, p));
+  const T* Q = as_compute(q(t), D, s.row(0, p));
   T* srow = s.scores;
   // Keys four at a time: one pass over q for four scores, one read-modify-write of acc for four value rows.
   // The group's rows are scattered over the sequence (a lead's tokens, one per heartbeat): without asking for
   // them ahead, each gathered row waits a full memory latency.
   constexpr int64_t kAhead = 8;
   for (int64_t u = 0; u < kAhead && u < m; ++u) {
-    prefetch_row(k + int64_t(keys[u]) * D, D);
-    prefetch_row(v + int64_t(keys[u]) * D, D);
+    prefetch_row(k(keys[u]), D);
+    prefetch_row(v(keys[u]), D);
   }
   int64_t j = 0;
   for (; j + 4 <= m; j += 4) {
     for (int64_t u = j + kAhead; u < j + kAhead + 4 && u < m; ++u) {
-      prefetch_row(k + int64_t(keys[u]) * D, D);
-      prefetch_row(v + int64_t(keys[u]) * D, D);  // for the second pass below
+      prefetch_row(k(keys[u]), D);
+      prefetch_row(v(keys[u]), D);  // for the second pass below
     }
     const T* kr[4];
-    for (int u = 0; u < 4; ++u) kr[u] = as_compute(k + int64_t(keys[j + u]) * D, D, s.row(1 + u, p));
+    for (int u = 0; u < 4; ++u) kr[u] = as_compute(k(keys[j + u]), D, s.row(1 + u, p));
     dot4p(kr[0], kr[1], kr[2], kr[3], Q, D, srow + j);
     for (int u = 0; u < 4; ++u) srow[j + u] *= scale;
   }
-  for (; j < m; ++j) srow[j] = scale * dot(Q, as_compute(k + int64_t(keys[j]) * D, D, s.row(1, p)), D);
+  for (; j < m; ++j) srow[j] = scale * dot(Q, as_compute(k(keys[j]), D, s.row(1, p)), D);
   T mx = srow[0];
   for (int64_t i = 1; i < m; ++i) mx = srow[i] > mx ? srow[i] : mx;
   const T sum = exp_shift_sum(srow, m, mx);
   T* acc = s.acc;
   if constexpr (SameType<Src, T>::value) {
     // Output slices stay in registers while the gathered value rows stream through.
-    combine_rows_at(acc, false, srow, 1, GatheredRows<T>{v, keys, D}, m, D);
+    combine_rows_at(acc, false, srow, 1, GatheredRows<T>{v.base, keys, v.stride}, m, D);
   } else {  // bfloat16: rows are converted one block at a time
     zero(acc, D);
     for (j = 0; j + 4 <= m; j += 4) {
       const T* vr[4];
-      for (int u = 0; u < 4; ++u) vr[u] = as_compute(v + int64_t(keys[j + u]) * D, D, s.row(1 + u, p));
+      for (int u = 0; u < 4; ++u) vr[u] = as_compute(v(keys[j + u]), D, s.row(1 + u, p));
       axpy4(acc, srow + j, vr[0], vr[1], vr[2], vr[3], D);
     }
-    for (; j < m; ++j) axpy(acc, srow[j], as_compute(v + int64_t(keys[j]) * D, D, s.row(1, p)), D);
+    for (; j < m; ++j) axpy(acc, srow[j], as_compute(v(keys[j]), D, s.row(1, p)), D);
   }
-  store_scaled(out + t * D, acc, T(1) / sum, D);
+  store_scaled(out(t), acc, T(1) / sum, D);
   write_lse<T>(p, bh * L + t, mx + log_scalar(sum));
 }
 
@@ -353,7 +387,7 @@ void forward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
     for (int64_t t = c * p.chunk; t < t1; ++t) {
       const int32_t seg = lay.segment()[t];
       if (seg == kPadding) {
-        store_zero(static_cast<Src*>(p.out_w) + (bh * L + t) * D, D);
+        store_zero(query_rows<Src>(p, p.out_w, p.out_st, bh)(t), D);
         write_lse<T>(p, bh * L + t, T(0));
       } else if (seg >= 0 && lay.seg_start()[t] == t) {
         forward_run<Src, T>(p, lay, bh, t, lay.seg_end()[t], s);
@@ -364,16 +398,31 @@ void forward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
 }
 
 // ----------------------------------------------------------------------------------------------- backward
-// Stores a token's dk (times scale) and dv at element `row` of the query head's rows: in the storage type, or with
-// grouped-query attention in the compute type, per query head (Params::kv_grad_per_query_head).
+// Stores token t's dk (times scale) and dv in query head bh's rows: in the storage type, or with grouped-query
+// attention in the compute type, per query head (Params::kv_grad_per_query_head). Null dk/dv: zeros.
 template <typename Src, typename T>
-inline void store_kv_grad(const Params& p, int64_t row, const T* dk, const T* dv, T scale) {
+inline void store_kv_grad(const Params& p, int64_t bh, int64_t t, const T* dk, const T* dv, T scale) {
+  const int64_t D = p.head_dim;
   if (p.kv_grad_per_query_head) {
-    store_scaled(static_cast<T*>(p.dk) + row, dk, scale, p.head_dim);
-    store_scaled(static_cast<T*>(p.dv) + row, dv, T(1), p.head_dim);
+    T* gk = query_rows<T>(p, p.dk, p.dk_st, bh)(t);
+    T* gv = query_rows<T>(p, p.dv, p.dv_st, bh)(t);
+    if (dk) {
+      store_scaled(gk, dk, scale, D);
+      store_scaled(gv, dv, T(1), D);
+    } else {
+      zero(gk, D);
+      zero(gv, D);
+    }
   } else {
-    store_scaled(static_cast<Src*>(p.dk) + row, dk, scale, p.head_dim);
-    store_scaled(static_cast<Src*>(p.dv) + row, dv, T(1), p.head_dim);
+    Src* gk = query_rows<Src>(p, p.dk, p.dk_st, bh)(t);
+    Src* gv = query_rows<Src>(p, p.dv, p.dv_st, bh)(t);
+    if (dk) {
+      store_scaled(gk, dk, scale, D);
+      store_scaled(gv, dv, T(1), D);
+    } else {
+      store_zero(gk, D);
+      store_zero(gv, D);
+    }
   }
 }
 
@@ -382,13 +431,13 @@ inline void store_kv_grad(const Params& p, int64_t row, const T* dk, const T* dv
 // another, and a row holds few summary tokens.
 template <typename Src, typename T>
 void load_summary_delta(const Params& p, const LayoutRow& lay, int64_t bh, Scratch<T>& s) {
-  const int64_t D = p.head_dim, L = p.length;
-  const Src* o = static_cast<const Src*>(p.out) + bh * L * D;
-  const Src* dout = static_cast<const Src*>(p.grad_out) + bh * L * D;
+  const int64_t D = p.head_dim;
+  const auto o = query_rows<const Src>(p, p.out, p.out_st, bh);
+  const auto dout = query_rows<const Src>(p, p.grad_out, p.grad_out_st, bh);
   const int64_t count = lay.num_summary();
   for (int64_t u = 0; u < count; ++u) {
     const int64_t t = p.summary_index[lay.b * p.max_summary + u];
-    s.summary_delta[u] = dot(as_compute(dout + t * D, D, s.row(0, p)), as_compute(o + t * D, D, s.row(1, p)), D);
+    s.summary_delta[u] = dot(as_compute(dout(t), D, s.row(0, p)), as_compute(o(t), D, s.row(1, p)), D);
   }
 }
 
@@ -408,15 +457,14 @@ template <typename Src, typename T>
 void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0, int64_t r1, T* part, Scratch<T>& s) {
   const int64_t D = p.head_dim, L = p.length, n = r1 - r0;
   const T scale = static_cast<T>(p.scale);
-  const int64_t base = bh * L * D;
-  const Src* q = static_cast<const Src*>(p.q) + base;
-  const Src* k = static_cast<const Src*>(p.k) + p.kv_offset(bh);
-  const Src* v = static_cast<const Src*>(p.v) + p.kv_offset(bh);
-  const Src* dout = static_cast<const Src*>(p.grad_out) + base;
-  const T* Q = as_compute(q + r0 * D, n * D, s.q);
-  const T* K = as_compute(k + r0 * D, n * D, s.k);
-  const T* V = as_compute(v + r0 * D, n * D, s.v);
-  const T* dO = as_compute(dout + r0 * D, n * D, s.dout);
+  const auto q = query_rows<const Src>(p, p.q, p.q_st, bh);
+  const auto k = kv_rows<const Src>(p, p.k, p.k_st, bh);
+  const auto v = kv_rows<const Src>(p, p.v, p.v_st, bh);
+  const auto dout = query_rows<const Src>(p, p.grad_out, p.grad_out_st, bh);
+  const T* Q = load_rows(q, r0, n, D, s.q);
+  const T* K = load_rows(k, r0, n, D, s.k);
+  const T* V = load_rows(v, r0, n, D, s.v);
+  const T* dO = load_rows(dout, r0, n, D, s.dout);
   for (int64_t i = 0; i < n; ++i) s.run_lse[i] = row_lse<T>(p, bh, r0 + i);
 
   // The pairs of each token x of the run with each summary token t of its group, both ways round: x attends t
@@ -434,9 +482,9 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
     for (int64_t u = 0; u < ns; ++u, ++pairs) {
       const int64_t t = sums[u];
       T prod[4];  // q_x.k_t, q_t.k_x, dO_x.v_t, dO_t.v_x
-      dot4_pairs(Q + i * D, as_compute(k + t * D, D, s.row(0, p)), as_compute(q + t * D, D, s.row(1, p)), K + i * D,
-                 dO + i * D, as_compute(v + t * D, D, s.row(2, p)), as_compute(dout + t * D, D, s.row(3, p)),
-                 V + i * D, D, prod);
+      dot4_pairs(Q + i * D, as_compute(k(t), D, s.row(0, p)), as_compute(q(t), D, s.row(1, p)), K + i * D,
+                 dO + i * D, as_compute(v(t), D, s.row(2, p)), as_compute(dout(t), D, s.row(3, p)), V + i * D, D,
+                 prod);
       arg_xt[pairs] = scale * prod[0] - s.run_lse[i];
       arg_tx[pairs] = scale * prod[1] - row_lse<T>(p, bh, t);
       dp_xt[pairs] = prod[2];
@@ -501,9 +549,9 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
       const T p_xt = arg_xt[pr], p_tx = arg_tx[pr];
       const T ds_xt = p_xt * (dp_xt[pr] - s.run_delta[i]);
       const T ds_tx = p_tx * (dp_tx[pr] - s.summary_delta[sums + u - slots]);
-      const T* qt = as_compute(q + t * D, D, s.row(0, p));
-      const T* kt = as_compute(k + t * D, D, s.row(1, p));
-      const T* dot_ = as_compute(dout + t * D, D, s.row(3, p));
+      const T* qt = as_compute(q(t), D, s.row(0, p));
+      const T* kt = as_compute(k(t), D, s.row(1, p));
+      const T* dot_ = as_compute(dout(t), D, s.row(3, p));
       axpy(s.dq + i * D, ds_xt, kt, D);
       axpy(s.dk + i * D, ds_tx, qt, D);
       axpy(s.dv + i * D, p_tx, dot_, D);
@@ -514,10 +562,10 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
     }
   }
 
-  Src* dq = static_cast<Src*>(p.dq) + base;
+  const auto dq = query_rows<Src>(p, p.dq, p.dq_st, bh);
   for (int64_t i = 0; i < n; ++i) {
-    store_scaled(dq + (r0 + i) * D, s.dq + i * D, scale, D);
-    store_kv_grad<Src, T>(p, base + (r0 + i) * D, s.dk + i * D, s.dv + i * D, scale);
+    store_scaled(dq(r0 + i), s.dq + i * D, scale, D);
+    store_kv_grad<Src, T>(p, bh, r0 + i, s.dk + i * D, s.dv + i * D, scale);
   }
 }
 
@@ -528,11 +576,10 @@ void backward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int
   const int64_t D = p.head_dim, L = p.length, S = p.max_summary, chunks = p.chunks_per_row();
   const T scale = static_cast<T>(p.scale);
   const int64_t t = p.summary_index[lay.b * S + slot];
-  const int64_t base = bh * L * D;
-  const Src* q = static_cast<const Src*>(p.q) + base;
-  const Src* k = static_cast<const Src*>(p.k) + p.kv_offset(bh);
-  const Src* v = static_cast<const Src*>(p.v) + p.kv_offset(bh);
-  const Src* dout = static_cast<const Src*>(p.grad_out) + base;
+  const auto q = query_rows<const Src>(p, p.q, p.q_st, bh);
+  const auto k = kv_rows<const Src>(p, p.k, p.k_st, bh);
+  const auto v = kv_rows<const Src>(p, p.v, p.v_st, bh);
+  const auto dout = query_rows<const Src>(p, p.grad_out, p.grad_out_st, bh);
   const int32_t* slots = p.summary_index + lay.b * S;
   const T delta_t = s.summary_delta[slot];  // load_summary_delta ran for this row in this task
 
@@ -552,20 +599,20 @@ void backward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int
     axpy(dv, T(1), part + 2 * D, D);
   }
 
-  const T* qt = as_compute(q + t * D, D, s.row(0, p));
-  const T* kt = as_compute(k + t * D, D, s.row(1, p));
-  const T* vt = as_compute(v + t * D, D, s.row(2, p));
-  const T* dot_ = as_compute(dout + t * D, D, s.row(3, p));
+  const T* qt = as_compute(q(t), D, s.row(0, p));
+  const T* kt = as_compute(k(t), D, s.row(1, p));
+  const T* vt = as_compute(v(t), D, s.row(2, p));
+  const T* dot_ = as_compute(dout(t), D, s.row(3, p));
   const T lse_t = row_lse<T>(p, bh, t);
   int64_t ns;
   const int32_t* sums = lay.summary_list(lay.group()[t], &ns);
   for (int64_t u = 0; u < ns; ++u) {
     const int64_t y = sums[u];
     const T delta_y = s.summary_delta[sums + u - slots];
-    const T* qy = as_compute(q + y * D, D, s.row(4, p));
-    const T* ky = as_compute(k + y * D, D, s.row(5, p));
-    const T* vy = as_compute(v + y * D, D, s.row(6, p));
-    const T* doy = as_compute(dout + y * D, D, s.row(7, p));
+    const T* qy = as_compute(q(y), D, s.row(4, p));
+    const T* ky = as_compute(k(y), D, s.row(5, p));
+    const T* vy = as_compute(v(y), D, s.row(6, p));
+    const T* doy = as_compute(dout(y), D, s.row(7, p));
     T probs[kExpPad];
     probs[0] = scale * dot(qt, ky, D) - lse_t;              // t attends y
     probs[1] = scale * dot(qy, kt, D) - row_lse<T>(p, bh, y);  // y attends t
@@ -576,9 +623,8 @@ void backward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int
     axpy(dk, ds_yt, qy, D);
     axpy(dv, probs[1], doy, D);
   }
-  Src* gq = static_cast<Src*>(p.dq) + base;
-  store_scaled(gq + t * D, dq, scale, D);
-  store_kv_grad<Src, T>(p, base + t * D, dk, dv, scale);
+  store_scaled(query_rows<Src>(p, p.dq, p.dq_st, bh)(t), dq, scale, D);
+  store_kv_grad<Src, T>(p, bh, t, dk, dv, scale);
 }
 
 // Backward phase 1 over (b, h, chunk) tasks: the runs that start in the chunk (zeros for padding rows), and the
@@ -600,15 +646,8 @@ void backward_run_tasks(const Params& p, int64_t begin, int64_t end, void* raw) 
     for (int64_t t = c * p.chunk; t < t1; ++t) {
       const int32_t seg = lay.segment()[t];
       if (seg == kPadding) {
-        const int64_t row = (bh * L + t) * D;
-        store_zero(static_cast<Src*>(p.dq) + row, D);
-        if (p.kv_grad_per_query_head) {
-          zero(static_cast<T*>(p.dk) + row, D);
-          zero(static_cast<T*>(p.dv) + row, D);
-        } else {
-          store_zero(static_cast<Src*>(p.dk) + row, D);
-          store_zero(static_cast<Src*>(p.dv) + row, D);
-        }
+        store_zero(query_rows<Src>(p, p.dq, p.dq_st, bh)(t), D);
+        store_kv_grad<Src, T>(p, bh, t, static_cast<const T*>(nullptr), nullptr, T(0));
       } else if (seg >= 0 && lay.seg_start()[t] == t) {
         backward_run<Src, T>(p, lay, bh, t, lay.seg_end()[t], part, s);
       }

@@ -55,6 +55,15 @@ const KernelTable& kernel_table() {
 }
 
 // ------------------------------------------------------------------------------------------- input checks
+// q-like tensors are read with any batch, head and row strides (heads sliced out of a fused projection need no
+// copy), but each row of D elements must be contiguous for the vector loads: a tensor strided along D (an expanded
+// gradient, a transposed view) is copied first.
+at::Tensor unit_stride(const at::Tensor& t) {
+  return t.dim() == 4 && t.size(3) > 1 && t.stride(3) != 1 ? t.contiguous() : t;
+}
+
+Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
 // k or v: [B, H_kv, L, D] like q but with H_kv key/value heads, H_kv dividing q's H (grouped-query attention).
 void check_kv(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t kv_heads) {
   TORCH_CHECK(t.device().is_cpu(), "native op (CPU): ", name, " must be a CPU tensor, got ", t.device());
@@ -66,7 +75,6 @@ void check_kv(const at::Tensor& t, const char* name, const at::Tensor& q, int64_
               ") must be a multiple of the heads of ", name, " (", kv_heads, ")");
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "native op (CPU): ", name, " has dtype ", t.scalar_type(),
               " but q has ", q.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "native op (CPU): ", name, " must be contiguous");
 }
 
 void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q) {
@@ -76,14 +84,12 @@ void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q) {
               t.sizes());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "native op (CPU): ", name, " has dtype ", t.scalar_type(),
               " but q has ", q.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "native op (CPU): ", name, " must be contiguous");
 }
 
 DType check_q(const at::Tensor& q) {
   TORCH_CHECK(q.device().is_cpu(), "native op (CPU): q must be a CPU tensor, got ", q.device());
   TORCH_CHECK(q.dim() == 4, "native op (CPU): q must be [B, H, L, D], got shape ", q.sizes());
   TORCH_CHECK(q.size(2) >= 1 && q.size(3) >= 1, "native op (CPU): q needs L >= 1 and D >= 1, got shape ", q.sizes());
-  TORCH_CHECK(q.is_contiguous(), "native op (CPU): q must be contiguous");
   switch (q.scalar_type()) {
     case at::kFloat: return DType::Float32;
     case at::kBFloat16: return DType::BFloat16;
@@ -171,6 +177,13 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return t;
 }
 
+// An output [B, H, L, D] laid out as [B, L, H, D]: the heads of a token side by side, as the output projection reads
+// them and as the gradient of a fused q/k/v projection holds them (no copy on either side).
+at::Tensor new_token_major(int64_t batch, int64_t heads, int64_t length, int64_t head_dim,
+                           const at::TensorOptions& options) {
+  return new_output({batch, length, heads, head_dim}, options).permute({0, 2, 1, 3});
+}
+
 // Runs tasks [0, count) of one phase in parallel; each worker gets its own scratch buffer. Workers take blocks of
 // tasks from a shared counter instead of a fixed half each: on a busy machine a descheduled thread then delays
 // one block, not half the phase, and uneven tasks (long summary rows) balance out. Which thread runs a task
@@ -193,13 +206,13 @@ void run_phase(const KernelTable& table, const Params& p, int64_t count,
 }
 
 // ------------------------------------------------------------------------------------------------- ops
-std::tuple<at::Tensor, at::Tensor> native_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                  const at::Tensor& segment, const at::Tensor& group,
-                                                  const at::Tensor& seg_start, const at::Tensor& seg_end,
-                                                  const at::Tensor& group_index, const at::Tensor& group_offsets,
-                                                  const at::Tensor& summary_index,
-                                                  const at::Tensor& summary_offsets, double scale,
-                                                  bool is_causal) {
+std::tuple<at::Tensor, at::Tensor> native_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                  const at::Tensor& v_in, const at::Tensor& segment,
+                                                  const at::Tensor& group, const at::Tensor& seg_start,
+                                                  const at::Tensor& seg_end, const at::Tensor& group_index,
+                                                  const at::Tensor& group_offsets, const at::Tensor& summary_index,
+                                                  const at::Tensor& summary_offsets, double scale, bool is_causal) {
+  const at::Tensor q = unit_stride(q_in), k = unit_stride(k_in), v = unit_stride(v_in);
   Params p;
   p.dtype = check_q(q);
   TORCH_CHECK(k.dim() == 4, "native op (CPU): k must be [B, H_kv, L, D], got shape ", k.sizes());
@@ -209,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> native_fwd_cpu(const at::Tensor& q, const at:
               scale);
   p.kv_heads = k.size(1);
   p.causal = is_causal;
-  at::Tensor out = new_output(q.sizes(), q.options());
+  at::Tensor out = new_token_major(p.batch, p.heads, p.length, p.head_dim, q.options());
   // The logsumexp in float64 for float64 inputs (float32 would cost the backward half of its precision).
   const bool lse_double = p.dtype == DType::Float64;
   at::Tensor lse =
@@ -218,6 +231,10 @@ std::tuple<at::Tensor, at::Tensor> native_fwd_cpu(const at::Tensor& q, const at:
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.out_w = out.data_ptr();
+  p.q_st = strides_of(q);
+  p.k_st = strides_of(k);
+  p.v_st = strides_of(v);
+  p.out_st = strides_of(out);
   if (lse_double)
     p.lse64 = lse.data_ptr<double>();
   else
@@ -228,10 +245,12 @@ std::tuple<at::Tensor, at::Tensor> native_fwd_cpu(const at::Tensor& q, const at:
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& segment, const at::Tensor& group, const at::Tensor& seg_start,
-    const at::Tensor& seg_end, const at::Tensor& group_index, const at::Tensor& group_offsets,
-    const at::Tensor& summary_index, const at::Tensor& summary_offsets, double scale, bool is_causal) {
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse, const at::Tensor& segment, const at::Tensor& group,
+    const at::Tensor& seg_start, const at::Tensor& seg_end, const at::Tensor& group_index,
+    const at::Tensor& group_offsets, const at::Tensor& summary_index, const at::Tensor& summary_offsets, double scale, bool is_causal) {
+  const at::Tensor grad_out = unit_stride(grad_out_in), q = unit_stride(q_in), k = unit_stride(k_in),
+                   v = unit_stride(v_in), out = unit_stride(out_in);
   Params p;
   p.dtype = check_q(q);
   TORCH_CHECK(k.dim() == 4, "native op (CPU): k must be [B, H_kv, L, D], got shape ", k.sizes());
@@ -254,9 +273,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
   p.kv_grad_per_query_head = p.kv_heads != p.heads;
   const at::ScalarType compute = p.dtype == DType::Float64 ? at::kDouble : at::kFloat;
   const at::TensorOptions kv_grad_options = p.kv_grad_per_query_head ? q.options().dtype(compute) : q.options();
-  at::Tensor dq = new_output(q.sizes(), q.options());
-  at::Tensor dk = new_output(q.sizes(), kv_grad_options);
-  at::Tensor dv = new_output(q.sizes(), kv_grad_options);
+  at::Tensor dq = new_token_major(p.batch, p.heads, p.length, p.head_dim, q.options());
+  at::Tensor dk = new_token_major(p.batch, p.heads, p.length, p.head_dim, kv_grad_options);
+  at::Tensor dv = new_token_major(p.batch, p.heads, p.length, p.head_dim, kv_grad_options);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -269,6 +288,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  p.q_st = strides_of(q);
+  p.k_st = strides_of(k);
+  p.v_st = strides_of(v);
+  p.out_st = strides_of(out);
+  p.grad_out_st = strides_of(grad_out);
+  p.dq_st = strides_of(dq);
+  p.dk_st = strides_of(dk);
+  p.dv_st = strides_of(dv);
   const KernelTable& table = kernel_table();
   const int64_t bh = p.batch * p.heads;
   at::Tensor partials;
@@ -282,8 +309,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
   if (p.summary_phase()) run_phase(table, p, bh * p.max_summary, table.backward_summaries);
   if (p.kv_grad_per_query_head) {
     const int64_t group_size = p.heads / p.kv_heads;
+    // g is [B, H, L, D] over [B, L, H, D] memory: sum the query heads of each key/value head there, so the result
+    // is token-major too.
     auto fold = [&](const at::Tensor& g) {
-      return g.view({p.batch, p.kv_heads, group_size, p.length, p.head_dim}).sum(2).to(q.scalar_type());
+      return g.permute({0, 2, 1, 3})
+          .view({p.batch, p.length, p.kv_heads, group_size, p.head_dim})
+          .sum(3)
+          .to(q.scalar_type())
+          .permute({0, 2, 1, 3});
     };
     return {dq, fold(dk), fold(dv)};
   }

@@ -253,8 +253,8 @@ template <typename T>
 struct GatheredRows {
   const T* base;
   const int32_t* index;
-  int64_t D;
-  const T* operator()(int64_t j) const { return base + int64_t(index[j]) * D; }
+  int64_t stride;  // between consecutive rows of base
+  const T* operator()(int64_t j) const { return base + int64_t(index[j]) * stride; }
 };
 
 // ... or a run's n contiguous rows followed by rows gathered by index (a query's keys: its heartbeat, then its
@@ -264,8 +264,10 @@ struct RunThenGathered {
   const T* run;
   const T* base;
   const int32_t* index;
-  int64_t n, D;
-  const T* operator()(int64_t j) const { return j < n ? run + j * D : base + int64_t(index[j - n]) * D; }
+  int64_t n, run_stride, stride;  // rows of run, and of base, are run_stride and stride elements apart
+  const T* operator()(int64_t j) const {
+    return j < n ? run + j * run_stride : base + int64_t(index[j - n]) * stride;
+  }
 };
 
 template <typename T>
