@@ -17,6 +17,7 @@ sparse, ms per beat across lengths) on the CPU columns there. On CUDA only the w
     python bench/bench_train_step.py                        # the sweep, JSON + table + plot in bench/results/
     python bench/bench_train_step.py --readme               # also rewrite the README table from the JSON
     python bench/bench_train_step.py --readme-only          # only rewrite the README table from the JSON
+    python bench/bench_train_step.py --amp --readme         # the same under bf16 autocast (its own JSON and table)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # for annotations only: clear_hug is imported inside the func
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parent.parent / "README.md"
 BLOCK = "train_step_table"
+BLOCK_AMP = "train_step_amp_table"  # the same sweep under bf16 autocast
 IMPLS = ("sparse", "dense", "full")
 
 
@@ -51,6 +53,22 @@ def dense_gb(preset_cfg: CLEARConfig, batch: int, beats: int) -> float:
     what decides whether "dense" / "full" can run at all."""
     length = 12 + 12 * beats
     return batch * length * length * (3 * 4 * preset_cfg.dec_heads + 1) / 2 ** 30
+
+
+def results_name(device_type: str, amp: bool) -> str:
+    """The results' file stem: ``train_step_<device>``, with ``_amp`` for a bf16 autocast run."""
+    return f"train_step_{device_type}{'_amp' if amp else ''}"
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _load() -> float | None:
@@ -155,7 +173,10 @@ def format_table(data: dict) -> str:
 
 def conditions(data: dict) -> str:
     load = data.get("cpu_load_1min")
-    return (f"{data['device']} ({data['machine']}), {data['threads']} threads, torch {data['torch']}, sparse backend "
+    model = f"{data['cpu_model']}, " if data.get("cpu_model") else ""
+    precision = "bf16 autocast" if data.get("amp") else "float32"
+    return (f"{data['device']} ({model}{data['machine']}), {precision}, {data['threads']} threads, torch "
+            f"{data['torch']}, sparse backend "
             f"`{data['sparse_backend']}`, token budget {data['max_tokens']} per batch, median of {data['repeats']} "
             f"steps after {data['warmup']} warm-up"
             + (f", 1-minute load average {load[0]:.1f} to {load[1]:.1f} during the run" if load else ""))
@@ -192,11 +213,15 @@ def plot(data: dict, path: Path) -> None:
 
 
 def write_readme(data: dict) -> None:
+    """Rewrite the README's table of this run's precision (float32, or bf16 autocast) from ``data``."""
     from clear_hug.report import replace_block
 
+    amp = bool(data.get("amp"))
+    command = "python bench/bench_train_step.py --readme-only" + (" --amp" if amp else "")
     try:
-        replace_block(README, BLOCK, f"From `bench/results/train_step_{data['device_type']}.json`: "
-                      f"{conditions(data)}:\n\n{format_table(data)}", "python bench/bench_train_step.py --readme-only")
+        replace_block(README, BLOCK_AMP if amp else BLOCK,
+                      f"From `bench/results/{results_name(data['device_type'], amp)}.json`: "
+                      f"{conditions(data)}:\n\n{format_table(data)}", command)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
 
@@ -211,23 +236,25 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=12 * 600, help="padded heartbeat tokens per batch")
     p.add_argument("--dense-max-gb", type=float, default=6.0, help="skip dense/full above this attention memory")
     p.add_argument("--timeout-s", type=float, default=900, help="per configuration")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0: up to 2, fewer when other processes keep cores busy (OpenMP threads "
                         "spin-wait, so 2 threads on a busy 2-core machine run several times slower than 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/train_step_<device>.json)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (on CPUs with AMX, bf16 matrix units)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default bench/results/train_step_<device>[_amp].json)")
     p.add_argument("--readme", action="store_true", help="rewrite the README table from the new JSON")
-    p.add_argument("--readme-only", action="store_true", help="rewrite the README table from the existing JSON")
+    p.add_argument("--readme-only", action="store_true",
+                   help="rewrite the README table (of --amp's precision) from the existing JSON")
     args = p.parse_args()
     device_type = torch.device(args.device).type
     if not args.threads:
         from clear_hug.train.common import idle_threads
 
         args.threads = idle_threads(2)
-    out = Path(args.out or RESULTS / f"train_step_{device_type}.json")
+    out = Path(args.out or RESULTS / f"{results_name(device_type, args.amp)}.json")
     if args.readme_only:
         write_readme(json.loads(out.read_text()))
         print(f"README table rewritten from {out}")
@@ -262,7 +289,8 @@ def main() -> None:
             results.append(row)
     data = {"sparse_backend": backend, "device": str(args.device), "device_type": device_type,
             "max_tokens": args.max_tokens, "amp": args.amp, "threads": args.threads, "torch": torch.__version__,
-            "machine": platform.machine(), "processor": platform.processor(), "warmup": args.warmup,
+            "machine": platform.machine(), "processor": platform.processor(), "cpu_model": cpu_model(),
+            "warmup": args.warmup,
             "repeats": args.repeats, "cpu_load_1min": [min(loads), max(loads)] if loads else None,
             "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)

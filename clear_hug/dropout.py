@@ -2,15 +2,19 @@
 
 ``F.dropout`` on a CPU tensor draws its mask with ``bernoulli_``, one call of the generator per element: at the
 paper's size that was 16% of a whole training step on 2 cores (about 7 ns per element, every residual branch of every
-block). Here one 64-bit draw of the same generator (``torch.manual_seed`` seeds it) decides four elements: each
-element keeps when its 16 bits of the draw are at or above ``p`` of their range. So the drop probability is ``p``
-rounded to a multiple of 2^-16 (0.1 becomes 0.100006; flash-attention rounds it to 1/256) and kept values are
-scaled by ``1 / (1 - that rounded p)``, so the expectation of the output is the input exactly. The mask costs
-about a third of ``bernoulli_``'s time, and the rest is what ``F.dropout`` does: ``x * mask`` with the scaled mask
-saved for the backward. On other devices ``F.dropout`` is already a fused counter-based kernel and is used as is.
+block). Here 64 random bits decide four elements: each element keeps when its 16 bits are at or above ``p`` of
+their range. So the drop probability is ``p`` rounded to a multiple of 2^-16 (0.1 becomes 0.100006; flash-attention
+rounds it to 1/256) and kept values are scaled by ``1 / (1 - that rounded p)``: the expectation of the output is the
+input exactly. The bits come from the native extension's counter-based ``dropout_mask`` (one pass, seeded by one
+draw of torch's generator, so ``torch.manual_seed`` still decides everything), or, without the extension, from one
+64-bit draw of torch's generator per four elements. The rest is what ``F.dropout`` does: ``x * mask`` in ``x``'s
+dtype, with the mask saved for the backward. On other devices ``F.dropout`` is already a fused counter-based kernel
+and is used as is.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +28,25 @@ def quantized_p(p: float) -> float:
     return round(p * _LEVELS) / _LEVELS
 
 
-def keep_scale_mask(like: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A tensor like ``like`` holding ``1 / (1 - q)`` where an element is kept and 0 where it is dropped, each
-    element dropped independently with probability ``q = quantized_p(p)``."""
+@functools.cache
+def _native_mask_available() -> bool:
+    from clear_kernels import native
+
+    return native.EXTENSION_ERROR is None and native.has_kernel("CPU")
+
+
+def keep_scale_mask(like: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                    native: bool | None = None) -> torch.Tensor:
+    """A tensor like ``like`` (CPU, floating point) holding ``1 / (1 - q)`` where an element is kept and 0 where it
+    is dropped, each element dropped independently with probability ``q = quantized_p(p)`` (``p < 1``).
+    ``native``: use the extension's ``dropout_mask`` (default: when it is built) or torch's generator alone."""
+    if native is None:
+        native = _native_mask_available()
+    if native:
+        from clear_kernels.native import dropout_mask
+
+        seed = torch.empty((), dtype=torch.int64).random_(-(1 << 63), (1 << 63) - 1, generator=generator)
+        return dropout_mask(like.detach(), p, int(seed))
     n = like.numel()
     # The full signed range: all 64 bits random, so each int16 lane is uniform over [-2^15, 2^15). (random_()
     # without a range gives [0, 2^63): the top lane would have only 15 random bits and never be negative.)

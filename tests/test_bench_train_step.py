@@ -40,6 +40,14 @@ def test_one_configuration_runs_in_its_own_process(tmp_path, monkeypatch):
     row = [line for line in text.splitlines() if line.startswith("| tiny |")]
     assert len(row) == 1 and "skipped" in row[0] and f"{r['median_s'] * 1e3:.0f}" in row[0]
     assert f"| {r['cpu_median_s'] * 1e3:.0f} / n/a / n/a |" in row[0]  # the CPU-time columns
+    # A bf16 autocast run fills its own table and leaves the float32 one alone.
+    readme.write_text(text + f"<!-- {bench.BLOCK_AMP}:begin -->\n<!-- {bench.BLOCK_AMP}:end -->\n")
+    bench.write_readme({**data, "amp": True, "cpu_model": "Some CPU"})
+    amp_text = readme.read_text()
+    assert amp_text.startswith(text)
+    amp_block = amp_text[len(text):]
+    assert "train_step_cpu_amp.json" in amp_block and "bf16 autocast" in amp_block and "Some CPU" in amp_block
+    assert "float32" in text and "bf16" not in text
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="block"):
         bench.write_readme(data)
