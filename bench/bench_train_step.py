@@ -88,9 +88,9 @@ def _run_one(preset: str, impl: str, beats: int, batch: int, device: str, warmup
     from clear_hug.config import get_config
     from clear_hug.masking import random_mask
     from clear_hug.model import CLEAR, count_parameters
-    from clear_hug.train.common import make_optimizer
+    from clear_hug.train.common import make_optimizer, setup_cpu_process
 
-    torch.set_num_threads(threads)
+    setup_cpu_process(threads)  # as the training commands do: threads, and freed memory kept for the next step
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(batch, 12, beats, 96, generator=g)

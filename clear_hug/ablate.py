@@ -132,7 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if len(args.seeds) < 1:
         raise ValueError("--seeds needs at least one seed")
-    import torch
 
     from .checkpoint import load_encoder
     from .config import get_config
@@ -145,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .train.pretrain import PretrainArgs, pretrain
 
     args.threads = args.threads or common.idle_threads(2)
-    torch.set_num_threads(args.threads)
+    common.setup_cpu_process(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = args.progress

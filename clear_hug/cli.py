@@ -137,10 +137,9 @@ def plot_parser() -> argparse.ArgumentParser:
 
 
 def _setup_threads(args) -> None:
-    import torch
+    from .train.common import setup_cpu_process
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_cpu_process(args.threads)
 
 
 def _preprocessing(meta: dict) -> dict:

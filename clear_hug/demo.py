@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .train.pretrain import PretrainArgs, pretrain
 
     args.threads = args.threads or common.idle_threads(2)
-    torch.set_num_threads(args.threads)
+    common.setup_cpu_process(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings, t_all = {}, time.perf_counter()

@@ -71,7 +71,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.G
     p = _check_p(p)
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not x.is_floating_point():
+    # Under torch.compile too: the seed draw is a host read, which a full graph cannot hold, and the compiler
+    # generates its own masks.
+    if x.device.type != "cpu" or not x.is_floating_point() or torch.compiler.is_compiling():
         return F.dropout(x, p, training=True)
     if round(p * _LEVELS) == _LEVELS:  # everything dropped (the scale would be 1 / 0)
         return x * 0.0

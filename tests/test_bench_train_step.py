@@ -52,3 +52,15 @@ def test_one_configuration_runs_in_its_own_process(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="block"):
         bench.write_readme(data)
     json.dumps(data)  # what the benchmark writes must be plain JSON
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16_autocast"])
+def test_readme_tables_are_the_committed_results(amp, tmp_path, monkeypatch):
+    """Regenerating each README table from its committed JSON changes nothing: the tables are never typed in."""
+    results = bench.RESULTS / f"{bench.results_name('cpu', amp)}.json"
+    readme = bench.README.read_text()
+    copy = tmp_path / "README.md"
+    copy.write_text(readme)
+    monkeypatch.setattr(bench, "README", copy)
+    bench.write_readme(json.loads(results.read_text()))
+    assert copy.read_text() == readme

@@ -169,3 +169,10 @@ def test_the_model_uses_the_native_mask_when_built(monkeypatch):
     out = dropout(torch.ones(100), 0.5)
     assert (len(calls) == 1) == _native_mask_available()
     assert 0 < int((out == 0).sum()) < 100
+
+
+def test_compiles_in_one_graph():
+    # The seed draw of the CPU mask is a host read: under torch.compile the compiler's own dropout is used instead.
+    fn = torch.compile(lambda x: dropout(x, 0.5) * 2, fullgraph=True, backend="aot_eager")
+    out = fn(torch.ones(1000))
+    assert 0 < int((out == 0).sum()) < 1000

@@ -121,3 +121,39 @@ def test_make_optimizer_is_fused_adamw_with_decay_on_matrices_only():
         ref.step()
     torch.testing.assert_close(weight, ref_w, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(bias, ref_b, rtol=1e-6, atol=1e-6)
+
+
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    """After keep_freed_memory, a training-like step (tensors of 4 to 64 MB allocated, freed and allocated again)
+    reuses the heap's pages instead of faulting in fresh ones from the OS, as glibc does by default for blocks
+    above its mmap threshold. In a subprocess: it changes the allocator of the whole process."""
+    import json
+    import platform
+    import subprocess
+    import sys
+    import textwrap
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("keep_freed_memory acts on glibc only")
+    script = textwrap.dedent("""
+        import json, resource, sys, torch
+        from clear_hug.train.common import keep_freed_memory
+        if sys.argv[1] == "1":
+            assert keep_freed_memory()
+        def faults_of_one_step():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            xs = [torch.empty(n).fill_(1.0) for n in (4 * 2**20, 16 * 2**20, 11 * 2**20, 2**20, 16 * 2**20)]
+            del xs[1]
+            y = torch.empty(9 * 2**20).fill_(2.0)
+            del xs, y
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        print(json.dumps([faults_of_one_step() for _ in range(4)]))
+    """)
+    faults = {}
+    for keep in ("0", "1"):
+        run = subprocess.run([sys.executable, "-c", script, keep], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        faults[keep] = json.loads(run.stdout.strip().splitlines()[-1])
+    # A step touches 48 M floats (about 48k pages of 4 KB): faulted in again every step by default; reused after
+    # the first steps with the setting.
+    assert faults["0"][-1] > 30_000 and faults["1"][-1] < 0.05 * faults["0"][-1], faults

@@ -6,9 +6,11 @@ Checkpoints have their own module, ``clear_hug.checkpoint``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
+import platform
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -132,6 +134,38 @@ def idle_threads(max_threads: int = 2) -> int:
     except OSError:
         busy = 0.0
     return max(1, min(max_threads, cores, int(round(cores - busy))))
+
+
+KEEP_FREED_MEMORY_ENV = "CLEAR_HUG_KEEP_FREED_MEMORY"
+
+
+def keep_freed_memory() -> bool:
+    """Keep the memory of freed tensors in the process for the next step (glibc only); returns whether it did.
+
+    glibc serves each allocation above its mmap threshold (32 MB at most) with fresh pages from the OS and returns
+    them when the block is freed, so every training step faults in and zeroes its large activations again. At 1800
+    beats of ``base`` (44 MB per decoder activation) that was a quarter of the step, and the step's cost per beat
+    grew 38% from 600 to 1800 beats. ``mallopt(M_MMAP_MAX, 0)`` serves every allocation from the heap and a 2 GiB
+    trim threshold keeps freed blocks there for reuse. The process then holds on to its peak memory
+    until it exits, as a training run does anyway. ``CLEAR_HUG_KEEP_FREED_MEMORY=0`` leaves the allocator alone.
+    """
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0" or platform.system() != "Linux" \
+            or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def setup_cpu_process(threads: int | None) -> None:
+    """What a training or evaluation process sets first: its torch CPU threads (when given) and the allocator
+    (``keep_freed_memory``)."""
+    if threads:
+        torch.set_num_threads(threads)
+    keep_freed_memory()
 
 
 # ------------------------------------------------------------------ reproducibility
