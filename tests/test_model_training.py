@@ -147,13 +147,14 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
             y = torch.empty(9 * 2**20).fill_(2.0)
             del xs, y
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        print(json.dumps([faults_of_one_step() for _ in range(4)]))
+        print(json.dumps([faults_of_one_step() for _ in range(8)]))
     """)
     faults = {}
     for keep in ("0", "1"):
         run = subprocess.run([sys.executable, "-c", script, keep], capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         faults[keep] = json.loads(run.stdout.strip().splitlines()[-1])
-    # A step touches 48 M floats (about 48k pages of 4 KB): faulted in again every step by default; reused after
-    # the first steps with the setting.
-    assert faults["0"][-1] > 30_000 and faults["1"][-1] < 0.05 * faults["0"][-1], faults
+    # A step touches 48 M floats (about 48k pages of 4 KB): faulted in again every step by default; with the setting
+    # the heap settles after a few steps (where each block lands depends on the ones before) and is then reused.
+    default, kept = sum(faults["0"][-3:]), sum(faults["1"][-3:])
+    assert default > 100_000 and kept < 0.05 * default, faults
