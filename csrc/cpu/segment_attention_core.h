@@ -573,7 +573,7 @@ void backward_run(const Params& p, const LayoutRow& lay, int64_t bh, int64_t r0,
 // summary tokens of its group, itself included.
 template <typename Src, typename T>
 void backward_summary_row(const Params& p, const LayoutRow& lay, int64_t bh, int64_t slot, Scratch<T>& s) {
-  const int64_t D = p.head_dim, L = p.length, S = p.max_summary, chunks = p.chunks_per_row();
+  const int64_t D = p.head_dim, S = p.max_summary, chunks = p.chunks_per_row();
   const T scale = static_cast<T>(p.scale);
   const int64_t t = p.summary_index[lay.b * S + slot];
   const auto q = query_rows<const Src>(p, p.q, p.q_st, bh);

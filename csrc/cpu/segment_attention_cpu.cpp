@@ -248,7 +248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_bwd_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const at::Tensor& segment, const at::Tensor& group,
     const at::Tensor& seg_start, const at::Tensor& seg_end, const at::Tensor& group_index,
-    const at::Tensor& group_offsets, const at::Tensor& summary_index, const at::Tensor& summary_offsets, double scale, bool is_causal) {
+    const at::Tensor& group_offsets, const at::Tensor& summary_index, const at::Tensor& summary_offsets,
+    double scale, bool is_causal) {
   const at::Tensor grad_out = unit_stride(grad_out_in), q = unit_stride(q_in), k = unit_stride(k_in),
                    v = unit_stride(v_in), out = unit_stride(out_in);
   Params p;
