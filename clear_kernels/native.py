@@ -90,7 +90,7 @@ def _fake_dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
 
-if EXTENSION_ERROR is None and has_kernel("CPU"):
+if has_kernel("CPU"):
     torch.library.register_fake(f"{ops.NAMESPACE}::dropout_mask", _fake_dropout_mask)
 
 
@@ -100,7 +100,7 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     int64). Counter-based (splitmix64 of the seed and the element's 64-bit word), so it depends only on ``(seed, p,
     shape)``, not on the thread count; one pass, where ``bernoulli_`` calls the generator once per element
     (``csrc/cpu/dropout_mask_cpu.cpp``). Not differentiable (pass ``like`` detached)."""
-    if EXTENSION_ERROR is not None or not has_kernel("CPU"):
+    if not has_kernel("CPU"):
         raise RuntimeError(f"clear_kernels: {EXTENSION_ERROR or 'the native extension has no CPU kernel'}")
     return torch.ops.clear_kernels.dropout_mask(like, float(p), int(seed))
 

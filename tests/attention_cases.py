@@ -176,3 +176,24 @@ def _compare(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> No
     assert torch.isfinite(got64).all(), f"{name}: {int((~torch.isfinite(got64)).sum())} non-finite values"
     err = float((got64 - want64).abs().max()) if got64.numel() else 0.0
     assert err <= tol, f"{name}: max abs error {err:.3e} > tolerance {tol:.3e}"
+
+
+def check_module_matches_reference(backend: str, *, heads: int, kv_heads: int | None = None, atol: float) -> None:
+    """``SegmentAttention`` on ``backend`` against the same weights on the reference backend, on the conduction case:
+    the output and every gradient (input and parameters), within ``atol`` (and the same rtol)."""
+    from clear_kernels.nn import SegmentAttention
+
+    layout = conduction_layout(0, batch=2, leads=12, beats=3)  # layout_cases()["conduction"]
+    torch.manual_seed(0)
+    fast = SegmentAttention(64, heads, num_kv_heads=kv_heads, backend=backend)
+    slow = SegmentAttention(64, heads, num_kv_heads=kv_heads, backend="reference")
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randn(layout.batch_size, layout.seq_len, 64)
+    results = []
+    for module in (fast, slow):
+        xi = x.clone().requires_grad_(True)
+        out = module(xi, layout)
+        grads = torch.autograd.grad(out.square().sum(), [xi, *module.parameters()])
+        results.append((out, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=atol, rtol=atol)

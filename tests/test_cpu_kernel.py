@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from attention_cases import check_parity, conduction_layout, layout_cases, random_layout
+from attention_cases import check_module_matches_reference, check_parity, conduction_layout, layout_cases, random_layout
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -128,22 +128,8 @@ def test_results_are_token_major(kv_heads):
 def test_module_reads_its_projection_in_place():
     """SegmentAttention on the cpu backend hands the kernel views of its projection; output and every gradient match
     the same module on the reference backend."""
-    from clear_kernels.nn import SegmentAttention
     assert clear_kernels.dispatch.select("cpu", torch.empty(1, 1, 1, 16)).strided
-    layout = CASES["conduction"]
-    torch.manual_seed(0)
-    fast = SegmentAttention(64, 4, num_kv_heads=2, backend="cpu")
-    slow = SegmentAttention(64, 4, num_kv_heads=2, backend="reference")
-    slow.load_state_dict(fast.state_dict())
-    x = torch.randn(layout.batch_size, layout.seq_len, 64)
-    results = []
-    for module in (fast, slow):
-        xi = x.clone().requires_grad_(True)
-        out = module(xi, layout)
-        grads = torch.autograd.grad(out.square().sum(), [xi, *module.parameters()])
-        results.append((out, *grads))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    check_module_matches_reference("cpu", heads=4, kv_heads=2, atol=2e-5)
 
 
 def test_parity_head_dim_256_and_odd():

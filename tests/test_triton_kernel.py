@@ -14,7 +14,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the Triton backend is unavailable")
 
-from attention_cases import check_parity, conduction_layout, layout_cases, random_layout  # noqa: E402
+from attention_cases import check_module_matches_reference, check_parity, conduction_layout, layout_cases, random_layout  # noqa: E402
 
 import clear_kernels  # noqa: E402
 from clear_kernels import SegmentLayout, ops, segment_attention  # noqa: E402
@@ -253,21 +253,7 @@ def test_module_with_projection_views():
     """SegmentAttention's heads reach the kernel as views of its projection; output and every gradient match
     the same module on the reference backend."""
     _triton_usable()
-    from clear_kernels.nn import SegmentAttention
-    layout = CASES["conduction"]
-    torch.manual_seed(0)
-    fast = SegmentAttention(64, 2, backend="triton")
-    slow = SegmentAttention(64, 2, backend="reference")
-    slow.load_state_dict(fast.state_dict())
-    x = torch.randn(layout.batch_size, layout.seq_len, 64)
-    results = []
-    for module in (fast, slow):
-        xi = x.clone().requires_grad_(True)
-        out = module(xi, layout)
-        grads = torch.autograd.grad(out.square().sum(), [xi, *module.parameters()])
-        results.append((out, *grads))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    check_module_matches_reference("triton", heads=2, atol=2e-4)
 
 
 @CPU_DEVICE

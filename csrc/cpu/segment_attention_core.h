@@ -398,32 +398,29 @@ void forward_tasks(const Params& p, int64_t begin, int64_t end, void* raw) {
 }
 
 // ----------------------------------------------------------------------------------------------- backward
-// Stores token t's dk (times scale) and dv in query head bh's rows: in the storage type, or with grouped-query
-// attention in the compute type, per query head (Params::kv_grad_per_query_head). Null dk/dv: zeros.
+// Stores token t's dk (times scale) and dv in query head bh's rows, as elements of type Out. Null dk/dv: zeros.
+template <typename Out, typename T>
+inline void store_kv_rows(const Params& p, int64_t bh, int64_t t, const T* dk, const T* dv, T scale) {
+  const int64_t D = p.head_dim;
+  Out* gk = query_rows<Out>(p, p.dk, p.dk_st, bh)(t);
+  Out* gv = query_rows<Out>(p, p.dv, p.dv_st, bh)(t);
+  if (dk) {
+    store_scaled(gk, dk, scale, D);
+    store_scaled(gv, dv, T(1), D);
+  } else {
+    store_zero(gk, D);
+    store_zero(gv, D);
+  }
+}
+
+// dk/dv rows are in the storage type, or with grouped-query attention in the compute type, per query head
+// (Params::kv_grad_per_query_head).
 template <typename Src, typename T>
 inline void store_kv_grad(const Params& p, int64_t bh, int64_t t, const T* dk, const T* dv, T scale) {
-  const int64_t D = p.head_dim;
-  if (p.kv_grad_per_query_head) {
-    T* gk = query_rows<T>(p, p.dk, p.dk_st, bh)(t);
-    T* gv = query_rows<T>(p, p.dv, p.dv_st, bh)(t);
-    if (dk) {
-      store_scaled(gk, dk, scale, D);
-      store_scaled(gv, dv, T(1), D);
-    } else {
-      zero(gk, D);
-      zero(gv, D);
-    }
-  } else {
-    Src* gk = query_rows<Src>(p, p.dk, p.dk_st, bh)(t);
-    Src* gv = query_rows<Src>(p, p.dv, p.dv_st, bh)(t);
-    if (dk) {
-      store_scaled(gk, dk, scale, D);
-      store_scaled(gv, dv, T(1), D);
-    } else {
-      store_zero(gk, D);
-      store_zero(gv, D);
-    }
-  }
+  if (p.kv_grad_per_query_head)
+    store_kv_rows<T>(p, bh, t, dk, dv, scale);
+  else
+    store_kv_rows<Src>(p, bh, t, dk, dv, scale);
 }
 
 // delta = rowsum(dO * O) of every summary token of head bh's row, by slot, into the task's scratch. Every task
